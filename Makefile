@@ -1,0 +1,38 @@
+# Every target installs what it needs into .venv first, so a fresh clone needs only Python 3.11+.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODELS := gru_serve/models
+
+.PHONY: install demo test lint models protos bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[export,dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m gru_serve.demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Retrain and re-export the shipped models (about 5 and 40 minutes on 2 CPU cores).
+models: $(STAMP)
+	$(BIN)/gru-export train -o checkpoints/timemachine-d2l.pt
+	$(BIN)/gru-export export checkpoints/timemachine-d2l.pt -o $(MODELS)/timemachine-d2l/model.onnx \
+		--name timemachine-d2l --card $(MODELS)/timemachine-d2l/README.md
+	$(BIN)/gru-export train $(FULL_RECIPE) -o checkpoints/timemachine-full.pt
+	$(BIN)/gru-export export checkpoints/timemachine-full.pt -o $(MODELS)/timemachine-full/model.onnx \
+		--name timemachine-full --card $(MODELS)/timemachine-full/README.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,172 @@
+"""gru-export: train, export, validate and inspect stateful ONNX GRU language models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from exporters import card
+from exporters.corpus import DEFAULT_MAX_TOKENS, CorpusError
+from exporters.model import CheckpointError, load_checkpoint
+from gru_serve.contract import ContractError
+
+EXIT_FAILED = 1  # the model was read but failed validation
+EXIT_BAD_INPUT = 2  # the input could not be used at all
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from exporters.train import TrainConfig, train
+
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = train(cfg)
+    m = result.metrics
+    print(f"perplexity {m['train_d2l']:.3f} (d2l way, training tokens), "
+          f"{m['train_stream']:.3f} (one stream, batch 1)"
+          + (f", held-out {m['heldout_stream']:.3f}" if "heldout_stream" in m else ""))
+    print(f"{m['tokens_per_second']:,.0f} tokens/s over {m['train_seconds']:.0f} s")
+    for text in result.samples.values():
+        print(f"  {text}")
+    result.checkpoint.save(out)
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from exporters.export import export
+
+    ck = load_checkpoint(Path(args.checkpoint), Path(args.vocab) if args.vocab else None)
+    name = args.name or Path(args.output).stem
+    report = export(ck, Path(args.output), name, args.atol, args.atol_state)
+    for line in report.checks:
+        print(f"  {line}")
+    if args.card:
+        Path(args.card).write_text(card.render(report, ck), encoding="utf-8")
+        print(f"wrote model card {args.card}")
+    print(f"exported and validated {args.output}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from exporters.export import evaluation_split
+    from exporters.validate import validate
+
+    ck = load_checkpoint(Path(args.checkpoint), Path(args.vocab) if args.vocab else None) \
+        if args.checkpoint else None
+    split = evaluation_split(ck) if ck else None
+    report = validate(Path(args.model), ck, args.atol, args.atol_state,
+                      ppl_tokens=split[0] if split else None)
+    for line in report.checks:
+        print(f"  {line}")
+    print(f"{args.model}: valid")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from exporters.validate import load_graph, read_metadata
+    from gru_serve.contract import graph_io, gru_nodes
+
+    path = Path(args.model)
+    model = load_graph(path)
+    meta = read_metadata(model)
+    print(f"{path}  {path.stat().st_size / 1e6:.2f} MB  opset "
+          f"{', '.join(str(o.version) for o in model.opset_import)}  producer {model.producer_name}")
+    print("contract:")
+    io = graph_io(model)
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for v in values:
+            dtype, shape = io[v.name]
+            print(f"  {kind:6} {v.name:10} {dtype:8} [{', '.join(map(str, shape))}]")
+    print(f"GRU nodes: {len(list(gru_nodes(model.graph)))} (linear_before_reset=1)")
+    print("metadata:")
+    print(f"  name          {meta.name}")
+    print(f"  vocab ({meta.vocab_size:3})   {' '.join(repr(t) for t in meta.vocab)}")
+    print(f"  layers        {meta.num_layers}")
+    print(f"  hidden        {meta.hidden_size}")
+    print(f"  normalization {meta.normalization}")
+    print(f"  corpus sha1   {meta.corpus_sha1 or '-'}")
+    for k, v in meta.perplexity.items():
+        print(f"  perplexity    {k} = {v:.4f}")
+    if meta.description:
+        print(f"  description   {meta.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gru-export", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a GRU language model on the Time Machine",
+                       description="Train with d2l's recipe by default (d2l.ai §9.1).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("-o", "--output", default="checkpoints/model.pt", help="checkpoint to write")
+    t.add_argument("--hidden-size", type=int, default=256)
+    t.add_argument("--num-layers", type=int, default=1)
+    t.add_argument("--dropout", type=float, default=0.0, help="between GRU layers")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--num-steps", type=int, default=35, help="truncated BPTT length")
+    t.add_argument("--epochs", type=int, default=500)
+    t.add_argument("--lr", type=float, default=1.0)
+    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    t.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="train on the first N tokens (0: all before the held-out part)")
+    t.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction at the end of the book kept for held-out perplexity")
+    t.add_argument("--random-iter", action="store_true", help="d2l's random sampling iterator")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-every", type=int, default=10, help="epochs between held-out checks")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export a checkpoint to stateful ONNX and validate it")
+    e.add_argument("checkpoint", help="our checkpoint, or a d2l-style state_dict file")
+    e.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    e.add_argument("--name", help="model name in the metadata (default: output file stem)")
+    e.add_argument("--vocab", help="vocabulary file, one token per line ('<space>' for ' ')")
+    e.add_argument("--card", help="also write a model card (Markdown) here")
+    _tolerances(e)
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("validate", help="validate an exported model")
+    v.add_argument("model")
+    v.add_argument("--checkpoint", help="check numerical parity against this checkpoint")
+    v.add_argument("--vocab", help="vocabulary file for a raw state_dict")
+    _tolerances(v)
+    v.set_defaults(func=cmd_validate)
+
+    i = sub.add_parser("info", help="print a model's contract, metadata and size")
+    i.add_argument("model")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def _tolerances(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atol", type=float, default=1e-4, help="tolerance on logits (default 1e-4)")
+    p.add_argument("--atol-state", type=float, default=1e-5,
+                   help="tolerance on state_out (default 1e-5)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from exporters.export import ExportError
+    from exporters.validate import GraphError, ValidationError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, CorpusError, ContractError, ExportError, GraphError, OSError) as e:
+        print(f"gru-export: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValidationError as e:
+        print(f"gru-export: validation failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("gru-export: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Validation of an exported model: structure, contract, metadata, GRU semantics, numerical
+parity with PyTorch over chained stateful calls, and perplexity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from exporters.model import Checkpoint, torch_step
+from gru_serve import contract
+from gru_serve.contract import (
+    INPUT_IDS,
+    LOGITS,
+    STATE,
+    STATE_OUT,
+    ContractError,
+    ModelMetadata,
+    gru_nodes,
+    read_model,
+)
+from gru_serve.scoring import StepFn, d2l_perplexity
+
+PARITY_BATCHES = (1, 7)  # neither is the export example's batch (2)
+PROMPT_LEN = 16
+CHAINED_STEPS = 200
+
+
+class ValidationError(Exception):
+    """An exported model failed validation; the message names what and by how much."""
+
+
+class GraphError(ValidationError):
+    pass
+
+
+class ContractMismatch(ValidationError):
+    pass
+
+
+class LinearBeforeResetError(ContractMismatch):
+    pass
+
+
+class ToleranceExceeded(ValidationError):
+    def __init__(self, output: str, worst: float, atol: float, where: str) -> None:
+        self.output, self.worst, self.atol = output, worst, atol
+        super().__init__(f"'{output}' differs by up to {worst:.3g} "
+                         f"(atol {atol:g}) {where}")
+
+
+class PerplexityMismatch(ValidationError):
+    pass
+
+
+@dataclass
+class ValidationReport:
+    path: Path
+    metadata: ModelMetadata
+    worst: dict[str, float] = field(default_factory=dict)  # output -> max abs diff
+    perplexity: dict[str, float] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)
+
+
+def load_graph(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+    except FileNotFoundError as e:
+        raise GraphError(f"{path} does not exist") from e
+    except Exception as e:  # onnx raises DecodeError, ValidationError, ... on bad files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GraphError(f"{path} is not a valid ONNX model: {msg}") from e
+    return model
+
+
+def read_metadata(model: onnx.ModelProto) -> ModelMetadata:
+    try:
+        return read_model(model)
+    except contract.LinearBeforeResetError as e:
+        raise LinearBeforeResetError(str(e)) from e
+    except ContractError as e:
+        raise ContractMismatch(str(e)) from e
+
+
+def ort_step(path: Path) -> StepFn:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def step(ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, out = sess.run([LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE: state})
+        return logits, out
+
+    return step
+
+
+def chained_run(step: StepFn, ids: np.ndarray, state: np.ndarray,
+                prompt_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Prefill ids[:, :prompt_len] in one call, then one token per call, feeding state_out back."""
+    logits, state = step(ids[:, :prompt_len], state)
+    outs = [(logits, state)]
+    for t in range(prompt_len, ids.shape[1]):
+        logits, state = step(ids[:, t:t + 1], state)
+        outs.append((logits, state))
+    return outs
+
+
+def compare_runs(test: StepFn, ref: StepFn, meta: ModelMetadata, atol_logits: float,
+                 atol_state: float, what: str) -> dict[str, float]:
+    """Max abs differences of logits and state_out over the chained run, at each batch size."""
+    worst = {LOGITS: 0.0, STATE_OUT: 0.0}
+    rng = np.random.default_rng(0)
+    for batch in PARITY_BATCHES:
+        ids = rng.integers(0, meta.vocab_size, (batch, PROMPT_LEN + CHAINED_STEPS), dtype=np.int64)
+        state = np.zeros((batch, meta.num_layers, meta.hidden_size), dtype=np.float32)
+        got = chained_run(test, ids, state, PROMPT_LEN)
+        want = chained_run(ref, ids, state, PROMPT_LEN)
+        for i, ((gl, gs), (wl, ws)) in enumerate(zip(got, want, strict=True)):
+            for name, g, w, atol in ((LOGITS, gl, wl, atol_logits), (STATE_OUT, gs, ws, atol_state)):
+                if g.shape != w.shape:
+                    raise ToleranceExceeded(name, float("inf"), atol,
+                                            f"(shape {g.shape} vs {w.shape} at batch {batch})")
+                diff = float(np.max(np.abs(g - w)))
+                worst[name] = max(worst[name], diff)
+                if not diff <= atol:
+                    where = "in the prompt prefill" if i == 0 else f"at chained step {i}"
+                    raise ToleranceExceeded(name, diff, atol, f"{where}, batch {batch}, vs {what}")
+    return worst
+
+
+def self_consistency(step: StepFn, meta: ModelMetadata, atol_logits: float,
+                     atol_state: float) -> dict[str, float]:
+    """Without reference weights: chained calls must agree with a single prefill of the same
+    tokens, at every batch size."""
+    worst = {LOGITS: 0.0, STATE_OUT: 0.0}
+    rng = np.random.default_rng(0)
+    for batch in PARITY_BATCHES:
+        ids = rng.integers(0, meta.vocab_size, (batch, PROMPT_LEN + CHAINED_STEPS), dtype=np.int64)
+        state = np.zeros((batch, meta.num_layers, meta.hidden_size), dtype=np.float32)
+        runs = chained_run(step, ids, state, PROMPT_LEN)
+        chained_logits = np.concatenate([lg for lg, _ in runs], axis=1)
+        whole_logits, whole_state = step(ids, state)
+        for name, g, w, atol in ((LOGITS, chained_logits, whole_logits, atol_logits),
+                                 (STATE_OUT, runs[-1][1], whole_state, atol_state)):
+            diff = float(np.max(np.abs(g - w))) if g.shape == w.shape else float("inf")
+            worst[name] = max(worst[name], diff)
+            if not diff <= atol:
+                raise ToleranceExceeded(name, diff, atol, f"between chained calls and one "
+                                        f"prefill at batch {batch}")
+    return worst
+
+
+def validate(path: Path, checkpoint: Checkpoint | None = None, atol_logits: float = 1e-4,
+             atol_state: float = 1e-5, ppl_rtol: float = 1e-4,
+             ppl_tokens: list[int] | None = None) -> ValidationReport:
+    model = load_graph(path)
+    report = ValidationReport(path, read_metadata(model))
+    meta = report.metadata
+    report.checks.append("onnx.checker: ok")
+    report.checks.append(f"I/O contract and metadata: ok (vocab {meta.vocab_size}, "
+                         f"layers {meta.num_layers}, hidden {meta.hidden_size})")
+    report.checks.append(f"GRU nodes: {len(list(gru_nodes(model.graph)))}, "
+                         "all linear_before_reset=1")
+    try:
+        step = ort_step(path)
+    except Exception as e:
+        raise GraphError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
+
+    if checkpoint is None:
+        report.worst = self_consistency(step, meta, atol_logits, atol_state)
+        report.checks.append(
+            f"chained calls at batch {' and '.join(map(str, PARITY_BATCHES))} agree with one "
+            f"prefill of the same text: max |diff| logits {report.worst[LOGITS]:.2e}, state_out "
+            f"{report.worst[STATE_OUT]:.2e} (no checkpoint given: PyTorch parity not checked)")
+        return report
+
+    ck = checkpoint.model.config
+    if (ck.vocab_size, ck.num_layers, ck.hidden_size) != (meta.vocab_size, meta.num_layers,
+                                                          meta.hidden_size):
+        raise ContractMismatch(
+            f"checkpoint is vocab {ck.vocab_size}, layers {ck.num_layers}, hidden {ck.hidden_size}"
+            f" but the model is vocab {meta.vocab_size}, layers {meta.num_layers}, "
+            f"hidden {meta.hidden_size}")
+    if tuple(checkpoint.vocab.tokens) != meta.vocab:
+        raise ContractMismatch("metadata 'gru_serve.vocab' differs from the checkpoint's vocabulary")
+    ref = torch_step(checkpoint.model)
+    report.worst = compare_runs(step, ref, meta, atol_logits, atol_state, "PyTorch")
+    report.checks.append(
+        f"parity with PyTorch, prefill {PROMPT_LEN} + {CHAINED_STEPS} chained steps at batch "
+        f"{' and '.join(map(str, PARITY_BATCHES))}: max |diff| logits "
+        f"{report.worst[LOGITS]:.2e} (atol {atol_logits:g}), state_out "
+        f"{report.worst[STATE_OUT]:.2e} (atol {atol_state:g})")
+    if ppl_tokens:
+        shape = (meta.num_layers, meta.hidden_size)
+        ours, theirs = d2l_perplexity(step, ppl_tokens, shape), d2l_perplexity(ref, ppl_tokens, shape)
+        report.perplexity = {"onnxruntime": ours, "pytorch": theirs}
+        if not abs(ours - theirs) <= ppl_rtol * theirs:
+            raise PerplexityMismatch(f"perplexity {ours:.6f} with onnxruntime vs {theirs:.6f} "
+                                     f"with PyTorch (rtol {ppl_rtol:g})")
+        report.checks.append(f"perplexity on {len(ppl_tokens):,} tokens: onnxruntime {ours:.6f}, "
+                             f"PyTorch {theirs:.6f} (rtol {ppl_rtol:g})")
+    return report

@@ -1,0 +1,67 @@
+"""One error hierarchy for the serving runtime. Each class names its kind of failure; the
+gRPC layer maps kinds to status codes in one table (gru_serve.grpc.status)."""
+
+from __future__ import annotations
+
+
+class GruServeError(Exception):
+    """Base of every error the service reports to a client or an operator."""
+
+
+class InvalidArgument(GruServeError):
+    """A request field is out of its range; the message names the field and the limit."""
+
+
+class NotFound(GruServeError):
+    pass
+
+
+class SessionNotFound(NotFound):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session '{session_id}' is unknown")
+
+
+class SessionExpired(NotFound):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session '{session_id}' has expired")
+
+
+class Aborted(GruServeError):
+    pass
+
+
+class SessionBusy(Aborted):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session '{session_id}' is busy with another request; retry when it ends")
+
+
+class VersionConflict(Aborted):
+    pass
+
+
+class WrongModel(GruServeError):
+    """The session belongs to another model (FAILED_PRECONDITION)."""
+
+
+class ResourceExhausted(GruServeError):
+    pass
+
+
+class Unauthenticated(GruServeError):
+    pass
+
+
+class PermissionDenied(GruServeError):
+    pass
+
+
+class Unavailable(GruServeError):
+    pass
+
+
+class Internal(GruServeError):
+    """A bug; the message carries an id that is also in the log."""
+
+
+class ModelLoadError(GruServeError):
+    """A model file cannot be served; raised at start-up, never to a client."""
