@@ -61,7 +61,7 @@ class StatefulLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
-        x = F.one_hot(input_ids.transpose(0, 1), m.config.vocab_size).float()
+        x = F.one_hot(input_ids.transpose(0, 1), m.config.vocab_size).to(m.linear.weight.dtype)
         y, h = m.rnn(x, state.transpose(0, 1).contiguous())
         return m.linear(y).transpose(0, 1), h.transpose(0, 1)
 

@@ -60,7 +60,8 @@ class ModelRuntime:
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
-        so.log_severity_level = 3  # onnxruntime's own CUDA-missing errors are summarised below
+        # onnxruntime logs two errors when CUDA libraries are missing; we say it once, below.
+        ort.set_default_logger_severity(4)
         want_cuda = options.device != "cpu" and CUDA in ort.get_available_providers()
         providers = [CUDA, CPU] if want_cuda else [CPU]
         try:
@@ -68,6 +69,8 @@ class ModelRuntime:
         except Exception as e:
             raise ModelLoadError(f"model {self.path}: onnxruntime cannot load it: "
                                  f"{str(e).splitlines()[0]}") from e
+        finally:
+            ort.set_default_logger_severity(2)
         active = session.get_providers()
         # get_available_providers() lists CUDA whenever the GPU build is installed; only the
         # session knows whether CUDA really initialised.
