@@ -1,0 +1,226 @@
+"""Write a Triton Inference Server model repository for an exported model.
+
+    REPO/<name>/config.pbtxt
+    REPO/<name>/1/model.onnx
+
+Triton keeps each sequence's hidden state itself (implicit state management): the graph's
+`state` input and `state_out` output are declared as sequence-batching state, not as model
+inputs and outputs, so a client sends only `input_ids` with a sequence id and gets `logits`.
+The configuration is built as our generated `inference.ModelConfig` message, so every field
+name, type and enum value is checked by construction, and printed in protobuf text format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf import text_format
+
+from gru_serve.contract import (
+    BATCH_AXIS,
+    INPUT_IDS,
+    LOGITS,
+    STATE,
+    STATE_OUT,
+    ContractError,
+    ModelMetadata,
+    read_model,
+)
+from gru_serve.grpc.generated.inference import model_config_pb2 as mc
+
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+VERSION = "1"
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.pbtxt"
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_SEQUENCE_IDLE_US = 60_000_000
+# Candidate sequences per model instance, per batch slot: sequences beyond the candidates wait
+# in a backlog until a candidate sequence ends or idles out, and a stored state costs only
+# layers x hidden floats, so keep several sessions per slot in play.
+CANDIDATES_PER_SLOT = 4
+# Triton model names are directory names in the repository.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_DATA_TYPES = {"int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32}
+
+
+@dataclass(frozen=True)
+class TritonRepository:
+    model_dir: Path
+    config_path: Path
+    model_path: Path
+    config: mc.ModelConfig
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"Triton model name {name!r} must be letters, digits, '_', '.' or '-' "
+            "(a directory name), not starting with '.' or '-'"
+        )
+    return name
+
+
+def _tensor(meta: ModelMetadata, name: str) -> tuple[int, list[int]]:
+    """(Triton data type, dims without the batch axis, -1 for a dynamic axis) of a contract tensor."""
+    dtype, shape = meta.expected_shapes()[name]
+    assert shape[0] == BATCH_AXIS, f"contract tensor {name} is not batch-first"
+    return _DATA_TYPES[dtype], [d if isinstance(d, int) else -1 for d in shape[1:]]
+
+
+def model_config(
+    meta: ModelMetadata,
+    name: str,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_sequence_idle_us: int = DEFAULT_MAX_SEQUENCE_IDLE_US,
+) -> mc.ModelConfig:
+    """Triton's configuration for a model of the contract, with Triton holding the state."""
+    check_name(name)
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if max_sequence_idle_us < 1:
+        raise ValueError(f"max_sequence_idle_microseconds must be >= 1, got {max_sequence_idle_us}")
+    ids_type, ids_dims = _tensor(meta, INPUT_IDS)
+    logits_type, logits_dims = _tensor(meta, LOGITS)
+    state_type, state_dims = _tensor(meta, STATE)
+    out_type, out_dims = _tensor(meta, STATE_OUT)
+    assert (state_type, state_dims) == (out_type, out_dims), "state and state_out differ"
+    seq = mc.ModelSequenceBatching
+    return mc.ModelConfig(
+        name=name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        max_batch_size=max_batch_size,
+        input=[mc.ModelInput(name=INPUT_IDS, data_type=ids_type, dims=ids_dims)],
+        output=[mc.ModelOutput(name=LOGITS, data_type=logits_type, dims=logits_dims)],
+        sequence_batching=seq(
+            max_sequence_idle_microseconds=max_sequence_idle_us,
+            oldest=seq.StrategyOldest(max_candidate_sequences=CANDIDATES_PER_SLOT * max_batch_size),
+            state=[
+                seq.State(
+                    input_name=STATE,
+                    output_name=STATE_OUT,
+                    data_type=state_type,
+                    dims=state_dims,
+                    initial_state=[
+                        seq.InitialState(name="zero", data_type=state_type, dims=state_dims, zero_data=True)
+                    ],
+                )
+            ],
+        ),
+        instance_group=[
+            mc.ModelInstanceGroup(name=f"{name}_gpu", kind=mc.ModelInstanceGroup.KIND_GPU, count=1),
+            mc.ModelInstanceGroup(name=f"{name}_cpu", kind=mc.ModelInstanceGroup.KIND_CPU, count=1),
+        ],
+    )
+
+
+def render(config: mc.ModelConfig, meta: ModelMetadata) -> str:
+    """config.pbtxt: a comment that says why it is so, then the message in text format."""
+    layers_hidden = f"[{meta.num_layers}, {meta.hidden_size}]"
+    header = f"""\
+# Triton model configuration written by `gru-export triton-repo` for {meta.name!r}
+# (GRU LM, {meta.num_layers} x {meta.hidden_size} hidden, vocabulary {meta.vocab_size}).
+#
+# Stateful model, implicit state: Triton stores each sequence's hidden state. The graph's
+# '{STATE}' input and '{STATE_OUT}' output are the sequence_batching state below (dims
+# {layers_hidden}, without the batch axis), not model inputs/outputs: a request carries only
+# '{INPUT_IDS}' [batch, seq] with sequence_id / sequence_start / sequence_end, and gets
+# '{LOGITS}'. A sequence starts from a zero state (initial_state zero_data), so the model needs
+# no START/READY control inputs. Send sequence_end on a sequence's last request to free its state.
+#
+# Batching: Triton does not allow dynamic_batching together with sequence_batching; the
+# sequence batcher's 'oldest' strategy is its dynamic batcher for sequences: it batches the
+# oldest pending request of each candidate sequence (at most one request per sequence).
+# Requests batch together only when their shapes match (e.g. one new token each).
+#
+# Instances: one on the GPU, one on the CPU; Triton fails to load the model on a machine
+# without a GPU, so remove the KIND_GPU group there.
+"""
+    return header + "\n" + text_format.MessageToString(config)
+
+
+def load_model(path: Path) -> ModelMetadata:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx raises DecodeError, ValidationError, ... on bad files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ContractError(f"{path} is not a valid ONNX model: {msg}") from e
+    return read_model(model)
+
+
+def _write_atomically(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_repository(
+    model_path: Path,
+    repo: Path,
+    name: str | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_sequence_idle_us: int = DEFAULT_MAX_SEQUENCE_IDLE_US,
+) -> TritonRepository:
+    """Write (or overwrite) REPO/<name>/config.pbtxt and REPO/<name>/1/model.onnx.
+
+    The model name defaults to the model's metadata name. A missing model or an unwritable
+    repository raises OSError; a model that breaks the contract raises ContractError.
+    """
+    model_path, repo = Path(model_path), Path(repo)
+    meta = load_model(model_path)
+    if name is None:
+        try:
+            name = check_name(meta.name)
+        except ValueError as e:
+            raise ContractError(f"model metadata 'gru_serve.name': {e}; give a name") from e
+    config = model_config(meta, name, max_batch_size, max_sequence_idle_us)
+    model_dir = repo / name
+    try:
+        (model_dir / VERSION).mkdir(parents=True, exist_ok=True)
+        target = model_dir / VERSION / MODEL_FILE
+        _write_atomically(target, lambda tmp: shutil.copyfile(model_path, tmp))
+        config_path = model_dir / CONFIG_FILE
+        text = render(config, meta)
+        _write_atomically(config_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError as e:
+        raise OSError(
+            f"cannot write the Triton repository {repo}: "
+            f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+        ) from e
+    return TritonRepository(model_dir, config_path, target, config)
+
+
+def parse_name(text: str) -> str:
+    """argparse type for --name."""
+    try:
+        return check_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def parse_positive_int(text: str) -> int:
+    """argparse type for sizes and durations."""
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
