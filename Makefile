@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS := gru_serve/models
 
-.PHONY: install demo test lint models protos bench clean
+.PHONY: install demo test lint models protos clean
 
 install: $(STAMP)
 
@@ -36,3 +36,6 @@ models: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py

@@ -28,15 +28,23 @@ def train_command(recipe: dict, output: str) -> str:
 def render(report: ValidationReport, checkpoint: Checkpoint) -> str:
     meta, info = report.metadata, checkpoint.info
     ckpt = f"checkpoints/{meta.name}.pt"
-    lines = [f"# {meta.name}", "", meta.description, "",
-             "| | |", "|---|---|",
-             f"| architecture | one-hot({meta.vocab_size}) -> GRU {meta.num_layers} x "
-             f"{meta.hidden_size} -> Linear({meta.vocab_size}) |",
-             f"| corpus | The Time Machine (d2l), sha1 `{meta.corpus_sha1}` |"]
+    lines = [
+        f"# {meta.name}",
+        "",
+        meta.description,
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | one-hot({meta.vocab_size}) -> GRU {meta.num_layers} x "
+        f"{meta.hidden_size} -> Linear({meta.vocab_size}) |",
+        f"| corpus | The Time Machine (d2l), sha1 `{meta.corpus_sha1}` |",
+    ]
     if info:
-        lines += [f"| tokens | {info['train_tokens']:,} training, {info['heldout_tokens']:,} held-out |",
-                  f"| training speed | {info['metrics']['tokens_per_second']:,.0f} tokens/s, "
-                  f"{info['metrics']['train_seconds']:.0f} s (CPU, torch {info['torch']}) |"]
+        lines += [
+            f"| tokens | {info['train_tokens']:,} training, {info['heldout_tokens']:,} held-out |",
+            f"| training speed | {info['metrics']['tokens_per_second']:,.0f} tokens/s, "
+            f"{info['metrics']['train_seconds']:.0f} s (CPU, torch {info['torch']}) |",
+        ]
     lines += ["", "## Perplexity (measured with onnxruntime on the exported model)", ""]
     lines += [f"- {v:.4f}: {PPL_LABELS.get(k, k)}" for k, v in meta.perplexity.items()]
     if info.get("samples"):
@@ -44,8 +52,13 @@ def render(report: ValidationReport, checkpoint: Checkpoint) -> str:
         lines += [f"- `{s}`" for s in info["samples"].values()]
     lines += ["", "## Validation", ""] + [f"- {c}" for c in report.checks]
     if info.get("recipe"):
-        lines += ["", "## Reproduce", "", "```",
-                  train_command(info["recipe"], ckpt),
-                  f"gru-export export {ckpt} -o model.onnx --name {meta.name} --card README.md",
-                  "```"]
+        lines += [
+            "",
+            "## Reproduce",
+            "",
+            "```",
+            train_command(info["recipe"], ckpt),
+            f"gru-export export {ckpt} -o model.onnx --name {meta.name} --card README.md",
+            "```",
+        ]
     return "\n".join(lines) + "\n"

@@ -25,9 +25,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = train(cfg)
     m = result.metrics
-    print(f"perplexity {m['train_d2l']:.3f} (d2l way, training tokens), "
-          f"{m['train_stream']:.3f} (one stream, batch 1)"
-          + (f", held-out {m['heldout_stream']:.3f}" if "heldout_stream" in m else ""))
+    print(
+        f"perplexity {m['train_d2l']:.3f} (d2l way, training tokens), "
+        f"{m['train_stream']:.3f} (one stream, batch 1)"
+        + (f", held-out {m['heldout_stream']:.3f}" if "heldout_stream" in m else "")
+    )
     print(f"{m['tokens_per_second']:,.0f} tokens/s over {m['train_seconds']:.0f} s")
     for text in result.samples.values():
         print(f"  {text}")
@@ -55,11 +57,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from exporters.export import evaluation_split
     from exporters.validate import validate
 
-    ck = load_checkpoint(Path(args.checkpoint), Path(args.vocab) if args.vocab else None) \
-        if args.checkpoint else None
+    ck = (
+        load_checkpoint(Path(args.checkpoint), Path(args.vocab) if args.vocab else None)
+        if args.checkpoint
+        else None
+    )
     split = evaluation_split(ck) if ck else None
-    report = validate(Path(args.model), ck, args.atol, args.atol_state,
-                      ppl_tokens=split[0] if split else None)
+    report = validate(
+        Path(args.model), ck, args.atol, args.atol_state, ppl_tokens=split[0] if split else None
+    )
     for line in report.checks:
         print(f"  {line}")
     print(f"{args.model}: valid")
@@ -73,8 +79,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.model)
     model = load_graph(path)
     meta = read_metadata(model)
-    print(f"{path}  {path.stat().st_size / 1e6:.2f} MB  opset "
-          f"{', '.join(str(o.version) for o in model.opset_import)}  producer {model.producer_name}")
+    print(
+        f"{path}  {path.stat().st_size / 1e6:.2f} MB  opset "
+        f"{', '.join(str(o.version) for o in model.opset_import)}  producer {model.producer_name}"
+    )
     print("contract:")
     io = graph_io(model)
     for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
@@ -96,13 +104,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_triton_repo(args: argparse.Namespace) -> int:
+    from exporters.triton import write_repository
+
+    repo = write_repository(
+        Path(args.model), Path(args.output), args.name, args.max_batch_size, args.max_sequence_idle_us
+    )
+    print(f"wrote Triton model repository {args.output}: {repo.config_path}, {repo.model_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gru-export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a GRU language model on the Time Machine",
-                       description="Train with d2l's recipe by default (d2l.ai §9.1).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="train a GRU language model on the Time Machine",
+        description="Train with d2l's recipe by default (d2l.ai §9.1).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     t.add_argument("-o", "--output", default="checkpoints/model.pt", help="checkpoint to write")
     t.add_argument("--hidden-size", type=int, default=256)
     t.add_argument("--num-layers", type=int, default=1)
@@ -113,10 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1.0)
     t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    t.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help="train on the first N tokens (0: all before the held-out part)")
-    t.add_argument("--holdout", type=float, default=0.0,
-                   help="fraction at the end of the book kept for held-out perplexity")
+    t.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="train on the first N tokens (0: all before the held-out part)",
+    )
+    t.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="fraction at the end of the book kept for held-out perplexity",
+    )
     t.add_argument("--random-iter", action="store_true", help="d2l's random sampling iterator")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=10, help="epochs between held-out checks")
@@ -141,13 +170,38 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print a model's contract, metadata and size")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
+
+    from exporters import triton
+
+    r = sub.add_parser(
+        "triton-repo",
+        help="write a Triton model repository (implicit state) for a model",
+        description="Write REPO/<name>/config.pbtxt and REPO/<name>/1/model.onnx; Triton keeps each "
+        "sequence's state (sequence batching, oldest strategy).",
+    )
+    r.add_argument("model", help="exported ONNX model")
+    r.add_argument("-o", "--output", required=True, help="repository directory (REPO/<name>/...)")
+    r.add_argument("--name", type=triton.parse_name, help="Triton model name (default: the metadata name)")
+    r.add_argument(
+        "--max-batch-size",
+        type=triton.parse_positive_int,
+        default=triton.DEFAULT_MAX_BATCH_SIZE,
+        help=f"largest batch Triton forms (default {triton.DEFAULT_MAX_BATCH_SIZE})",
+    )
+    r.add_argument(
+        "--max-sequence-idle-us",
+        type=triton.parse_positive_int,
+        default=triton.DEFAULT_MAX_SEQUENCE_IDLE_US,
+        help="microseconds after which Triton ends an idle sequence and drops its state "
+        f"(default {triton.DEFAULT_MAX_SEQUENCE_IDLE_US})",
+    )
+    r.set_defaults(func=cmd_triton_repo)
     return p
 
 
 def _tolerances(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atol", type=float, default=1e-4, help="tolerance on logits (default 1e-4)")
-    p.add_argument("--atol-state", type=float, default=1e-5,
-                   help="tolerance on state_out (default 1e-5)")
+    p.add_argument("--atol-state", type=float, default=1e-5, help="tolerance on state_out (default 1e-5)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,8 +62,9 @@ class Corpus:
         vocab = build_vocab(chars)
         return cls(vocab.ids(chars), vocab)
 
-    def split(self, max_tokens: int = DEFAULT_MAX_TOKENS,
-              holdout: float = 0.0) -> tuple[list[int], list[int]]:
+    def split(
+        self, max_tokens: int = DEFAULT_MAX_TOKENS, holdout: float = 0.0
+    ) -> tuple[list[int], list[int]]:
         """(train, held-out): held-out is the last `holdout` fraction of the whole stream,
         tokens from int((1 - holdout) * len) on; train is the first `max_tokens` before it
         (0 means all of them)."""
@@ -78,29 +79,36 @@ class Corpus:
         return train, self.ids[cut:] if holdout else []
 
 
-def seq_data_iter_sequential(corpus: Sequence[int], batch_size: int, num_steps: int,
-                             rng: random.Random, offset: int | None = None,
-                             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def seq_data_iter_sequential(
+    corpus: Sequence[int],
+    batch_size: int,
+    num_steps: int,
+    rng: random.Random,
+    offset: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """d2l's sequential partitioning: row b continues row b of the previous minibatch."""
     if offset is None:
         offset = rng.randint(0, num_steps)
     num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
-    xs = torch.tensor(corpus[offset:offset + num_tokens]).reshape(batch_size, -1)
-    ys = torch.tensor(corpus[offset + 1:offset + 1 + num_tokens]).reshape(batch_size, -1)
+    xs = torch.tensor(corpus[offset : offset + num_tokens]).reshape(batch_size, -1)
+    ys = torch.tensor(corpus[offset + 1 : offset + 1 + num_tokens]).reshape(batch_size, -1)
     num_batches = xs.shape[1] // num_steps
     for i in range(0, num_steps * num_batches, num_steps):
-        yield xs[:, i:i + num_steps], ys[:, i:i + num_steps]
+        yield xs[:, i : i + num_steps], ys[:, i : i + num_steps]
 
 
-def seq_data_iter_random(corpus: Sequence[int], batch_size: int, num_steps: int,
-                         rng: random.Random) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def seq_data_iter_random(
+    corpus: Sequence[int], batch_size: int, num_steps: int, rng: random.Random
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """d2l's random sampling: independent subsequences, shuffled."""
-    corpus = corpus[rng.randint(0, num_steps - 1):]
+    corpus = corpus[rng.randint(0, num_steps - 1) :]
     num_subseqs = (len(corpus) - 1) // num_steps
     starts = list(range(0, num_subseqs * num_steps, num_steps))
     rng.shuffle(starts)
     num_batches = num_subseqs // batch_size
     for i in range(0, batch_size * num_batches, batch_size):
-        batch = starts[i:i + batch_size]
-        yield (torch.tensor([corpus[j:j + num_steps] for j in batch]),
-               torch.tensor([corpus[j + 1:j + 1 + num_steps] for j in batch]))
+        batch = starts[i : i + batch_size]
+        yield (
+            torch.tensor([corpus[j : j + num_steps] for j in batch]),
+            torch.tensor([corpus[j + 1 : j + 1 + num_steps] for j in batch]),
+        )

@@ -48,34 +48,48 @@ def describe(cfg, recipe: dict | None) -> str:
         return f"{arch}, exported from a d2l-style state_dict"
     tokens = f"first {recipe['max_tokens']:,}" if recipe["max_tokens"] else "all"
     held = f", last {recipe['holdout']:.0%} held out" if recipe["holdout"] else ""
-    return (f"{arch}; {recipe['optimizer']} lr {recipe['lr']:g}, {recipe['epochs']} epochs, batch "
-            f"{recipe['batch_size']} x {recipe['num_steps']} steps on the {tokens} training tokens"
-            f"{held}")
+    return (
+        f"{arch}; {recipe['optimizer']} lr {recipe['lr']:g}, {recipe['epochs']} epochs, batch "
+        f"{recipe['batch_size']} x {recipe['num_steps']} steps on the {tokens} training tokens"
+        f"{held}"
+    )
 
 
 def write_graph(checkpoint: Checkpoint, path: Path) -> None:
     cfg = checkpoint.model.config
-    example = (torch.zeros(EXAMPLE_BATCH, 3, dtype=torch.long),
-               torch.zeros(EXAMPLE_BATCH, cfg.num_layers, cfg.hidden_size))
+    example = (
+        torch.zeros(EXAMPLE_BATCH, 3, dtype=torch.long),
+        torch.zeros(EXAMPLE_BATCH, cfg.num_layers, cfg.hidden_size),
+    )
     batch_seq = {0: BATCH_AXIS, 1: SEQ_AXIS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter warns about GRU batch sizes; we pass h0
         torch.onnx.export(
-            StatefulLM(checkpoint.model).eval(), example, str(path), dynamo=False,
-            opset_version=OPSET, input_names=[INPUT_IDS, STATE], output_names=[LOGITS, STATE_OUT],
-            dynamic_axes={INPUT_IDS: batch_seq, STATE: {0: BATCH_AXIS}, LOGITS: batch_seq,
-                          STATE_OUT: {0: BATCH_AXIS}})
+            StatefulLM(checkpoint.model).eval(),
+            example,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_IDS, STATE],
+            output_names=[LOGITS, STATE_OUT],
+            dynamic_axes={
+                INPUT_IDS: batch_seq,
+                STATE: {0: BATCH_AXIS},
+                LOGITS: batch_seq,
+                STATE_OUT: {0: BATCH_AXIS},
+            },
+        )
 
 
-def export(checkpoint: Checkpoint, out: Path, name: str, atol_logits: float = 1e-4,
-           atol_state: float = 1e-5) -> ValidationReport:
+def export(
+    checkpoint: Checkpoint, out: Path, name: str, atol_logits: float = 1e-4, atol_state: float = 1e-5
+) -> ValidationReport:
     """Write `out` (atomically) and validate it against the checkpoint."""
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"output {out} is a directory; give a file name such as model.onnx")
     if not os.access(out.parent if str(out.parent) else Path("."), os.W_OK):
-        raise ExportError(f"cannot write {out}: directory {out.parent} is not writable "
-                          "or does not exist")
+        raise ExportError(f"cannot write {out}: directory {out.parent} is not writable or does not exist")
     cfg = checkpoint.model.config
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
     os.close(fd)
@@ -93,17 +107,20 @@ def export(checkpoint: Checkpoint, out: Path, name: str, atol_logits: float = 1e
                 ppl["heldout_stream"] = stream_perplexity(step, heldout, shape)
         recipe = checkpoint.info.get("recipe")
         meta = ModelMetadata(
-            name=name, vocab=checkpoint.vocab.tokens, hidden_size=cfg.hidden_size,
-            num_layers=cfg.num_layers, normalization=dict(checkpoint.vocab.normalization),
+            name=name,
+            vocab=checkpoint.vocab.tokens,
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            normalization=dict(checkpoint.vocab.normalization),
             corpus_sha1=checkpoint.info.get("corpus_sha1", TIME_MACHINE_SHA1 if split else ""),
             perplexity=ppl,
-            description=describe(cfg, recipe))
+            description=describe(cfg, recipe),
+        )
         graph = onnx.load(str(tmp))
         graph.producer_name = "gru-serve"
         onnx.helper.set_model_props(graph, meta.to_props())
         onnx.save(graph, str(tmp))
-        report = validate(tmp, checkpoint, atol_logits, atol_state,
-                          ppl_tokens=split[0] if split else None)
+        report = validate(tmp, checkpoint, atol_logits, atol_state, ppl_tokens=split[0] if split else None)
         tmp.replace(out)
         report.path = out
         return report

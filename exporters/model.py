@@ -28,7 +28,7 @@ class ModelConfig:
     vocab_size: int = 28
     hidden_size: int = 256
     num_layers: int = 1
-    dropout: float = 0.0  # between GRU layers, training only
+    dropout: float = 0.0  # between GRU layers and before the head; training only
 
 
 class GRULanguageModel(nn.Module):
@@ -37,15 +37,20 @@ class GRULanguageModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.rnn = nn.GRU(config.vocab_size, config.hidden_size, config.num_layers,
-                          dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.rnn = nn.GRU(
+            config.vocab_size,
+            config.hidden_size,
+            config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
+        self.drop = nn.Dropout(config.dropout)  # no parameters: state_dicts stay d2l's
         self.linear = nn.Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, inputs: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs [batch, steps] -> logits [steps * batch, vocab] (d2l's layout), new state."""
         x = F.one_hot(inputs.T.long(), self.config.vocab_size).float()
         y, state = self.rnn(x, state)
-        return self.linear(y.reshape(-1, y.shape[-1])), state
+        return self.linear(self.drop(y).reshape(-1, y.shape[-1])), state
 
     def begin_state(self, batch_size: int) -> torch.Tensor:
         return torch.zeros(self.config.num_layers, batch_size, self.config.hidden_size)
@@ -73,14 +78,17 @@ class Checkpoint:
     info: dict[str, Any]  # training recipe and measured metrics, if known
 
     def save(self, path: Path) -> None:
-        torch.save({
-            "format": CHECKPOINT_FORMAT,
-            "config": asdict(self.model.config),
-            "vocab": list(self.vocab.tokens),
-            "normalization": self.vocab.normalization,
-            "state_dict": self.model.state_dict(),
-            "info": json.dumps(self.info),
-        }, path)
+        torch.save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": asdict(self.model.config),
+                "vocab": list(self.vocab.tokens),
+                "normalization": self.vocab.normalization,
+                "state_dict": self.model.state_dict(),
+                "info": json.dumps(self.info),
+            },
+            path,
+        )
 
 
 _GRU_KEY = re.compile(r"rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")
@@ -92,13 +100,16 @@ def config_from_state_dict(sd: dict[str, Any]) -> ModelConfig:
         raise CheckpointError("not a state_dict of tensors")
     layers = sorted({int(m.group(2)) for k in sd if (m := _GRU_KEY.match(k))})
     required = ["linear.weight", "linear.bias"] + [
-        f"rnn.{p}_l{i}" for i in range(max(layers, default=0) + 1)
-        for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        f"rnn.{p}_l{i}"
+        for i in range(max(layers, default=0) + 1)
+        for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    ]
     missing = [k for k in required if k not in sd]
     if not layers or missing:
         raise CheckpointError(
             "not a GRU language model state_dict: missing "
-            + ", ".join(missing or ["rnn.weight_ih_l0", "..."]))
+            + ", ".join(missing or ["rnn.weight_ih_l0", "..."])
+        )
     unexpected = sorted(set(sd) - set(required))
     if unexpected:
         raise CheckpointError(f"not a GRU language model state_dict: unexpected keys {unexpected}")
@@ -111,7 +122,8 @@ def config_from_state_dict(sd: dict[str, Any]) -> ModelConfig:
         if tuple(sd[k].shape) != tuple(v.shape):
             raise CheckpointError(
                 f"{k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)} for "
-                f"vocab {vocab_size}, hidden {config.hidden_size}, layers {config.num_layers}")
+                f"vocab {vocab_size}, hidden {config.hidden_size}, layers {config.num_layers}"
+            )
     return config
 
 
@@ -136,8 +148,10 @@ def load_checkpoint(path: Path, vocab_file: Path | None = None) -> Checkpoint:
     except IsADirectoryError as e:
         raise CheckpointError(f"checkpoint {path} is a directory") from e
     except Exception as e:  # torch raises many kinds for a corrupt file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}): "
-                              f"{str(e).splitlines()[0] if str(e) else 'corrupt file'}") from e
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}): "
+            f"{str(e).splitlines()[0] if str(e) else 'corrupt file'}"
+        ) from e
     info: dict[str, Any] = {}
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         config = ModelConfig(**obj["config"])
@@ -155,7 +169,8 @@ def load_checkpoint(path: Path, vocab_file: Path | None = None) -> Checkpoint:
         where = f"vocabulary file {vocab_file}" if vocab_file else "the Time Machine vocabulary"
         raise CheckpointError(
             f"{path}: the model has vocab size {config.vocab_size} but {where} has "
-            f"{len(vocab)} tokens (give the model's vocabulary with --vocab FILE)")
+            f"{len(vocab)} tokens (give the model's vocabulary with --vocab FILE)"
+        )
     model = GRULanguageModel(config)
     model.load_state_dict(sd)
     model.eval()
@@ -174,8 +189,7 @@ def torch_step(model: GRULanguageModel):
     return step
 
 
-def greedy_continue(model: GRULanguageModel, vocab: Vocabulary, prefix: str,
-                    num_preds: int = 50) -> str:
+def greedy_continue(model: GRULanguageModel, vocab: Vocabulary, prefix: str, num_preds: int = 50) -> str:
     """d2l's predict_ch8: warm up on the prefix, then take the argmax num_preds times."""
     ids = vocab.encode(prefix)
     state = model.begin_state(1)

@@ -67,21 +67,25 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, show_progress: bool = 
     train_ids, heldout = corpus.split(cfg.max_tokens, cfg.holdout)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    model = GRULanguageModel(ModelConfig(len(corpus.vocab), cfg.hidden_size, cfg.num_layers,
-                                         cfg.dropout))
+    model = GRULanguageModel(ModelConfig(len(corpus.vocab), cfg.hidden_size, cfg.num_layers, cfg.dropout))
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     elif cfg.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     else:
         raise ValueError(f"optimizer must be sgd or adam, got {cfg.optimizer!r}")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) \
-        if cfg.optimizer == "adam" else None
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) if cfg.optimizer == "adam" else None
 
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     tokens_seen, train_seconds, ppl = 0, 0.0, float("nan")
-    columns = (TextColumn("[bold]train"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
-               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]train"),
+        BarColumn(),
+        TextColumn("epoch {task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not show_progress, transient=False) as progress:
         task = progress.add_task("train", total=cfg.epochs, status="")
         for epoch in range(1, cfg.epochs + 1):
@@ -89,7 +93,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, show_progress: bool = 
             state, loss_sum, count = None, 0.0, 0
             t0 = time.perf_counter()
             batches = (seq_data_iter_random if cfg.random_iter else seq_data_iter_sequential)(
-                train_ids, cfg.batch_size, cfg.num_steps, rng)
+                train_ids, cfg.batch_size, cfg.num_steps, rng
+            )
             for x, y in batches:
                 if state is None or cfg.random_iter:
                     state = model.begin_state(x.shape[0])
@@ -127,7 +132,13 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, show_progress: bool = 
     metrics["tokens_per_second"] = tokens_seen / train_seconds
     metrics["train_seconds"] = train_seconds
     samples = {p: greedy_continue(model, corpus.vocab, p, 50) for p in SAMPLE_PREFIXES}
-    info = {"recipe": asdict(cfg), "metrics": metrics, "samples": samples,
-            "corpus_sha1": corpus.sha1, "train_tokens": len(train_ids),
-            "heldout_tokens": len(heldout), "torch": torch.__version__}
+    info = {
+        "recipe": asdict(cfg),
+        "metrics": metrics,
+        "samples": samples,
+        "corpus_sha1": corpus.sha1,
+        "train_tokens": len(train_ids),
+        "heldout_tokens": len(heldout),
+        "torch": torch.__version__,
+    }
     return TrainResult(Checkpoint(model, corpus.vocab, info), metrics, samples)

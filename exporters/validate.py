@@ -49,8 +49,7 @@ class LinearBeforeResetError(ContractMismatch):
 class ToleranceExceeded(ValidationError):
     def __init__(self, output: str, worst: float, atol: float, where: str) -> None:
         self.output, self.worst, self.atol = output, worst, atol
-        super().__init__(f"'{output}' differs by up to {worst:.3g} "
-                         f"(atol {atol:g}) {where}")
+        super().__init__(f"'{output}' differs by up to {worst:.3g} (atol {atol:g}) {where}")
 
 
 class PerplexityMismatch(ValidationError):
@@ -97,13 +96,14 @@ def ort_step(path: Path) -> StepFn:
     return step
 
 
-def chained_run(step: StepFn, ids: np.ndarray, state: np.ndarray,
-                prompt_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def chained_run(
+    step: StepFn, ids: np.ndarray, state: np.ndarray, prompt_len: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Prefill ids[:, :prompt_len] in one call, then one token per call, feeding state_out back."""
     logits, state = step(ids[:, :prompt_len], state)
     outs = [(logits, state)]
     for t in range(prompt_len, ids.shape[1]):
-        logits, state = step(ids[:, t:t + 1], state)
+        logits, state = step(ids[:, t : t + 1], state)
         outs.append((logits, state))
     return outs
 
@@ -116,12 +116,13 @@ def parity_inputs(meta: ModelMetadata, batch: int) -> np.ndarray:
     length = PROMPT_LEN + CHAINED_STEPS
     corpus = Corpus.time_machine()
     if meta.vocab == corpus.vocab.tokens:
-        return np.array([corpus.ids[r * 1400:r * 1400 + length] for r in range(batch)], dtype=np.int64)
+        return np.array([corpus.ids[r * 1400 : r * 1400 + length] for r in range(batch)], dtype=np.int64)
     return np.random.default_rng(batch).integers(0, meta.vocab_size, (batch, length), dtype=np.int64)
 
 
-def compare_runs(test: StepFn, ref: StepFn, meta: ModelMetadata, atol_logits: float,
-                 atol_state: float, what: str) -> dict[str, float]:
+def compare_runs(
+    test: StepFn, ref: StepFn, meta: ModelMetadata, atol_logits: float, atol_state: float, what: str
+) -> dict[str, float]:
     """Max abs differences of logits and state_out over the chained run, at each batch size."""
     worst = {LOGITS: 0.0, STATE_OUT: 0.0}
     for batch in PARITY_BATCHES:
@@ -132,8 +133,9 @@ def compare_runs(test: StepFn, ref: StepFn, meta: ModelMetadata, atol_logits: fl
         for i, ((gl, gs), (wl, ws)) in enumerate(zip(got, want, strict=True)):
             for name, g, w, atol in ((LOGITS, gl, wl, atol_logits), (STATE_OUT, gs, ws, atol_state)):
                 if g.shape != w.shape:
-                    raise ToleranceExceeded(name, float("inf"), atol,
-                                            f"(shape {g.shape} vs {w.shape} at batch {batch})")
+                    raise ToleranceExceeded(
+                        name, float("inf"), atol, f"(shape {g.shape} vs {w.shape} at batch {batch})"
+                    )
                 diff = float(np.max(np.abs(g - w)))
                 worst[name] = max(worst[name], diff)
                 if not diff <= atol:
@@ -142,8 +144,9 @@ def compare_runs(test: StepFn, ref: StepFn, meta: ModelMetadata, atol_logits: fl
     return worst
 
 
-def self_consistency(step: StepFn, meta: ModelMetadata, atol_logits: float,
-                     atol_state: float) -> dict[str, float]:
+def self_consistency(
+    step: StepFn, meta: ModelMetadata, atol_logits: float, atol_state: float
+) -> dict[str, float]:
     """Without reference weights: chained calls must agree with a single prefill of the same
     tokens, at every batch size."""
     worst = {LOGITS: 0.0, STATE_OUT: 0.0}
@@ -153,27 +156,36 @@ def self_consistency(step: StepFn, meta: ModelMetadata, atol_logits: float,
         runs = chained_run(step, ids, state, PROMPT_LEN)
         chained_logits = np.concatenate([lg for lg, _ in runs], axis=1)
         whole_logits, whole_state = step(ids, state)
-        for name, g, w, atol in ((LOGITS, chained_logits, whole_logits, atol_logits),
-                                 (STATE_OUT, runs[-1][1], whole_state, atol_state)):
+        for name, g, w, atol in (
+            (LOGITS, chained_logits, whole_logits, atol_logits),
+            (STATE_OUT, runs[-1][1], whole_state, atol_state),
+        ):
             diff = float(np.max(np.abs(g - w))) if g.shape == w.shape else float("inf")
             worst[name] = max(worst[name], diff)
             if not diff <= atol:
-                raise ToleranceExceeded(name, diff, atol, f"between chained calls and one "
-                                        f"prefill at batch {batch}")
+                raise ToleranceExceeded(
+                    name, diff, atol, f"between chained calls and one prefill at batch {batch}"
+                )
     return worst
 
 
-def validate(path: Path, checkpoint: Checkpoint | None = None, atol_logits: float = 1e-4,
-             atol_state: float = 1e-5, ppl_rtol: float = 1e-4,
-             ppl_tokens: list[int] | None = None) -> ValidationReport:
+def validate(
+    path: Path,
+    checkpoint: Checkpoint | None = None,
+    atol_logits: float = 1e-4,
+    atol_state: float = 1e-5,
+    ppl_rtol: float = 1e-4,
+    ppl_tokens: list[int] | None = None,
+) -> ValidationReport:
     model = load_graph(path)
     report = ValidationReport(path, read_metadata(model))
     meta = report.metadata
     report.checks.append("onnx.checker: ok")
-    report.checks.append(f"I/O contract and metadata: ok (vocab {meta.vocab_size}, "
-                         f"layers {meta.num_layers}, hidden {meta.hidden_size})")
-    report.checks.append(f"GRU nodes: {len(list(gru_nodes(model.graph)))}, "
-                         "all linear_before_reset=1")
+    report.checks.append(
+        f"I/O contract and metadata: ok (vocab {meta.vocab_size}, "
+        f"layers {meta.num_layers}, hidden {meta.hidden_size})"
+    )
+    report.checks.append(f"GRU nodes: {len(list(gru_nodes(model.graph)))}, all linear_before_reset=1")
     try:
         step = ort_step(path)
     except Exception as e:
@@ -184,16 +196,17 @@ def validate(path: Path, checkpoint: Checkpoint | None = None, atol_logits: floa
         report.checks.append(
             f"chained calls at batch {' and '.join(map(str, PARITY_BATCHES))} agree with one "
             f"prefill of the same text: max |diff| logits {report.worst[LOGITS]:.2e}, state_out "
-            f"{report.worst[STATE_OUT]:.2e} (no checkpoint given: PyTorch parity not checked)")
+            f"{report.worst[STATE_OUT]:.2e} (no checkpoint given: PyTorch parity not checked)"
+        )
         return report
 
     ck = checkpoint.model.config
-    if (ck.vocab_size, ck.num_layers, ck.hidden_size) != (meta.vocab_size, meta.num_layers,
-                                                          meta.hidden_size):
+    if (ck.vocab_size, ck.num_layers, ck.hidden_size) != (meta.vocab_size, meta.num_layers, meta.hidden_size):
         raise ContractMismatch(
             f"checkpoint is vocab {ck.vocab_size}, layers {ck.num_layers}, hidden {ck.hidden_size}"
             f" but the model is vocab {meta.vocab_size}, layers {meta.num_layers}, "
-            f"hidden {meta.hidden_size}")
+            f"hidden {meta.hidden_size}"
+        )
     if tuple(checkpoint.vocab.tokens) != meta.vocab:
         raise ContractMismatch("metadata 'gru_serve.vocab' differs from the checkpoint's vocabulary")
     ref = torch_step(checkpoint.model)
@@ -202,14 +215,18 @@ def validate(path: Path, checkpoint: Checkpoint | None = None, atol_logits: floa
         f"parity with PyTorch, prefill {PROMPT_LEN} + {CHAINED_STEPS} chained steps at batch "
         f"{' and '.join(map(str, PARITY_BATCHES))}: max |diff| logits "
         f"{report.worst[LOGITS]:.2e} (atol {atol_logits:g}), state_out "
-        f"{report.worst[STATE_OUT]:.2e} (atol {atol_state:g})")
+        f"{report.worst[STATE_OUT]:.2e} (atol {atol_state:g})"
+    )
     if ppl_tokens:
         shape = (meta.num_layers, meta.hidden_size)
         ours, theirs = d2l_perplexity(step, ppl_tokens, shape), d2l_perplexity(ref, ppl_tokens, shape)
         report.perplexity = {"onnxruntime": ours, "pytorch": theirs}
         if not abs(ours - theirs) <= ppl_rtol * theirs:
-            raise PerplexityMismatch(f"perplexity {ours:.6f} with onnxruntime vs {theirs:.6f} "
-                                     f"with PyTorch (rtol {ppl_rtol:g})")
-        report.checks.append(f"perplexity on {len(ppl_tokens):,} tokens: onnxruntime {ours:.6f}, "
-                             f"PyTorch {theirs:.6f} (rtol {ppl_rtol:g})")
+            raise PerplexityMismatch(
+                f"perplexity {ours:.6f} with onnxruntime vs {theirs:.6f} with PyTorch (rtol {ppl_rtol:g})"
+            )
+        report.checks.append(
+            f"perplexity on {len(ppl_tokens):,} tokens: onnxruntime {ours:.6f}, "
+            f"PyTorch {theirs:.6f} (rtol {ppl_rtol:g})"
+        )
     return report

@@ -118,8 +118,7 @@ class ModelMetadata:
         norm = as_json("normalization", dict)
         if set(norm) != set(D2L_NORMALIZATION):
             raise ContractError(
-                "model metadata 'gru_serve.normalization' must have keys "
-                f"{sorted(D2L_NORMALIZATION)}"
+                f"model metadata 'gru_serve.normalization' must have keys {sorted(D2L_NORMALIZATION)}"
             )
         return cls(
             name=get("name"),
@@ -142,8 +141,7 @@ class ModelMetadata:
         }
 
 
-def check_graph_io(actual: dict[str, tuple[str, tuple[str | int | None, ...]]],
-                   meta: ModelMetadata) -> None:
+def check_graph_io(actual: dict[str, tuple[str, tuple[str | int | None, ...]]], meta: ModelMetadata) -> None:
     """Check a graph's tensors (name -> (dtype, shape)) against the contract and metadata.
 
     Symbolic axes (batch, seq) must be dynamic: any non-integer dim is accepted there, and a
@@ -160,13 +158,9 @@ def check_graph_io(actual: dict[str, tuple[str, tuple[str | int | None, ...]]],
         for axis, (want, got) in enumerate(zip(shape, got_shape, strict=True)):
             if isinstance(want, int):
                 if got != want:
-                    raise ContractError(
-                        f"'{name}' axis {axis} is {got}, metadata says {want}"
-                    )
+                    raise ContractError(f"'{name}' axis {axis} is {got}, metadata says {want}")
             elif isinstance(got, int):
-                raise ContractError(
-                    f"'{name}' axis {axis} ({want}) is fixed to {got}; it must be dynamic"
-                )
+                raise ContractError(f"'{name}' axis {axis} ({want}) is fixed to {got}; it must be dynamic")
 
 
 class LinearBeforeResetError(ContractError):
@@ -179,8 +173,7 @@ def graph_io(model: onnx.ModelProto) -> dict[str, tuple[str, tuple[str | int | N
     for v in [*model.graph.input, *model.graph.output]:
         t = v.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                     for d in t.shape.dim)
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
         out[v.name] = (dtype, dims)
     return out
 

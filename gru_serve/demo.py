@@ -1,28 +1,50 @@
-"""`make demo` before the server existed: stream a greedy continuation in-process."""
+"""`make demo`: start a server with the shipped model, stream a generation with the CLI client,
+continue it on the same session, and shut the server down."""
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
 import sys
 
-import numpy as np
-
-from gru_serve.runtime import ModelRuntime
-from gru_serve.shipped import default_model_path
+CLI = [sys.executable, "-m", "gru_serve.cli"]
 
 
-def main(prompt: str = "time traveller", tokens: int = 200) -> None:
-    rt = ModelRuntime(default_model_path())
-    print(f"{rt.metadata.name} on {rt.provider}: ", end="")
-    ids = rt.vocab.encode(prompt)
-    sys.stdout.write(rt.vocab.decode(ids))
-    logits, state = rt.step(np.array([ids], dtype=np.int64), rt.zero_state())
-    for _ in range(tokens):
-        nxt = int(logits[0, -1].argmax())
-        sys.stdout.write(rt.vocab.token(nxt))
-        sys.stdout.flush()
-        logits, state = rt.step(np.array([[nxt]], dtype=np.int64), state)
-    print()
+def show(args: list[str]) -> None:
+    print("$ gru-serve " + " ".join(f'"{a}"' if " " in a else a for a in args), flush=True)
+
+
+def run(args: list[str], capture: bool = False) -> str:
+    show(args)
+    r = subprocess.run([*CLI, *args], check=True, text=True, stdout=subprocess.PIPE if capture else None)
+    return r.stdout or ""
+
+
+def main() -> int:
+    serve = ["serve", "--port", "0", "--log-level", "WARNING"]
+    show(serve)
+    server = subprocess.Popen([*CLI, *serve], stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        m = re.search(r"listening on (\S+)", line)
+        if not m:
+            print("the server did not start", file=sys.stderr)
+            return 1
+        target = ["--target", m.group(1)]
+        print(line.strip(), flush=True)
+        session = run(["session", "create", "-q", *target], capture=True).strip()
+        print(session)
+        run(["generate", "time traveller", "--session", session, "--max-tokens", "120", "-v", *target])
+        run(["generate", "--session", session, "--max-tokens", "120", "-v", *target])
+        run(["session", "show", session, *target])
+    finally:
+        print(f"stopping the server (SIGTERM to pid {server.pid})", flush=True)
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+        print(f"server exited with {code}")
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,8 +22,9 @@ class SessionNotFound(NotFound):
 
 
 class SessionExpired(NotFound):
-    def __init__(self, session_id: str) -> None:
-        super().__init__(f"session '{session_id}' has expired")
+    def __init__(self, session_id: str, evicted: bool = False) -> None:
+        why = "was evicted (the server keeps max_sessions sessions)" if evicted else "has expired"
+        super().__init__(f"session '{session_id}' {why}")
 
 
 class Aborted(GruServeError):

@@ -47,9 +47,10 @@ def load_metadata(path: Path) -> tuple[ModelMetadata, bytes]:
 class ModelRuntime:
     """One model loaded into onnxruntime. `step` runs the contract on numpy arrays."""
 
-    def __init__(self, path: Path, options: RuntimeOptions = RuntimeOptions()) -> None:
+    def __init__(self, path: Path, options: RuntimeOptions = RuntimeOptions(), name: str = "") -> None:
         self.path = Path(path)
         self.metadata, raw = load_metadata(self.path)
+        self.name = name or self.metadata.name
         self.model_hash = hashlib.sha256(raw).hexdigest()
         self.vocab = Vocabulary(self.metadata.vocab, self.metadata.normalization)
         self.session, self.provider = self._create_session(raw, options)
@@ -67,8 +68,9 @@ class ModelRuntime:
         try:
             session = ort.InferenceSession(raw, so, providers=providers)
         except Exception as e:
-            raise ModelLoadError(f"model {self.path}: onnxruntime cannot load it: "
-                                 f"{str(e).splitlines()[0]}") from e
+            raise ModelLoadError(
+                f"model {self.path}: onnxruntime cannot load it: {str(e).splitlines()[0]}"
+            ) from e
         finally:
             ort.set_default_logger_severity(2)
         active = session.get_providers()
@@ -80,10 +82,14 @@ class ModelRuntime:
             raise ModelLoadError(
                 "--device cuda: CUDA is not active in onnxruntime (installed providers: "
                 f"{', '.join(ort.get_available_providers())}; session got {', '.join(active)}); "
-                "check the GPU, the CUDA 12/13 and cuDNN 9 libraries, or use --device cpu")
+                "check the GPU, the CUDA 12/13 and cuDNN 9 libraries, or use --device cpu"
+            )
         if options.device == "auto":
-            why = ("onnxruntime could not initialise CUDA (no GPU or CUDA/cuDNN libraries)"
-                   if want_cuda else "this onnxruntime build has no CUDA provider")
+            why = (
+                "onnxruntime could not initialise CUDA (no GPU or CUDA/cuDNN libraries)"
+                if want_cuda
+                else "this onnxruntime build has no CUDA provider"
+            )
             log.warning("running on CPU: %s", why)
         return session, CPU
 
@@ -97,3 +103,22 @@ class ModelRuntime:
     def step(self, ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, state_out = self.session.run([LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE: state})
         return logits, state_out
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.provider == CUDA else "cpu"
+
+    def to_device(self, state: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(state), self.device, 0)
+
+    def bound_step(self, ids: np.ndarray, state: ort.OrtValue) -> tuple[np.ndarray, ort.OrtValue]:
+        """The step with IOBinding: the state stays where the model runs (on the GPU under
+        CUDA); only ids go in and logits come out through host memory."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_IDS, ids)
+        binding.bind_ortvalue_input(STATE, state)
+        binding.bind_output(LOGITS, "cpu")
+        binding.bind_output(STATE_OUT, self.device, 0)
+        self.session.run_with_iobinding(binding)
+        logits, state_out = binding.get_outputs()
+        return logits.numpy(), state_out

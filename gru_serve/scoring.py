@@ -26,9 +26,13 @@ def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
 
 
-def stream_logprobs(step: StepFn, tokens: Sequence[int], state: np.ndarray,
-                    first_logits: np.ndarray | None = None, chunk: int = 1024,
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def stream_logprobs(
+    step: StepFn,
+    tokens: Sequence[int],
+    state: np.ndarray,
+    first_logits: np.ndarray | None = None,
+    chunk: int = 1024,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score `tokens` as one stream at batch 1 from `state`.
 
     With `first_logits` (the distribution for tokens[0], e.g. a session's pending logits)
@@ -39,7 +43,7 @@ def stream_logprobs(step: StepFn, tokens: Sequence[int], state: np.ndarray,
     scored: list[np.ndarray] = []
     prev = first_logits
     for start in range(0, len(ids), chunk):
-        piece = ids[start:start + chunk]
+        piece = ids[start : start + chunk]
         logits, state = step(piece[None, :], state)
         logits = logits[0]
         if prev is not None:
@@ -54,18 +58,23 @@ def perplexity(logprobs: np.ndarray) -> float:
     return math.exp(-float(np.mean(logprobs))) if len(logprobs) else float("nan")
 
 
-def d2l_perplexity(step: StepFn, tokens: Sequence[int], state_shape: tuple[int, int],
-                   batch_size: int = 32, num_steps: int = 35) -> float:
+def d2l_perplexity(
+    step: StepFn,
+    tokens: Sequence[int],
+    state_shape: tuple[int, int],
+    batch_size: int = 32,
+    num_steps: int = 35,
+) -> float:
     """Perplexity as d2l reports it: sequential partitioning (offset 0), batch 32, 35 steps,
     state carried across minibatches."""
     n = ((len(tokens) - 1) // batch_size) * batch_size
     xs = np.asarray(tokens[:n], dtype=np.int64).reshape(batch_size, -1)
-    ys = np.asarray(tokens[1:n + 1], dtype=np.int64).reshape(batch_size, -1)
+    ys = np.asarray(tokens[1 : n + 1], dtype=np.int64).reshape(batch_size, -1)
     state = np.zeros((batch_size, *state_shape), dtype=np.float32)
     total, count = 0.0, 0
     for i in range(0, (xs.shape[1] // num_steps) * num_steps, num_steps):
-        logits, state = step(xs[:, i:i + num_steps], state)
-        lp = token_logprobs(logits, ys[:, i:i + num_steps])
+        logits, state = step(xs[:, i : i + num_steps], state)
+        lp = token_logprobs(logits, ys[:, i : i + num_steps])
         total += float(lp.sum())
         count += lp.size
     return math.exp(-total / count)

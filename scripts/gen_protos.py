@@ -25,8 +25,17 @@ def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = str(resources.files("grpc_tools") / "_proto")
-    code = protoc.main(["protoc", f"-I{PROTOS}", f"-I{include}", f"--python_out={out}",
-                        f"--pyi_out={out}", f"--grpc_python_out={out}", *files])
+    code = protoc.main(
+        [
+            "protoc",
+            f"-I{PROTOS}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *files,
+        ]
+    )
     if code:
         sys.exit(f"protoc failed ({code})")
     tops = {f.split("/")[0] for f in files}

@@ -5,7 +5,6 @@ import pytest
 
 from exporters.corpus import (
     TIME_MACHINE_TOKENS,
-    Corpus,
     CorpusError,
     read_time_machine,
     seq_data_iter_random,

@@ -95,7 +95,7 @@ def test_pinned_batch_axis_is_rejected(exported, tmp_path):
     graph.graph.input[1].type.tensor_type.shape.dim[0].dim_value = 2
     bad = tmp_path / "pinned.onnx"
     onnx.save(graph, str(bad))
-    with pytest.raises(ContractError, match="'state' axis 0 .* must be dynamic"):
+    with pytest.raises(ContractError, match=r"'state' axis 0 .* must be dynamic"):
         read_model(onnx.load(str(bad)))
     assert main(["validate", str(bad)]) == 1
 
@@ -104,7 +104,7 @@ def test_parity_failure_names_the_output_and_worst_difference(exported, d2l_stat
     ck = load_checkpoint(d2l_state_dict_file)
     with torch.no_grad():
         ck.model.linear.bias += 1e-3  # logits move, state does not
-    with pytest.raises(ToleranceExceeded, match="'logits' differs by up to 0.001") as err:
+    with pytest.raises(ToleranceExceeded, match=r"'logits' differs by up to 0\.001") as err:
         validate(exported, Checkpoint(ck.model, ck.vocab, {}))
     assert err.value.output == "logits"
 
@@ -159,7 +159,11 @@ def test_vocab_file_gives_another_vocabulary(tmp_path):
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
     exe = [sys.executable, "-m", "exporters.cli"]
-    r = subprocess.run([*exe, "export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x.onnx")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*exe, "export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1

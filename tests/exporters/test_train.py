@@ -15,8 +15,21 @@ def test_training_is_deterministic_and_learns(corpus):
 
 def test_train_cli_prints_summary_and_saves_a_checkpoint(tmp_path, capsys):
     out = tmp_path / "ck.pt"
-    argv = ["train", "--hidden-size", "16", "--epochs", "2", "--max-tokens", "2000",
-            "--holdout", "0.1", "--eval-every", "1", "-o", str(out)]
+    argv = [
+        "train",
+        "--hidden-size",
+        "16",
+        "--epochs",
+        "2",
+        "--max-tokens",
+        "2000",
+        "--holdout",
+        "0.1",
+        "--eval-every",
+        "1",
+        "-o",
+        str(out),
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "tokens/s" in text and "held-out" in text

@@ -1,0 +1,98 @@
+"""A small synchronous client for the native API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
+from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
+
+
+def sampling(
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+) -> pb.SamplingParams:
+    msg = pb.SamplingParams(stop=list(stop))
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+class Client:
+    def __init__(
+        self, target: str, channel: grpc.Channel | None = None, metadata: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        self.channel = channel or grpc.insecure_channel(target)
+        self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self.metadata = tuple(metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create_session(self, text: str = "", model: str = "") -> pb.Session:
+        return self.stub.CreateSession(
+            pb.CreateSessionRequest(text=text, model=model), metadata=self.metadata
+        )
+
+    def get_session(self, session_id: str) -> pb.Session:
+        return self.stub.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=self.metadata)
+
+    def delete_session(self, session_id: str) -> None:
+        self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), metadata=self.metadata)
+
+    def fork_session(self, session_id: str) -> pb.Session:
+        return self.stub.ForkSession(pb.ForkSessionRequest(session_id=session_id), metadata=self.metadata)
+
+    def generate(
+        self,
+        prompt: str = "",
+        session_id: str = "",
+        max_new_tokens: int | None = None,
+        params: pb.SamplingParams | None = None,
+        logprobs: bool = False,
+        model: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[pb.GenerateResponse]:
+        """The raw response stream (cancel it with .cancel())."""
+        req = pb.GenerateRequest(
+            session_id=session_id,
+            prompt=prompt,
+            sampling=params or pb.SamplingParams(),
+            return_logprobs=logprobs,
+            model=model,
+        )
+        if max_new_tokens is not None:
+            req.max_new_tokens = max_new_tokens
+        return self.stub.Generate(req, timeout=timeout, metadata=self.metadata)
+
+    def generate_text(self, prompt: str = "", **kwargs: object) -> tuple[str, pb.Finished]:
+        """Generated text and the final message."""
+        text, finished = [], pb.Finished()
+        for msg in self.generate(prompt, **kwargs):  # type: ignore[arg-type]
+            text.extend(t.text for t in msg.tokens)
+            if msg.HasField("finished"):
+                finished = msg.finished
+        return "".join(text), finished
+
+    def score(
+        self, text: str, session_id: str = "", commit: bool = False, model: str = ""
+    ) -> pb.ScoreResponse:
+        return self.stub.Score(
+            pb.ScoreRequest(text=text, session_id=session_id, commit=commit, model=model),
+            metadata=self.metadata,
+        )
+
+    def model_info(self, model: str = "") -> pb.ModelInfoResponse:
+        return self.stub.ModelInfo(pb.ModelInfoRequest(model=model), metadata=self.metadata)

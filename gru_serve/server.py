@@ -1,0 +1,167 @@
+"""The gRPC server: models, scheduler, session store and services, with health, reflection
+and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gru_serve.errors import ModelLoadError
+from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2, generation_pb2_grpc
+from gru_serve.grpc.generation import GenerationServicer
+from gru_serve.runtime import ModelRuntime, RuntimeOptions
+from gru_serve.service import GenerationService
+from gru_serve.sessions import MemoryStore, SessionStore
+from gru_serve.settings import Settings
+from gru_serve.shipped import shipped_models
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def model_specs(specs: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """`--model` values (PATH or NAME=PATH) as (name or '', path); none means every shipped model."""
+    if not specs:
+        return list(shipped_models().items())
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        out.append((name, Path(path)) if sep else ("", Path(spec)))
+    return out
+
+
+def load_runtimes(settings: Settings) -> dict[str, ModelRuntime]:
+    options = RuntimeOptions(settings.device, settings.intra_op_threads, settings.inter_op_threads)
+    runtimes: dict[str, ModelRuntime] = {}
+    for name, path in model_specs(settings.models):
+        rt = ModelRuntime(path, options, name)
+        if rt.name in runtimes:
+            raise ModelLoadError(f"model name {rt.name!r} is given twice; use NAME=PATH to rename one")
+        # Warm up: the first run allocates; do it before reporting SERVING.
+        rt.step(np.zeros((1, 1), np.int64), rt.zero_state())
+        runtimes[rt.name] = rt
+    return runtimes
+
+
+@dataclass
+class GruServer:
+    settings: Settings
+    store: SessionStore | None = None
+    clock: Callable[[], float] | None = None
+    service: GenerationService = field(init=False)
+    health: health.aio.HealthServicer = field(init=False)
+    port: int = field(init=False, default=0)
+
+    async def start(self) -> int:
+        s = self.settings
+        runtimes = load_runtimes(s)
+        store = self.store or MemoryStore(s.session_ttl_s, s.max_sessions)
+        kwargs = {"clock": self.clock} if self.clock else {}
+        self.service = GenerationService(runtimes, store, s, **kwargs)
+        self.service.start()
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self._server = grpc.aio.server(options=options)
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(self.service), self._server
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        names = [
+            generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(names, self._server)
+        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
+        if not self.port:
+            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        await self._server.start()
+        for name in ("", *names[:1]):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        providers = ", ".join(f"{n} on {rt.provider}" for n, rt in runtimes.items())
+        log.info("listening on %s:%d; models: %s", s.host, self.port, providers)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within the
+        grace period, then cancel what is left."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.grace_s if grace is None else grace)
+        await asyncio.to_thread(self.service.stop)
+        await self.service.store.close()
+
+
+async def serve(settings: Settings) -> int:
+    server = GruServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"gru-serve listening on {settings.host}:{server.port}", flush=True)
+    await stop.wait()
+    log.info("shutting down (grace %.1f s)", settings.grace_s)
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+class ThreadedServer:
+    """A server on its own event loop in a background thread (tests, benchmarks)."""
+
+    def __init__(
+        self, settings: Settings, store: SessionStore | None = None, clock: Callable[[], float] | None = None
+    ) -> None:
+        self.server = GruServer(settings, store, clock)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="gru-serve")
+        self._thread.start()
+        self._ready.wait()
+        if self._error:
+            raise self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def service(self) -> GenerationService:
+        return self.server.service
+
+    def call(self, coro) -> object:
+        """Run a coroutine on the server's loop (e.g. to read the session store)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self, grace: float = 1.0) -> None:
+        if not self.loop.is_running():
+            return
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()

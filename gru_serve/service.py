@@ -1,0 +1,378 @@
+"""The transport-free generation core: requests in, token events out.
+
+It owns the models' schedulers and the session store, checks every field, and keeps the
+session semantics of DESIGN.md §3 (lease, transactional commit, TTL, ownership). It knows
+nothing of gRPC; gru_serve.grpc turns it into services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gru_serve.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    SessionNotFound,
+    WrongModel,
+)
+from gru_serve.runtime import ModelRuntime
+from gru_serve.sampling import SamplingParams
+from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler, TokenEvent
+from gru_serve.scoring import perplexity, stream_logprobs
+from gru_serve.sessions import SessionRecord, SessionStore, new_session_id
+from gru_serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_SESSION_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    model: str
+    tokens_seen: int
+    created: float
+    last_used: float
+    expires: float
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    session_id: str = ""
+    prompt: str = ""
+    max_new_tokens: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    return_logprobs: bool = False
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # length | stop
+    prompt_tokens: int
+    generated_tokens: int
+    time_to_first_token_s: float
+    total_time_s: float
+    normalized_prompt: str
+    session_id: str
+    tokens_seen: int
+    stop: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    perplexity: float
+    token_ids: list[int]
+    token_texts: list[str]
+    logprobs: list[float]
+    normalized_text: str
+    tokens_seen: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    vocab: tuple[str, ...]
+    hidden_size: int
+    num_layers: int
+    model_hash: str
+    provider: str
+    perplexity: dict[str, float]
+
+
+class GenerationService:
+    def __init__(
+        self,
+        runtimes: dict[str, ModelRuntime],
+        store: SessionStore,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not runtimes:
+            raise ValueError("at least one model is needed")
+        if any(name != rt.name for name, rt in runtimes.items()):
+            raise ValueError("runtimes must be keyed by their names")
+        self.runtimes = runtimes
+        self.default_model = next(iter(runtimes))
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        if settings.io_binding not in ("auto", "on", "off"):
+            raise InvalidArgument(f"io_binding must be auto, on or off, got {settings.io_binding!r}")
+        self.schedulers = {
+            name: Scheduler(rt, settings.max_batch_size, settings.max_queue, self._io_binding(rt))
+            for name, rt in runtimes.items()
+        }
+        self.active_streams = 0
+        self.peak_streams = 0
+
+    def start(self) -> None:
+        for s in self.schedulers.values():
+            s.start()
+
+    def stop(self) -> None:
+        for s in self.schedulers.values():
+            s.stop()
+
+    # -- helpers --
+
+    def _io_binding(self, rt: ModelRuntime) -> bool:
+        mode = self.settings.io_binding
+        return mode == "on" or (mode == "auto" and rt.device == "cuda")
+
+    def runtime(self, model: str) -> ModelRuntime:
+        name = model or self.default_model
+        rt = self.runtimes.get(name)
+        if rt is None:
+            raise InvalidArgument(
+                f"model: unknown model {name!r}; this server serves {', '.join(self.runtimes)}"
+            )
+        return rt
+
+    def _check_session_id(self, session_id: str) -> None:
+        if len(session_id) > MAX_SESSION_ID_CHARS or not session_id.isprintable():
+            raise SessionNotFound(session_id[:MAX_SESSION_ID_CHARS].encode("unicode_escape").decode())
+
+    def _encode(self, rt: ModelRuntime, text: str, name: str) -> list[int]:
+        limit = self.settings.max_prompt_chars
+        if len(text) > limit:
+            raise InvalidArgument(
+                f"{name} has {len(text)} characters; the limit is {limit} (max_prompt_chars)"
+            )
+        return rt.vocab.encode(text)
+
+    def _info(self, rec: SessionRecord) -> SessionInfo:
+        return SessionInfo(
+            rec.session_id, rec.model, rec.tokens_seen, rec.created, rec.last_used, self.store.expires(rec)
+        )
+
+    async def _owned(self, session_id: str, owner: str, lease: bool) -> SessionRecord:
+        self._check_session_id(session_id)
+        if lease:
+            rec = await self.store.acquire(session_id)
+        else:
+            rec = await self.store.get(session_id)
+        if rec.owner != owner:
+            if lease:
+                await self.store.release(session_id)
+            raise PermissionDenied(f"session '{session_id}' belongs to another client")
+        return rec
+
+    def _session_runtime(self, rec: SessionRecord, model: str) -> ModelRuntime:
+        if model and model != rec.model:
+            raise WrongModel(f"session '{rec.session_id}' was made by model {rec.model!r}, not {model!r}")
+        rt = self.runtime(rec.model)
+        if rt.model_hash != rec.model_hash:
+            raise WrongModel(
+                f"session '{rec.session_id}' was made by another version of model "
+                f"{rec.model!r} (hash {rec.model_hash[:12]})"
+            )
+        return rt
+
+    def _fresh(self, rt: ModelRuntime, owner: str, session_id: str = "") -> SessionRecord:
+        now = self.clock()
+        return SessionRecord(
+            session_id, rt.name, rt.model_hash, owner, np.zeros(rt.state_shape, np.float32), None, 0, now, now
+        )
+
+    # -- sessions --
+
+    async def create_session(self, text: str = "", model: str = "", owner: str = "") -> SessionInfo:
+        rt = self.runtime(model)
+        ids = self._encode(rt, text, "text")
+        rec = self._fresh(rt, owner, new_session_id())
+        if ids:
+            state, logits, _ = await self._run(rt, rec, ids, 0, SamplingParams(), False, lambda e: None)
+            rec = rec.advanced(state, logits, len(ids), self.clock())
+        await self.store.create(rec)
+        return self._info(rec)
+
+    async def get_session(self, session_id: str, owner: str = "") -> SessionInfo:
+        return self._info(await self._owned(session_id, owner, lease=False))
+
+    async def delete_session(self, session_id: str, owner: str = "") -> None:
+        await self._owned(session_id, owner, lease=False)
+        await self.store.delete(session_id)
+
+    async def fork_session(self, session_id: str, owner: str = "") -> SessionInfo:
+        src = await self._owned(session_id, owner, lease=False)
+        now = self.clock()
+        rec = SessionRecord(
+            new_session_id(),
+            src.model,
+            src.model_hash,
+            owner,
+            src.state.copy(),
+            None if src.logits is None else src.logits.copy(),
+            src.tokens_seen,
+            now,
+            now,
+        )
+        await self.store.create(rec)
+        return self._info(rec)
+
+    # -- generation --
+
+    async def _run(
+        self,
+        rt: ModelRuntime,
+        rec: SessionRecord,
+        ids: list[int],
+        max_new: int,
+        params: SamplingParams,
+        logprobs: bool,
+        on_token: Callable[[TokenEvent], None],
+    ) -> tuple[np.ndarray, np.ndarray | None, DoneEvent]:
+        """Run one job to its end, calling on_token for each token (used where nothing streams)."""
+        async for ev in self._events(rt, rec, ids, max_new, params, logprobs):
+            if isinstance(ev, DoneEvent):
+                return ev.state, ev.logits, ev
+            on_token(ev)
+        raise AssertionError("job ended without a DoneEvent")
+
+    async def _events(
+        self,
+        rt: ModelRuntime,
+        rec: SessionRecord,
+        ids: list[int],
+        max_new: int,
+        params: SamplingParams,
+        logprobs: bool,
+    ) -> AsyncIterator[TokenEvent | DoneEvent]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(ev: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        job = Job(
+            np.asarray(ids, dtype=np.int64),
+            rec.state.copy(),
+            rec.logits,
+            max_new,
+            params,
+            rec.tokens_seen + len(ids),
+            logprobs,
+            emit,
+        )
+        self.schedulers[rt.name].submit(job)
+        try:
+            while True:
+                ev = await queue.get()
+                if isinstance(ev, FailedEvent):
+                    raise ev.error
+                yield ev
+                if isinstance(ev, DoneEvent):
+                    return
+        finally:
+            job.cancel()
+
+    async def generate(self, req: GenerateRequest, owner: str = "") -> AsyncIterator[TokenEvent | Finished]:
+        t0 = time.perf_counter()
+        s = self.settings
+        max_new = s.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+        if not 0 <= max_new <= s.max_new_tokens:
+            raise InvalidArgument(f"max_new_tokens must be in [0, {s.max_new_tokens}], got {max_new}")
+        if self.active_streams >= s.max_streams:
+            raise ResourceExhausted(f"too many concurrent streams (the limit is max_streams={s.max_streams})")
+        self.active_streams += 1
+        self.peak_streams = max(self.peak_streams, self.active_streams)
+        leased = ""
+        try:
+            if req.session_id:
+                rec = await self._owned(req.session_id, owner, lease=True)
+                leased = req.session_id
+                rt = self._session_runtime(rec, req.model)
+            else:
+                rt = self.runtime(req.model)
+                rec = self._fresh(rt, owner)
+            ids = self._encode(rt, req.prompt, "prompt")
+            if not ids and rec.logits is None and max_new > 0:
+                raise InvalidArgument(
+                    "prompt is empty and the session has seen no text yet: "
+                    "give a prompt of at least 1 character"
+                )
+            async for ev in self._events(rt, rec, ids, max_new, req.sampling, req.return_logprobs):
+                if isinstance(ev, TokenEvent):
+                    yield ev
+                    continue
+                new = rec.advanced(ev.state, ev.logits, len(ids) + ev.generated, self.clock())
+                if leased:
+                    new = await self.store.commit(new)
+                    leased = ""
+                ttft = (ev.first_token_at - t0) if ev.first_token_at else 0.0
+                yield Finished(
+                    ev.reason,
+                    len(ids),
+                    ev.generated,
+                    ttft,
+                    time.perf_counter() - t0,
+                    rt.vocab.decode(ids),
+                    req.session_id,
+                    new.tokens_seen,
+                    ev.stop,
+                    req.sampling.seed,
+                )
+        finally:
+            self.active_streams -= 1
+            if leased:
+                await self.store.release(leased)
+
+    # -- scoring and info --
+
+    async def score(
+        self, text: str, session_id: str = "", commit: bool = False, model: str = "", owner: str = ""
+    ) -> ScoreResult:
+        leased = ""
+        try:
+            if session_id:
+                rec = await self._owned(session_id, owner, lease=commit)
+                leased = session_id if commit else ""
+                rt = self._session_runtime(rec, model)
+            else:
+                if commit:
+                    raise InvalidArgument("commit needs a session_id")
+                rt = self.runtime(model)
+                rec = self._fresh(rt, owner)
+            ids = self._encode(rt, text, "text")
+            if len(ids) < (1 if rec.logits is not None else 2):
+                raise InvalidArgument(
+                    "text must have at least 2 characters from a fresh state "
+                    "(the first is context), or 1 in a session with text"
+                )
+            lp, state, last = await asyncio.to_thread(
+                stream_logprobs, rt.step, ids, rec.state[None], rec.logits
+            )
+            scored = ids if rec.logits is not None else ids[1:]
+            tokens_seen = rec.tokens_seen
+            if leased:
+                new = await self.store.commit(rec.advanced(state[0], last, len(ids), self.clock()))
+                leased = ""
+                tokens_seen = new.tokens_seen
+            return ScoreResult(
+                perplexity(lp),
+                scored,
+                [rt.vocab.token(t) for t in scored],
+                [float(x) for x in lp],
+                rt.vocab.decode(ids),
+                tokens_seen,
+            )
+        finally:
+            if leased:
+                await self.store.release(leased)
+
+    def model_info(self, model: str = "") -> ModelInfo:
+        rt = self.runtime(model)
+        m = rt.metadata
+        return ModelInfo(
+            rt.name, m.vocab, m.hidden_size, m.num_layers, rt.model_hash, rt.provider, dict(m.perplexity)
+        )

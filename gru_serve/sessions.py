@@ -1,0 +1,184 @@
+"""Session records and the store interface, with the in-memory store.
+
+Semantics (DESIGN.md §3): a request leases its session (one at a time; a second gets
+SessionBusy at once), works on a copy, and either commits it (a version check guards the
+write) or releases the lease leaving the session untouched. Idle sessions expire after a TTL
+("expired", not "unknown"); at capacity the least recently used idle session is evicted.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from gru_serve.errors import ResourceExhausted, SessionBusy, SessionExpired, SessionNotFound, VersionConflict
+
+Clock = Callable[[], float]
+
+
+def new_session_id() -> str:
+    """128 random bits, URL-safe: unguessable."""
+    return secrets.token_urlsafe(16)
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    model: str
+    model_hash: str
+    owner: str
+    state: np.ndarray  # [layers, hidden] float32, after every token seen
+    logits: np.ndarray | None  # [vocab] float32: the next token's distribution; None before any text
+    tokens_seen: int
+    created: float
+    last_used: float
+    version: int = 0
+
+    def advanced(
+        self, state: np.ndarray, logits: np.ndarray | None, consumed: int, now: float
+    ) -> SessionRecord:
+        return replace(
+            self, state=state, logits=logits, tokens_seen=self.tokens_seen + consumed, last_used=now
+        )
+
+
+@dataclass
+class StoreStats:
+    evictions: int = 0
+    expirations: int = 0
+
+
+class SessionStore(abc.ABC):
+    """Where sessions live. The memory store is the default; a Redis store shares sessions
+    between replicas."""
+
+    ttl_s: float
+    stats: StoreStats
+
+    @abc.abstractmethod
+    async def create(self, record: SessionRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def get(self, session_id: str) -> SessionRecord:
+        """The committed record; SessionNotFound or SessionExpired."""
+
+    @abc.abstractmethod
+    async def acquire(self, session_id: str) -> SessionRecord:
+        """Lease the session for one request; SessionBusy if another request holds it."""
+
+    @abc.abstractmethod
+    async def commit(self, record: SessionRecord) -> SessionRecord:
+        """Store a leased session's new record (its version must be the leased one) and
+        release the lease; returns the stored record."""
+
+    @abc.abstractmethod
+    async def release(self, session_id: str) -> None:
+        """Give the lease back, leaving the session as it was."""
+
+    @abc.abstractmethod
+    async def delete(self, session_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def count(self) -> int: ...
+
+    async def close(self) -> None:
+        return None
+
+    def expires(self, record: SessionRecord) -> float:
+        return record.last_used + self.ttl_s
+
+
+class MemoryStore(SessionStore):
+    def __init__(
+        self,
+        ttl_s: float = 3600.0,
+        max_sessions: int = 10_000,
+        clock: Clock = time.time,
+        tombstones: int = 100_000,
+    ) -> None:
+        self.ttl_s, self.max_sessions, self.clock = ttl_s, max_sessions, clock
+        self.stats = StoreStats()
+        self._records: OrderedDict[str, SessionRecord] = OrderedDict()  # LRU order
+        self._busy: set[str] = set()
+        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> "expired" | "evicted"
+        self._max_gone = tombstones
+
+    def _bury(self, session_id: str, why: str) -> None:
+        self._records.pop(session_id, None)
+        self._gone[session_id] = why
+        while len(self._gone) > self._max_gone:
+            self._gone.popitem(last=False)
+
+    def _live(self, session_id: str) -> SessionRecord:
+        rec = self._records.get(session_id)
+        if rec is None:
+            if session_id in self._gone:
+                raise SessionExpired(session_id, evicted=self._gone[session_id] == "evicted")
+            raise SessionNotFound(session_id)
+        if session_id not in self._busy and self.clock() >= self.expires(rec):
+            self._bury(session_id, "expired")
+            self.stats.expirations += 1
+            raise SessionExpired(session_id)
+        return rec
+
+    def _sweep(self) -> None:
+        now = self.clock()
+        for sid, rec in list(self._records.items()):  # oldest first
+            if now < self.expires(rec):
+                break
+            if sid not in self._busy:
+                self._bury(sid, "expired")
+                self.stats.expirations += 1
+
+    async def create(self, record: SessionRecord) -> None:
+        self._sweep()
+        while len(self._records) >= self.max_sessions:
+            victim = next((sid for sid in self._records if sid not in self._busy), None)
+            if victim is None:
+                raise ResourceExhausted(
+                    f"sessions: all {self.max_sessions} sessions are busy; the limit is max_sessions"
+                )
+            self._bury(victim, "evicted")
+            self.stats.evictions += 1
+        self._records[record.session_id] = record
+
+    async def get(self, session_id: str) -> SessionRecord:
+        return self._live(session_id)
+
+    async def acquire(self, session_id: str) -> SessionRecord:
+        rec = self._live(session_id)
+        if session_id in self._busy:
+            raise SessionBusy(session_id)
+        self._busy.add(session_id)
+        self._records.move_to_end(session_id)
+        return rec
+
+    async def commit(self, record: SessionRecord) -> SessionRecord:
+        sid = record.session_id
+        current = self._records.get(sid)
+        if current is None or sid not in self._busy or current.version != record.version:
+            self._busy.discard(sid)
+            raise VersionConflict(f"session '{sid}' changed or vanished during the request")
+        stored = replace(record, version=record.version + 1)
+        self._records[sid] = stored
+        self._records.move_to_end(sid)
+        self._busy.discard(sid)
+        return stored
+
+    async def release(self, session_id: str) -> None:
+        self._busy.discard(session_id)
+
+    async def delete(self, session_id: str) -> None:
+        self._live(session_id)
+        if session_id in self._busy:
+            raise SessionBusy(session_id)
+        self._records.pop(session_id)
+
+    async def count(self) -> int:
+        return len(self._records)

@@ -1,0 +1,117 @@
+"""gru-serve as a user runs it: the server process, the CLI client, signals."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from gru_serve.client import Client
+
+from .conftest import D2L, reference_generate
+
+EXE = [sys.executable, "-m", "gru_serve.cli"]
+
+
+def start(*args: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [*EXE, "serve", "--port", "0", "--model", str(D2L), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    m = re.search(r"listening on (\S+)", line)
+    if not m:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r} {proc.stderr.read()}")
+    return proc, m.group(1)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[str]:
+    proc, target = start()
+    yield target
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_generate_prints_the_stream(served, runtime):
+    r = cli("generate", "time traveller", "--max-tokens", "40", "--target", served)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == reference_generate(runtime, "time traveller", 40) + "\n"
+
+
+def test_sessions_continue_across_cli_calls(served, runtime):
+    sid = cli("session", "create", "time traveller", "-q", "--target", served).stdout.strip()
+    a = cli("generate", "--session", sid, "--max-tokens", "20", "--target", served).stdout.strip("\n")
+    b = cli("generate", "--session", sid, "--max-tokens", "20", "--target", served).stdout.strip("\n")
+    assert a + b == reference_generate(runtime, "time traveller", 40)
+    shown = cli("session", "show", sid, "--target", served).stdout
+    assert "tokens_seen 54" in shown
+    fork = cli("session", "fork", sid, "-q", "--target", served).stdout.strip()
+    assert fork and fork != sid
+    assert cli("session", "delete", sid, "--target", served).returncode == 0
+    gone = cli("session", "show", sid, "--target", served)
+    assert gone.returncode == 1 and gone.stderr.startswith("gru-serve: error: NOT_FOUND")
+
+
+def test_score_and_info(served):
+    r = cli("score", "the time traveller", "--target", served)
+    assert r.returncode == 0 and r.stdout.startswith("perplexity ")
+    info = cli("info", "--target", served).stdout
+    assert "timemachine-d2l" in info and "CPUExecutionProvider" in info
+
+
+def test_bad_sampling_flag_is_reported(served):
+    r = cli("generate", "x", "--temperature", "-1", "--target", served)
+    assert r.returncode == 1 and "INVALID_ARGUMENT: sampling.temperature" in r.stderr
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_0(runtime):
+    proc, target = start("--grace-s", "20")
+    got: dict[str, object] = {}
+    first = threading.Event()
+
+    def stream() -> None:
+        with Client(target) as c:
+            text = []
+            for msg in c.generate("time traveller", max_new_tokens=3000):
+                text.extend(t.text for t in msg.tokens)
+                first.set()
+                if msg.HasField("finished"):
+                    got["finished"] = msg.finished
+            got["text"] = "".join(text)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(30)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    t.join()
+    assert got["finished"].generated_tokens == 3000
+    assert got["text"] == reference_generate(runtime, "time traveller", 3000)
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/model.onnx", os.devnull])
+def test_bad_model_refuses_to_start_with_one_line(model):
+    r = subprocess.run(
+        [*EXE, "serve", "--port", "0", "--model", model], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if "gru-serve: error" in line]
+    assert len(lines) == 1 and model in lines[0] and "Traceback" not in r.stderr
+
+
+def test_help_explains_every_setting():
+    out = cli("serve", "--help").stdout
+    for flag in ("--model", "--device", "--max-batch-size", "--session-ttl-s", "--grace-s", "GRU_SERVE_PORT"):
+        assert flag in out
