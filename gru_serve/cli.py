@@ -15,6 +15,7 @@ from gru_serve.settings import ENV_PREFIX, Settings
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 SETTING_HELP = {
+    "models": "an ONNX model to serve as PATH or NAME=PATH (default: every shipped model)",
     "host": "address to listen on",
     "port": "port to listen on (0: any free port)",
     "device": "auto (CUDA when onnxruntime confirms it, else CPU), cuda (refuse to start without it), cpu",
@@ -31,29 +32,42 @@ SETTING_HELP = {
     "max_streams": "concurrent generation streams before RESOURCE_EXHAUSTED",
     "grace_s": "seconds in-flight requests get to finish on SIGTERM/SIGINT",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "session_store": "memory, or redis://HOST:PORT/DB to share sessions between replicas",
+    "metrics_port": "serve Prometheus metrics over HTTP on this port (0: off)",
+    "tls_cert": "PEM certificate chain; with --tls-key the server speaks TLS",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle; clients must present a certificate it signed (mTLS)",
+    "auth_tokens": "accepted bearer tokens (comma-separated in the env); sessions belong to their token",
+    "auth_tokens_file": "file with one accepted bearer token per line",
+    "max_streams_per_token": "concurrent streams one token may hold",
 }
+
+
+# Settings that hold several values get a singular, repeatable flag.
+REPEATABLE_FLAGS = {"models": ("--model", "[NAME=]PATH"), "auth_tokens": ("--auth-token", "TOKEN")}
 
 
 def add_setting_flags(p: argparse.ArgumentParser) -> None:
     """One flag per Settings field; unset flags fall back to GRU_SERVE_* then the default."""
     defaults = Settings()
-    p.add_argument(
-        "--model",
-        dest="models",
-        action="append",
-        metavar="[NAME=]PATH",
-        help="an ONNX model to serve, repeatable (default: every shipped model; "
-        f"env {ENV_PREFIX}MODELS, comma-separated)",
-    )
     for f in fields(Settings):
-        if f.name == "models":
-            continue
         default = getattr(defaults, f.name)
+        env = f"env {ENV_PREFIX}{f.name.upper()}"
+        if f.name in REPEATABLE_FLAGS:
+            flag, metavar = REPEATABLE_FLAGS[f.name]
+            p.add_argument(
+                flag,
+                dest=f.name,
+                action="append",
+                metavar=metavar,
+                help=f"{SETTING_HELP[f.name]}; repeatable ({env}, comma-separated)",
+            )
+            continue
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             type=type(default),
             default=None,
-            help=f"{SETTING_HELP.get(f.name, '')} (default {default}; env {ENV_PREFIX}{f.name.upper()})",
+            help=f"{SETTING_HELP.get(f.name, '')} (default {default}; {env})",
         )
 
 

@@ -21,9 +21,10 @@ from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2, generation_pb2
 from gru_serve.grpc.generation import GenerationServicer
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.service import GenerationService
-from gru_serve.sessions import MemoryStore, SessionStore
+from gru_serve.sessions import SessionStore
 from gru_serve.settings import Settings
 from gru_serve.shipped import shipped_models
+from gru_serve.stores import build_store
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class GruServer:
     async def start(self) -> int:
         s = self.settings
         runtimes = load_runtimes(s)
-        store = self.store or MemoryStore(s.session_ttl_s, s.max_sessions)
+        store = self.store or build_store(s)
         kwargs = {"clock": self.clock} if self.clock else {}
         self.service = GenerationService(runtimes, store, s, **kwargs)
         self.service.start()
@@ -78,6 +79,7 @@ class GruServer:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(self.service), self._server
         )
+        # Open Inference Protocol (KServe v2 / Triton) servicer: registered here.
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = [

@@ -30,6 +30,14 @@ class Settings:
     max_streams: int = 1024
     grace_s: float = 10.0
     log_level: str = "INFO"
+    session_store: str = "memory"  # memory | redis://host:port/db
+    metrics_port: int = 0  # Prometheus metrics over HTTP; 0: off
+    tls_cert: str = ""  # PEM server certificate; with tls_key, serve TLS
+    tls_key: str = ""
+    tls_client_ca: str = ""  # PEM CA: require client certificates signed by it (mTLS)
+    auth_tokens: tuple[str, ...] = ()  # bearer tokens accepted; empty (and no file): auth off
+    auth_tokens_file: str = ""  # one token per line
+    max_streams_per_token: int = 256
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gru_serve.errors import InvalidArgument
+from gru_serve.grpc.auth import owner_of
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.grpc.status import grpc_errors
@@ -22,11 +22,6 @@ FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
     "cancelled": pb.FINISH_REASON_CANCELLED,
 }
-
-
-def owner_of(context: grpc.aio.ServicerContext) -> str:
-    """The authenticated principal of a call ('' when auth is off)."""
-    return getattr(context, "gru_owner", "")
 
 
 def timestamp(t: float) -> Timestamp:

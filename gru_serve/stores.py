@@ -1,0 +1,13 @@
+"""Choose the session store from the settings."""
+
+from __future__ import annotations
+
+from gru_serve.sessions import MemoryStore, SessionStore
+from gru_serve.settings import Settings
+
+
+def build_store(settings: Settings) -> SessionStore:
+    url = settings.session_store
+    if url == "memory":
+        return MemoryStore(settings.session_ttl_s, settings.max_sessions)
+    raise ValueError(f"session_store must be 'memory' or redis://HOST:PORT/DB, got {url!r}")
