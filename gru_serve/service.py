@@ -236,7 +236,8 @@ class GenerationService:
         async for ev in self._events(rt, rec, ids, max_new, params, logprobs):
             if isinstance(ev, DoneEvent):
                 return ev.state, ev.logits, ev
-            on_token(ev)
+            for token in ev:
+                on_token(token)
         raise AssertionError("job ended without a DoneEvent")
 
     async def _events(
@@ -247,7 +248,7 @@ class GenerationService:
         max_new: int,
         params: SamplingParams,
         logprobs: bool,
-    ) -> AsyncIterator[TokenEvent | DoneEvent]:
+    ) -> AsyncIterator[list[TokenEvent] | DoneEvent]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -267,16 +268,30 @@ class GenerationService:
         self.schedulers[rt.name].submit(job)
         try:
             while True:
+                # Token packing: everything already queued goes out together, so a slow
+                # reader gets several tokens per message while the first is never held back.
+                tokens: list[TokenEvent] = []
                 ev = await queue.get()
-                if isinstance(ev, FailedEvent):
-                    raise ev.error
-                yield ev
-                if isinstance(ev, DoneEvent):
-                    return
+                while True:
+                    if isinstance(ev, FailedEvent):
+                        raise ev.error
+                    if isinstance(ev, DoneEvent):
+                        if tokens:
+                            yield tokens
+                        yield ev
+                        return
+                    tokens.append(ev)
+                    if queue.empty():
+                        break
+                    ev = queue.get_nowait()
+                yield tokens
         finally:
             job.cancel()
 
-    async def generate(self, req: GenerateRequest, owner: str = "") -> AsyncIterator[TokenEvent | Finished]:
+    async def generate(
+        self, req: GenerateRequest, owner: str = ""
+    ) -> AsyncIterator[list[TokenEvent] | Finished]:
+        """The tokens of a request, in lists of those ready together, then Finished."""
         t0 = time.perf_counter()
         s = self.settings
         max_new = s.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
@@ -302,7 +317,7 @@ class GenerationService:
                     "give a prompt of at least 1 character"
                 )
             async for ev in self._events(rt, rec, ids, max_new, req.sampling, req.return_logprobs):
-                if isinstance(ev, TokenEvent):
+                if not isinstance(ev, DoneEvent):
                     yield ev
                     continue
                 new = rec.advanced(ev.state, ev.logits, len(ids) + ev.generated, self.clock())

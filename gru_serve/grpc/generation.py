@@ -102,7 +102,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> GenerateRequest:
         return GenerateRequest(session_id, prompt, max_new, sampling_params(sampling), logprobs, model)
 
-    async def _stream(self, req: GenerateRequest, owner: str) -> AsyncIterator[TokenEvent | Finished]:
+    async def _stream(self, req: GenerateRequest, owner: str) -> AsyncIterator[list[TokenEvent] | Finished]:
         async with contextlib.aclosing(self.service.generate(req, owner)) as events:
             async for ev in events:
                 yield ev
@@ -118,8 +118,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             request.model,
         )
         async for ev in self._stream(req, owner_of(context)):
-            if isinstance(ev, TokenEvent):
-                yield pb.GenerateResponse(tokens=[token_pb(ev)])
+            if isinstance(ev, list):
+                yield pb.GenerateResponse(tokens=[token_pb(t) for t in ev])
             else:
                 yield pb.GenerateResponse(finished=finished_pb(ev))
 
@@ -135,8 +135,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async def run_turn(req: GenerateRequest) -> None:
             try:
                 async for ev in self._stream(req, owner):
-                    if isinstance(ev, TokenEvent):
-                        await out.put(pb.ConverseResponse(tokens=[token_pb(ev)]))
+                    if isinstance(ev, list):
+                        await out.put(pb.ConverseResponse(tokens=[token_pb(t) for t in ev]))
                     else:
                         await out.put(pb.ConverseResponse(finished=finished_pb(ev)))
             except asyncio.CancelledError:
