@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from dataclasses import fields
 
 import grpc
 
+from gru_serve import logs
 from gru_serve.settings import ENV_PREFIX, Settings
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -81,11 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"gru-serve: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.configure(settings.log_level)
     logging.getLogger(__name__).info("settings: %s", settings.describe())
     try:
         return asyncio.run(serve(settings))
@@ -95,9 +93,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    from gru_serve.client import Client
+    from pathlib import Path
 
-    return Client(args.target)
+    from gru_serve.client import Client, make_channel
+
+    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    return Client(args.target, make_channel(args.target, ca), token=args.token)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -185,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_)
         c.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
         c.add_argument("--model", default="", help="model name (default: the server's default)")
+        c.add_argument(
+            "--token",
+            default=os.environ.get("GRU_SERVE_TOKEN", ""),
+            help="bearer token (default: env GRU_SERVE_TOKEN)",
+        )
+        c.add_argument("--tls-ca", help="PEM CA certificate: connect with TLS and trust this CA")
         return c
 
     g = client_parser("generate", "stream a generation, printing tokens as they arrive")

@@ -24,13 +24,30 @@ def sampling(
     return msg
 
 
+def make_channel(
+    target: str,
+    tls_ca: bytes | None = None,
+    client_cert: bytes | None = None,
+    client_key: bytes | None = None,
+) -> grpc.Channel:
+    """Plaintext unless a CA is given; TLS with a client certificate is mTLS."""
+    if tls_ca is None and client_cert is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_ca, client_key, client_cert))
+
+
 class Client:
     def __init__(
-        self, target: str, channel: grpc.Channel | None = None, metadata: Sequence[tuple[str, str]] = ()
+        self,
+        target: str,
+        channel: grpc.Channel | None = None,
+        token: str = "",
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.channel = channel or grpc.insecure_channel(target)
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
-        self.metadata = tuple(metadata)
+        auth = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = (*auth, *metadata)
 
     def close(self) -> None:
         self.channel.close()

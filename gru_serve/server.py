@@ -19,6 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from gru_serve.errors import ModelLoadError
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2, generation_pb2_grpc
 from gru_serve.grpc.generation import GenerationServicer
+from gru_serve.grpc.interceptors import ServerInterceptor
+from gru_serve.metrics import Metrics
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.service import GenerationService
 from gru_serve.sessions import SessionStore
@@ -55,6 +57,47 @@ def load_runtimes(settings: Settings) -> dict[str, ModelRuntime]:
     return runtimes
 
 
+def load_tokens(settings: Settings) -> frozenset[str]:
+    """Accepted bearer tokens (flags/env and file); empty means authentication is off."""
+    tokens = set(settings.auth_tokens)
+    if settings.auth_tokens_file:
+        try:
+            text = Path(settings.auth_tokens_file).read_text()
+        except OSError as e:
+            raise ModelLoadError(f"auth_tokens_file {settings.auth_tokens_file}: {e.strerror}") from e
+        tokens |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+    return frozenset(tokens)
+
+
+def _read(path: str, name: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ModelLoadError(f"{name} {path}: {e.strerror}") from e
+
+
+def listen(server: grpc.aio.Server, s: Settings) -> int:
+    """Bind the port, with TLS when a certificate is given (mTLS with a client CA)."""
+    address = f"{s.host}:{s.port}"
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ModelLoadError("tls_cert and tls_key go together: give both or neither")
+    if not s.tls_cert:
+        if s.tls_client_ca:
+            raise ModelLoadError("tls_client_ca needs tls_cert and tls_key")
+        port = server.add_insecure_port(address)
+    else:
+        ca = _read(s.tls_client_ca, "tls_client_ca") if s.tls_client_ca else None
+        creds = grpc.ssl_server_credentials(
+            [(_read(s.tls_key, "tls_key"), _read(s.tls_cert, "tls_cert"))],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+        port = server.add_secure_port(address, creds)
+    if not port:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
 @dataclass
 class GruServer:
     settings: Settings
@@ -63,19 +106,23 @@ class GruServer:
     service: GenerationService = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
     port: int = field(init=False, default=0)
+    metrics_port: int = field(init=False, default=0)
 
     async def start(self) -> int:
         s = self.settings
         runtimes = load_runtimes(s)
         store = self.store or build_store(s)
         kwargs = {"clock": self.clock} if self.clock else {}
-        self.service = GenerationService(runtimes, store, s, **kwargs)
+        self.metrics = Metrics()
+        self.service = GenerationService(runtimes, store, s, metrics=self.metrics, **kwargs)
+        self.metrics.bind(self.service)
         self.service.start()
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self._server = grpc.aio.server(options=options)
+        interceptor = ServerInterceptor(self.metrics, load_tokens(s))
+        self._server = grpc.aio.server(options=options, interceptors=[interceptor])
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(self.service), self._server
         )
@@ -88,12 +135,13 @@ class GruServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, self._server)
-        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
-        if not self.port:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        self.port = listen(self._server, s)
         await self._server.start()
         for name in ("", *names[:1]):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if s.metrics_port:
+            self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
+        self._background = [asyncio.create_task(self.metrics.refresh_sessions(self.service))]
         providers = ", ".join(f"{n} on {rt.provider}" for n, rt in runtimes.items())
         log.info("listening on %s:%d; models: %s", s.host, self.port, providers)
         return self.port
@@ -103,6 +151,9 @@ class GruServer:
         grace period, then cancel what is left."""
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.settings.grace_s if grace is None else grace)
+        for task in self._background:
+            task.cancel()
+        self.metrics.close()
         await asyncio.to_thread(self.service.stop)
         await self.service.store.close()
 

@@ -8,6 +8,7 @@ nothing of gRPC; gru_serve.grpc turns it into services.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from gru_serve.errors import (
     SessionNotFound,
     WrongModel,
 )
+from gru_serve.metrics import Metrics
 from gru_serve.runtime import ModelRuntime
 from gru_serve.sampling import SamplingParams
 from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler, TokenEvent
@@ -96,6 +98,7 @@ class GenerationService:
         store: SessionStore,
         settings: Settings,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         if not runtimes:
             raise ValueError("at least one model is needed")
@@ -114,6 +117,8 @@ class GenerationService:
         }
         self.active_streams = 0
         self.peak_streams = 0
+        self.streams_by_owner: collections.Counter[str] = collections.Counter()
+        self.metrics = metrics or Metrics()
 
     def start(self) -> None:
         for s in self.schedulers.values():
@@ -299,9 +304,16 @@ class GenerationService:
             raise InvalidArgument(f"max_new_tokens must be in [0, {s.max_new_tokens}], got {max_new}")
         if self.active_streams >= s.max_streams:
             raise ResourceExhausted(f"too many concurrent streams (the limit is max_streams={s.max_streams})")
+        if owner and self.streams_by_owner[owner] >= s.max_streams_per_token:
+            raise ResourceExhausted(
+                f"too many concurrent streams for this token (the limit is "
+                f"max_streams_per_token={s.max_streams_per_token})"
+            )
         self.active_streams += 1
+        self.streams_by_owner[owner] += 1
         self.peak_streams = max(self.peak_streams, self.active_streams)
         leased = ""
+        last_sent: float | None = None
         try:
             if req.session_id:
                 rec = await self._owned(req.session_id, owner, lease=True)
@@ -318,6 +330,12 @@ class GenerationService:
                 )
             async for ev in self._events(rt, rec, ids, max_new, req.sampling, req.return_logprobs):
                 if not isinstance(ev, DoneEvent):
+                    now = time.perf_counter()
+                    gap = None if last_sent is None else now - last_sent
+                    if gap is None:
+                        self.metrics.ttft.labels(rt.name).observe(now - t0)
+                    self.metrics.observe_tokens(rt.name, len(ev), gap)
+                    last_sent = now
                     yield ev
                     continue
                 new = rec.advanced(ev.state, ev.logits, len(ids) + ev.generated, self.clock())
@@ -339,6 +357,9 @@ class GenerationService:
                 )
         finally:
             self.active_streams -= 1
+            self.streams_by_owner[owner] -= 1
+            if not self.streams_by_owner[owner]:
+                del self.streams_by_owner[owner]
             if leased:
                 await self.store.release(leased)
 

@@ -1,0 +1,128 @@
+"""The server interceptor: bearer-token authentication, request ids, access log, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import grpc
+
+from gru_serve.grpc.auth import bearer_token
+from gru_serve.logs import request_id
+from gru_serve.metrics import Metrics
+
+log = logging.getLogger("gru_serve.access")
+
+OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes never need a token
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics, tokens: frozenset[str] = frozenset()) -> None:
+        self.metrics = metrics
+        self.tokens = tokens
+
+    def _refusal(self, method: str, metadata) -> str:
+        if not self.tokens or method.startswith(OPEN_METHODS):
+            return ""
+        token = bearer_token(metadata)
+        if not token:
+            return "missing credentials: send 'authorization: Bearer <token>'"
+        # Compare against every token so timing does not tell which prefix matched.
+        if not any([hmac.compare_digest(token, t) for t in self.tokens]):
+            return "invalid bearer token"
+        return ""
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        refusal = self._refusal(method, details.invocation_metadata)
+        rid = (
+            next((v for k, v in details.invocation_metadata or () if k == "x-request-id"), "")
+            or uuid.uuid4().hex
+        )
+        rid = str(rid)[:64]
+        kind = (
+            ("stream" if handler.request_streaming else "unary")
+            + "_"
+            + ("stream" if handler.response_streaming else "unary")
+        )
+        behavior = getattr(handler, kind)
+
+        peer = ""
+
+        async def begin(context: grpc.aio.ServicerContext) -> float:
+            nonlocal peer
+            peer = context.peer()  # not after the call ends: a finished call's context may be gone
+            request_id.set(rid)
+            await context.send_initial_metadata((("x-request-id", rid),))
+            if refusal:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+            return time.perf_counter()
+
+        def end(context: grpc.aio.ServicerContext, t0: float, error: BaseException | None) -> None:
+            if isinstance(error, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED
+            elif error is not None and not isinstance(error, grpc.aio.AbortError):
+                code = grpc.StatusCode.UNKNOWN
+            else:
+                code = context.code() or grpc.StatusCode.OK
+            if not isinstance(code, grpc.StatusCode):
+                code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+            seconds = time.perf_counter() - t0
+            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.request_seconds.labels(method).observe(seconds)
+            log.info(
+                "rpc",
+                extra={
+                    "method": method,
+                    "code": code.name,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "peer": peer,
+                },
+            )
+
+        if handler.response_streaming and inspect.isasyncgenfunction(behavior):
+
+            async def wrapped_stream(request, context):
+                t0 = time.perf_counter()
+                error = None
+                try:
+                    t0 = await begin(context)
+                    async for item in behavior(request, context):
+                        yield item
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    end(context, t0, error)
+
+            wrapped = wrapped_stream
+        else:
+
+            async def wrapped_call(request, context):
+                t0 = time.perf_counter()
+                error = None
+                try:
+                    t0 = await begin(context)
+                    return await behavior(request, context)
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    end(context, t0, error)
+
+            wrapped = wrapped_call
+
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,106 @@
+"""Prometheus metrics, one registry per server (prometheus-client)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gru_serve.service import GenerationService
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gru_serve_requests", "RPCs by method and status code", ["method", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "gru_serve_request_seconds", "RPC duration", ["method"], registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.ttft = Histogram(
+            "gru_serve_time_to_first_token_seconds",
+            "time from request to first token",
+            ["model"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.itl = Histogram(
+            "gru_serve_inter_token_latency_seconds",
+            "time between consecutive tokens of a stream as sent (tokens sent together: 0)",
+            ["model"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.tokens = Counter("gru_serve_generated_tokens", "tokens generated", ["model"], registry=r)
+        self.sessions = Gauge("gru_serve_active_sessions", "sessions in the store", registry=r)
+        self._http = None
+
+    def observe_tokens(self, model: str, n: int, gap: float | None) -> None:
+        """n tokens sent together, `gap` seconds after the stream's previous message (None: first)."""
+        self.tokens.labels(model).inc(n)
+        if gap is not None:
+            self.itl.labels(model).observe(gap)
+        for _ in range(n - 1):
+            self.itl.labels(model).observe(0.0)
+
+    def bind(self, service: GenerationService) -> None:
+        self.registry.register(_ServiceCollector(service))
+
+    def serve_http(self, host: str, port: int) -> int:
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    async def refresh_sessions(self, service: GenerationService, every_s: float = 1.0) -> None:
+        """Keep the session gauge current (the store may be remote, so it is polled)."""
+        while True:
+            with contextlib.suppress(Exception):
+                self.sessions.set(await service.store.count())
+            await asyncio.sleep(every_s)
+
+
+class _ServiceCollector(Collector):
+    """Values read from the service when scraped."""
+
+    def __init__(self, service: GenerationService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator:
+        s = self.service
+        yield GaugeMetricFamily(
+            "gru_serve_active_streams", "generation streams in flight", value=s.active_streams
+        )
+        stats = s.store.stats
+        yield CounterMetricFamily(
+            "gru_serve_session_evictions", "sessions evicted at capacity", value=stats.evictions
+        )
+        yield CounterMetricFamily(
+            "gru_serve_session_expiries", "sessions expired after their TTL", value=stats.expirations
+        )
+        batch = GaugeMetricFamily(
+            "gru_serve_scheduler_batch_size", "streams in the last decode step", labels=["model"]
+        )
+        queue = GaugeMetricFamily(
+            "gru_serve_scheduler_queue_depth", "requests waiting for a batch slot", labels=["model"]
+        )
+        provider = GaugeMetricFamily(
+            "gru_serve_execution_provider", "onnxruntime provider in use (1)", labels=["model", "provider"]
+        )
+        for name, sched in s.schedulers.items():
+            batch.add_metric([name], sched.last_batch_size)
+            queue.add_metric([name], sched.queue_depth)
+            provider.add_metric([name, s.runtimes[name].provider], 1)
+        yield from (batch, queue, provider)
