@@ -25,6 +25,7 @@ from gru_serve.contract import (
 )
 from gru_serve.scoring import d2l_perplexity, stream_perplexity
 
+HELDOUT_FRACTION = 0.1
 EXAMPLE_BATCH = 2  # validation runs batch 1 and 7, so a pinned batch axis cannot hide
 
 
@@ -33,24 +34,30 @@ class ExportError(RuntimeError):
 
 
 def evaluation_split(checkpoint: Checkpoint) -> tuple[list[int], list[int]] | None:
-    """The (train, held-out) Time Machine tokens the checkpoint was trained on; for a raw
-    d2l state_dict with the Time Machine vocabulary, d2l's first 10,000 tokens."""
+    """The (train, held-out) Time Machine tokens for a checkpoint: the tokens it was trained on
+    (d2l's first 10,000 for a raw d2l state_dict with the Time Machine vocabulary) and the last
+    10% of the book when the model never saw it."""
     corpus = Corpus.time_machine()
     if tuple(checkpoint.vocab.tokens) != corpus.vocab.tokens:
         return None
     recipe = checkpoint.info.get("recipe", {})
-    return corpus.split(recipe.get("max_tokens", DEFAULT_MAX_TOKENS), recipe.get("holdout", 0.0))
+    max_tokens, holdout = recipe.get("max_tokens", DEFAULT_MAX_TOKENS), recipe.get("holdout", 0.0)
+    train, held = corpus.split(max_tokens, holdout)
+    if not held:
+        unseen = corpus.split(0, HELDOUT_FRACTION)[1]
+        held = unseen if max_tokens and max_tokens <= len(corpus.ids) - len(unseen) else []
+    return train, held
 
 
 def describe(cfg, recipe: dict | None) -> str:
     arch = f"GRU LM, {cfg.num_layers} x {cfg.hidden_size} hidden"
     if not recipe:
         return f"{arch}, exported from a d2l-style state_dict"
-    tokens = f"first {recipe['max_tokens']:,}" if recipe["max_tokens"] else "all"
+    tokens = f"the first {recipe['max_tokens']:,}" if recipe["max_tokens"] else "all"
     held = f", last {recipe['holdout']:.0%} held out" if recipe["holdout"] else ""
     return (
         f"{arch}; {recipe['optimizer']} lr {recipe['lr']:g}, {recipe['epochs']} epochs, batch "
-        f"{recipe['batch_size']} x {recipe['num_steps']} steps on the {tokens} training tokens"
+        f"{recipe['batch_size']} x {recipe['num_steps']} steps on {tokens} training tokens"
         f"{held}"
     )
 

@@ -39,7 +39,7 @@ class TrainConfig:
     holdout: float = 0.0
     random_iter: bool = False
     seed: int = 0
-    eval_every: int = 10  # epochs between held-out evaluations (best model kept)
+    eval_every: int = 10  # epochs between held-out evaluations (shown, never used to pick a model)
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,6 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, show_progress: bool = 
         raise ValueError(f"optimizer must be sgd or adam, got {cfg.optimizer!r}")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) if cfg.optimizer == "adam" else None
 
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
     tokens_seen, train_seconds, ppl = 0, 0.0, float("nan")
     columns = (
         TextColumn("[bold]train"),
@@ -118,14 +117,10 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, show_progress: bool = 
                 model.eval()
                 shape = (cfg.num_layers, cfg.hidden_size)
                 held = stream_perplexity(torch_step(model), heldout, shape)
-                if best is None or held < best[0]:
-                    best = (held, {k: v.clone() for k, v in model.state_dict().items()})
-                status += f"  held-out {held:.3f} (best {best[0]:.3f})"
+                status += f"  held-out {held:.3f}"
             progress.update(task, advance=1, status=status)
             if epoch % max(1, cfg.epochs // 20) == 0 and not progress.console.is_terminal:
                 progress.console.print(f"epoch {epoch}/{cfg.epochs} {status}")
-    if best is not None:
-        model.load_state_dict(best[1])
     model.eval()
     metrics = evaluate(model, train_ids, heldout)
     metrics["train_epoch_last"] = ppl
