@@ -22,9 +22,10 @@ class SessionNotFound(NotFound):
 
 
 class SessionExpired(NotFound):
-    def __init__(self, session_id: str, evicted: bool = False) -> None:
+    def __init__(self, session_id: str, evicted: bool = False, owner: str | None = None) -> None:
         why = "was evicted (the server keeps max_sessions sessions)" if evicted else "has expired"
         super().__init__(f"session '{session_id}' {why}")
+        self.owner = owner  # who owned it, where the store remembers
 
 
 class Aborted(GruServeError):

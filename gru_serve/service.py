@@ -18,8 +18,10 @@ import numpy as np
 
 from gru_serve.errors import (
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     ResourceExhausted,
+    SessionExpired,
     SessionNotFound,
     WrongModel,
 )
@@ -161,16 +163,20 @@ class GenerationService:
         )
 
     async def _owned(self, session_id: str, owner: str, lease: bool) -> SessionRecord:
+        """The caller's session, leased if asked. Ownership is checked before the lease, so a
+        stranger never blocks the owner; with authentication on, an unknown session and someone
+        else's look the same, so a token learns nothing about sessions it does not own."""
         self._check_session_id(session_id)
-        if lease:
-            rec = await self.store.acquire(session_id)
-        else:
+        not_yours = PermissionDenied(f"session '{session_id}' is not available to this token")
+        try:
             rec = await self.store.get(session_id)
+        except NotFound as e:
+            if owner and not (isinstance(e, SessionExpired) and e.owner == owner):
+                raise not_yours from None
+            raise
         if rec.owner != owner:
-            if lease:
-                await self.store.release(session_id)
-            raise PermissionDenied(f"session '{session_id}' belongs to another client")
-        return rec
+            raise not_yours
+        return await self.store.acquire(session_id) if lease else rec
 
     def _session_runtime(self, rec: SessionRecord, model: str) -> ModelRuntime:
         if model and model != rec.model:

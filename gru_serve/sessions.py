@@ -106,12 +106,12 @@ class MemoryStore(SessionStore):
         self.stats = StoreStats()
         self._records: OrderedDict[str, SessionRecord] = OrderedDict()  # LRU order
         self._busy: set[str] = set()
-        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> "expired" | "evicted"
+        self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (expired|evicted, owner)
         self._max_gone = tombstones
 
     def _bury(self, session_id: str, why: str) -> None:
-        self._records.pop(session_id, None)
-        self._gone[session_id] = why
+        rec = self._records.pop(session_id, None)
+        self._gone[session_id] = (why, rec.owner if rec else "")
         while len(self._gone) > self._max_gone:
             self._gone.popitem(last=False)
 
@@ -119,12 +119,13 @@ class MemoryStore(SessionStore):
         rec = self._records.get(session_id)
         if rec is None:
             if session_id in self._gone:
-                raise SessionExpired(session_id, evicted=self._gone[session_id] == "evicted")
+                why, owner = self._gone[session_id]
+                raise SessionExpired(session_id, evicted=why == "evicted", owner=owner)
             raise SessionNotFound(session_id)
         if session_id not in self._busy and self.clock() >= self.expires(rec):
             self._bury(session_id, "expired")
             self.stats.expirations += 1
-            raise SessionExpired(session_id)
+            raise SessionExpired(session_id, owner=rec.owner)
         return rec
 
     def _sweep(self) -> None:
