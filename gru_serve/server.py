@@ -18,7 +18,9 @@ from grpc_reflection.v1alpha import reflection
 
 from gru_serve.errors import ModelLoadError
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2, generation_pb2_grpc
+from gru_serve.grpc.generated.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from gru_serve.grpc.generation import GenerationServicer
+from gru_serve.grpc.inference import InferenceServicer
 from gru_serve.grpc.interceptors import ServerInterceptor
 from gru_serve.metrics import Metrics
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
@@ -31,6 +33,7 @@ from gru_serve.stores import build_store
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+LIVENESS = "liveness"  # a health service name that is SERVING while the process answers
 
 
 def model_specs(specs: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -127,30 +130,67 @@ class GruServer:
             GenerationServicer(self.service), self._server
         )
         # Open Inference Protocol (KServe v2 / Triton) servicer: registered here.
+        self.inference = InferenceServicer(self.service)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = [
             generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, self._server)
         self.port = listen(self._server, s)
         await self._server.start()
-        for name in ("", *names[:1]):
+        # "" and the service follow the session store (readiness); LIVENESS only says the
+        # process answers, so an orchestrator does not restart replicas while Redis is down.
+        self._store_health = ("", *names[:2])
+        for name in (*self._store_health, LIVENESS):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.inference.ready = True  # ServerReady / ModelReady of the inference protocol
         if s.metrics_port:
             self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
-        self._background = [asyncio.create_task(self.metrics.refresh_sessions(self.service))]
+        self._background = [
+            asyncio.create_task(self.metrics.refresh_sessions(self.service)),
+            asyncio.create_task(self._watch_store()),
+        ]
         providers = ", ".join(f"{n} on {rt.provider}" for n, rt in runtimes.items())
         log.info("listening on %s:%d; models: %s", s.host, self.port, providers)
         return self.port
 
+    async def _watch_store(self, every_s: float = 1.0) -> None:
+        """Health follows the session store: NOT_SERVING while it is unreachable, SERVING again
+        when it is back."""
+        serving, states = True, health_pb2.HealthCheckResponse
+        while True:
+            try:
+                await asyncio.wait_for(self.service.store.ping(), timeout=2 * every_s)
+                ok, why = True, ""
+            except Exception as e:
+                ok, why = False, str(e) or type(e).__name__
+            if ok != serving:
+                serving = ok
+                if ok:
+                    log.info("session store reachable again; health SERVING")
+                else:
+                    log.warning("session store unreachable (%s); health NOT_SERVING", why)
+                for name in self._store_health:
+                    await self.health.set(name, states.SERVING if ok else states.NOT_SERVING)
+            await asyncio.sleep(every_s)
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within the
-        grace period, then cancel what is left."""
+        grace period; streams still running near its end fail with UNAVAILABLE (a status the
+        client can act on) rather than being cut off."""
+        grace = self.settings.grace_s if grace is None else grace
+        self.inference.ready = False
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(self.settings.grace_s if grace is None else grace)
+        stopping = asyncio.create_task(self._server.stop(grace))
+        done, _ = await asyncio.wait({stopping}, timeout=max(0.0, grace - min(0.5, grace / 2)))
+        if not done:
+            await asyncio.to_thread(self.service.stop)
+        await stopping
         for task in self._background:
             task.cancel()
         self.metrics.close()

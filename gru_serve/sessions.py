@@ -90,6 +90,10 @@ class SessionStore(abc.ABC):
     async def close(self) -> None:
         return None
 
+    async def ping(self) -> None:
+        """Raise gru_serve.errors.Unavailable when the store cannot serve (health follows it)."""
+        return None
+
     def expires(self, record: SessionRecord) -> float:
         return record.last_used + self.ttl_s
 

@@ -18,7 +18,12 @@ from gru_serve.metrics import Metrics
 
 log = logging.getLogger("gru_serve.access")
 
-OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes never need a token
+# Probes never need a token (they reveal nothing but liveness and readiness).
+OPEN_METHODS = (
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):

@@ -1,0 +1,698 @@
+"""The Open Inference Protocol (KServe v2) gRPC service, with Triton's extensions, so that
+tritonclient.grpc, KServe clients and grpcurl work with gru-serve as with Triton.
+
+Each served model M appears twice:
+
+- `M`: the ONNX model as Triton would serve it with implicit state. Input `input_ids` INT64
+  [batch, seq], output `logits` FP32 [batch, seq, vocab]. Without sequence parameters a request
+  is stateless (zero state). With `sequence_id` (uint64 or string), `sequence_start` and
+  `sequence_end` it runs on that sequence's state and advances it (gru_serve.sequences: a
+  sequence is a session in the native API's store, owned by the caller).
+- `M-generate`: a decoupled generation model. Input `prompt` BYTES [1]; request parameters
+  max_new_tokens, temperature, top_k, top_p, seed, stop (a string, or a JSON list of strings),
+  and optionally the sequence parameters to continue a sequence of M. Over ModelStreamInfer each
+  message of tokens ready together is one response with outputs `text` BYTES [n] (one string
+  per token) and `token_ids` INT64 [n]; every response carries `triton_final_response`, and when
+  the request sets `triton_enable_empty_final_response` (tritonclient's
+  enable_empty_final_response=True) an empty final response (`triton_final_response: true`, with
+  finish_reason, prompt_tokens, generated_tokens and tokens_seen) ends the request, as Triton
+  does for decoupled models. Unary ModelInfer (which Triton refuses for decoupled models)
+  returns the whole generation in one response.
+
+Errors: unary methods end with the status of gru_serve.grpc.status's table; on ModelStreamInfer
+a failed request is one message with `error_message` ("[CODE] message") and the stream stays
+open. Responses of non-decoupled requests on a stream come in request order; requests of one
+sequence run one after another in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import logging
+import math
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from exporters import triton
+from gru_serve import errors
+from gru_serve.contract import INPUT_IDS, LOGITS
+from gru_serve.errors import InvalidArgument, NotFound
+from gru_serve.grpc.auth import owner_of
+from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
+from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from gru_serve.grpc.generated.inference import model_config_pb2 as mc
+from gru_serve.grpc.status import grpc_errors, status_of
+from gru_serve.runtime import ModelRuntime
+from gru_serve.sampling import SamplingParams
+from gru_serve.scheduler import TokenEvent
+from gru_serve.sequences import Sequence, Sequences, sequence_session_id
+from gru_serve.service import Finished, GenerateRequest, GenerationService
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "gru-serve"
+MODEL_VERSION = "1"
+GENERATE_SUFFIX = "-generate"
+EXTENSIONS = ("sequence", "model_configuration", "statistics", "parameters")
+PROMPT, TEXT, TOKEN_IDS = "prompt", "text", "token_ids"
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+SAMPLING_PARAMETERS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+EMPTY_FINAL = "triton_enable_empty_final_response"
+FINAL = "triton_final_response"
+# Parameters Triton's clients may send that mean nothing here: accepted and ignored.
+IGNORED_PARAMETERS = frozenset({"priority", "timeout", "headers", "binary_data_output", EMPTY_FINAL})
+MAX_INFLIGHT_PER_STREAM = 64
+STREAM_QUEUE = 64
+# Wire (little-endian) and in-memory types of the numeric datatypes the models use.
+_WIRE = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}
+_NATIVE = {"INT64": np.dtype(np.int64), "FP32": np.dtype(np.float32)}
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("gru-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A model name of this protocol: a runtime's raw model, or its generation model."""
+
+    name: str
+    runtime: ModelRuntime
+    generate: bool
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return {PROMPT: "BYTES"} if self.generate else {INPUT_IDS: "INT64"}
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {TEXT: "BYTES", TOKEN_IDS: "INT64"} if self.generate else {LOGITS: "FP32"}
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        return SEQUENCE_PARAMETERS + (SAMPLING_PARAMETERS if self.generate else ())
+
+
+@dataclass
+class Stats:
+    """Cheap per-model counters for ModelStatistics."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    inferences: int = 0
+    executions: int = 0
+    last_ms: int = 0
+
+    def pb(self, name: str) -> pb.ModelStatistics:
+        d = pb.StatisticDuration
+        return pb.ModelStatistics(
+            name=name,
+            version=MODEL_VERSION,
+            last_inference=self.last_ms,
+            inference_count=self.inferences,
+            execution_count=self.executions,
+            inference_stats=pb.InferStatistics(
+                success=d(count=self.success, ns=self.success_ns), fail=d(count=self.fail, ns=self.fail_ns)
+            ),
+        )
+
+
+# -- tensors --
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    """BYTES tensor data: each element a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def deserialize_bytes(name: str, raw: bytes, count: int) -> list[bytes]:
+    items, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise InvalidArgument(f"input '{name}': BYTES data ends inside an element's 4-byte length")
+        (n,) = struct.unpack_from("<I", raw, at)
+        if at + 4 + n > len(raw):
+            raise InvalidArgument(f"input '{name}': BYTES element {len(items)} has length {n} past the data")
+        items.append(raw[at + 4 : at + 4 + n])
+        at += 4 + n
+    if len(items) != count:
+        raise InvalidArgument(
+            f"input '{name}': BYTES data has {len(items)} elements; the shape needs {count}"
+        )
+    return items
+
+
+def _input_array(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+    shape = tuple(t.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input '{t.name}': shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if t.datatype == "BYTES":
+        if raw is not None:
+            items = deserialize_bytes(t.name, raw, count)
+        else:
+            items = list(t.contents.bytes_contents)
+            if len(items) != count:
+                raise InvalidArgument(
+                    f"input '{t.name}': contents.bytes_contents has {len(items)} elements; "
+                    f"shape {list(shape)} needs {count}"
+                )
+        arr = np.empty(count, dtype=object)
+        arr[:] = items
+        return arr.reshape(shape)
+    wire, native = _WIRE[t.datatype], _NATIVE[t.datatype]
+    if raw is not None:
+        need = count * wire.itemsize
+        if len(raw) != need:
+            raise InvalidArgument(
+                f"input '{t.name}': raw_input_contents has {len(raw)} bytes; "
+                f"shape {list(shape)} of {t.datatype} needs {need}"
+            )
+        return np.frombuffer(raw, wire).astype(native).reshape(shape)
+    values = t.contents.int64_contents if t.datatype == "INT64" else t.contents.fp32_contents
+    field_name = "int64_contents" if t.datatype == "INT64" else "fp32_contents"
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input '{t.name}': contents.{field_name} has {len(values)} values; "
+            f"shape {list(shape)} needs {count}"
+        )
+    return np.asarray(values, native).reshape(shape)
+
+
+def read_inputs(request: pb.ModelInferRequest, ep: Endpoint) -> dict[str, np.ndarray]:
+    """The request's inputs by name, checked against the model's: names, datatypes, and that
+    the data matches the shape (raw bytes or typed contents)."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "give every input's data there, or none"
+        )
+    expected = ep.inputs
+    out: dict[str, np.ndarray] = {}
+    for i, t in enumerate(request.inputs):
+        if t.name not in expected:
+            raise InvalidArgument(
+                f"input '{t.name}' is not an input of model '{ep.name}'; its inputs: {', '.join(expected)}"
+            )
+        if t.name in out:
+            raise InvalidArgument(f"input '{t.name}' is given twice")
+        if t.datatype != expected[t.name]:
+            raise InvalidArgument(
+                f"input '{t.name}': datatype must be {expected[t.name]}, got {t.datatype or 'none'}"
+            )
+        if raw and t.HasField("contents"):
+            raise InvalidArgument(f"input '{t.name}': data in both contents and raw_input_contents")
+        out[t.name] = _input_array(t, raw[i] if raw else None)
+    for name in expected:
+        if name not in out:
+            raise InvalidArgument(f"input '{name}' is missing (model '{ep.name}')")
+    return out
+
+
+def _output(
+    name: str, datatype: str, arr: np.ndarray
+) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
+    if datatype == "BYTES":
+        data = serialize_bytes([bytes(x) for x in arr.reshape(-1)])
+    else:
+        data = np.ascontiguousarray(arr, _WIRE[datatype]).tobytes()
+    return pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=arr.shape), data
+
+
+def requested_outputs(request: pb.ModelInferRequest, ep: Endpoint) -> list[str]:
+    names = [o.name for o in request.outputs] or list(ep.outputs)
+    for name in names:
+        if name not in ep.outputs:
+            raise InvalidArgument(
+                f"output '{name}' is not an output of model '{ep.name}'; its outputs: {', '.join(ep.outputs)}"
+            )
+    return names
+
+
+def _response(
+    request: pb.ModelInferRequest,
+    ep: Endpoint,
+    tensors: dict[str, np.ndarray],
+    parameters: dict[str, bool | int | str] | None = None,
+) -> pb.ModelInferResponse:
+    resp = pb.ModelInferResponse(model_name=ep.name, model_version=MODEL_VERSION, id=request.id)
+    for name in requested_outputs(request, ep) if tensors else []:
+        tensor, data = _output(name, ep.outputs[name], tensors[name])
+        resp.outputs.append(tensor)
+        resp.raw_output_contents.append(data)
+    for key, value in (parameters or {}).items():
+        p = resp.parameters[key]
+        if isinstance(value, bool):
+            p.bool_param = value
+        elif isinstance(value, int):
+            p.int64_param = value
+        else:
+            p.string_param = value
+    return resp
+
+
+# -- parameters --
+
+
+def _value(request: pb.ModelInferRequest, name: str) -> bool | int | float | str | None:
+    if name not in request.parameters:
+        return None
+    p = request.parameters[name]
+    which = p.WhichOneof("parameter_choice")
+    if which is None:
+        raise InvalidArgument(f"parameter '{name}' has no value")
+    return getattr(p, which)
+
+
+def _bool(request: pb.ModelInferRequest, name: str) -> bool:
+    v = _value(request, name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise InvalidArgument(f"parameter '{name}' must be a bool (bool_param), got {v!r}")
+    return v
+
+
+def _int(request: pb.ModelInferRequest, name: str) -> int | None:
+    v = _value(request, name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        raise InvalidArgument(
+            f"parameter '{name}' must be an integer (int64_param or uint64_param), got {v!r}"
+        )
+    return v
+
+
+def _float(request: pb.ModelInferRequest, name: str) -> float | None:
+    v = _value(request, name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+        raise InvalidArgument(f"parameter '{name}' must be a number (double_param or int64_param), got {v!r}")
+    return None if v is None else float(v)
+
+
+def _stop(request: pb.ModelInferRequest) -> tuple[str, ...]:
+    v = _value(request, "stop")
+    if v is None:
+        return ()
+    if not isinstance(v, str):
+        raise InvalidArgument(f"parameter 'stop' must be a string or a JSON list of strings, got {v!r}")
+    if v.startswith("["):
+        with contextlib.suppress(ValueError):
+            items = json.loads(v)
+            if isinstance(items, list) and all(isinstance(s, str) for s in items):
+                return tuple(items)
+    return (v,)
+
+
+def check_parameters(request: pb.ModelInferRequest, ep: Endpoint) -> None:
+    for name in request.parameters:
+        if name not in ep.parameters and name not in IGNORED_PARAMETERS:
+            raise InvalidArgument(
+                f"parameter '{name}' is not a parameter of model '{ep.name}'; "
+                f"it takes: {', '.join(ep.parameters)}"
+            )
+
+
+def sequence_of(request: pb.ModelInferRequest) -> Sequence | None:
+    """The request's sequence; None when it has none (sequence_id absent, 0 or "")."""
+    seq_id = _value(request, "sequence_id")
+    start, end = _bool(request, "sequence_start"), _bool(request, "sequence_end")
+    if isinstance(seq_id, bool | float):
+        raise InvalidArgument(
+            f"parameter 'sequence_id' must be an unsigned integer or a string, got {seq_id!r}"
+        )
+    if seq_id is None or seq_id == 0 or seq_id == "":
+        if start or end:
+            raise InvalidArgument("sequence_start and sequence_end need a sequence_id")
+        return None
+    return Sequence(seq_id, start, end)
+
+
+def sampling_of(request: pb.ModelInferRequest) -> tuple[int | None, SamplingParams]:
+    max_new = _int(request, "max_new_tokens")
+    params = SamplingParams.checked(
+        temperature=_float(request, "temperature"),
+        top_k=_int(request, "top_k"),
+        top_p=_float(request, "top_p"),
+        seed=_int(request, "seed"),
+        stop=_stop(request),
+    )
+    return max_new, params
+
+
+def _error_message(e: BaseException) -> str:
+    if isinstance(e, errors.GruServeError):
+        return f"[{status_of(e).name}] {e}"
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error, incident %s", incident, exc_info=e)
+    return f"[{grpc.StatusCode.INTERNAL.name}] internal error (incident {incident})"
+
+
+# -- the service --
+
+
+@dataclass
+class _StreamState:
+    """One ModelStreamInfer call: its responses queue and the ordering of its requests."""
+
+    out: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(STREAM_QUEUE))
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    last_of_sequence: dict[str, asyncio.Task] = field(default_factory=dict)
+    last_ordered: asyncio.Task | None = None
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_INFLIGHT_PER_STREAM))
+
+
+async def _after(task: asyncio.Task | None) -> None:
+    """Wait for an earlier request's task to end, whatever its outcome."""
+    if task is not None:
+        await asyncio.wait([task])
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: GenerationService) -> None:
+        self.service = service
+        self.sequences = Sequences(service)
+        # The server sets this once its models are loaded and clears it when it drains.
+        self.ready = False
+        self.endpoints: dict[str, Endpoint] = {}
+        for rt in service.runtimes.values():
+            self.endpoints.setdefault(
+                rt.name + GENERATE_SUFFIX, Endpoint(rt.name + GENERATE_SUFFIX, rt, True)
+            )
+        for rt in service.runtimes.values():  # a model's own name wins over a generation name
+            self.endpoints[rt.name] = Endpoint(rt.name, rt, False)
+        self.stats = {name: Stats() for name in self.endpoints}
+
+    def endpoint(self, name: str, version: str = "") -> Endpoint:
+        ep = self.endpoints.get(name)
+        if ep is None:
+            raise NotFound(f"model '{name}' is unknown; this server serves {', '.join(self.endpoints)}")
+        if version not in ("", MODEL_VERSION):
+            raise NotFound(f"model '{name}' has no version '{version}'; its version is {MODEL_VERSION}")
+        return ep
+
+    @contextlib.contextmanager
+    def _timed(self, ep: Endpoint) -> Iterator[list[int]]:
+        """Count a request in the model's statistics; the caller may set its batch size."""
+        t0 = time.perf_counter_ns()
+        stats = self.stats[ep.name]
+        batch = [1]
+        try:
+            yield batch
+        except BaseException:
+            stats.fail += 1
+            stats.fail_ns += time.perf_counter_ns() - t0
+            raise
+        stats.success += 1
+        stats.success_ns += time.perf_counter_ns() - t0
+        stats.inferences += batch[0]
+        stats.executions += 1
+        stats.last_ms = int(time.time() * 1000)
+
+    # -- health and metadata --
+
+    @grpc_errors
+    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @grpc_errors
+    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.ready)
+
+    @grpc_errors
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        known = request.name in self.endpoints and request.version in ("", MODEL_VERSION)
+        return pb.ModelReadyResponse(ready=self.ready and known)
+
+    @grpc_errors
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
+
+    @grpc_errors
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        ep = self.endpoint(request.name, request.version)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        if ep.generate:
+            inputs = [tensor(name=PROMPT, datatype="BYTES", shape=[1])]
+            outputs = [
+                tensor(name=TEXT, datatype="BYTES", shape=[-1]),
+                tensor(name=TOKEN_IDS, datatype="INT64", shape=[-1]),
+            ]
+            platform = "gru_serve"
+        else:
+            vocab = len(ep.runtime.vocab)
+            inputs = [tensor(name=INPUT_IDS, datatype="INT64", shape=[-1, -1])]
+            outputs = [tensor(name=LOGITS, datatype="FP32", shape=[-1, -1, vocab])]
+            platform = triton.PLATFORM
+        return pb.ModelMetadataResponse(
+            name=ep.name, versions=[MODEL_VERSION], platform=platform, inputs=inputs, outputs=outputs
+        )
+
+    def model_config(self, ep: Endpoint) -> mc.ModelConfig:
+        rt, s = ep.runtime, self.service.settings
+        kind = mc.ModelInstanceGroup.KIND_GPU if rt.device == "cuda" else mc.ModelInstanceGroup.KIND_CPU
+        group = mc.ModelInstanceGroup(name=f"{ep.name}_{rt.device}", kind=kind, count=1)
+        if not ep.generate:
+            # Triton's configuration for the model (exporters.triton), as this server runs it.
+            # Built under a placeholder name: Triton's name rules are stricter than ours.
+            cfg = triton.model_config(
+                rt.metadata,
+                "model",
+                max_batch_size=s.max_batch_size,
+                max_sequence_idle_us=max(1, int(s.session_ttl_s * 1e6)),
+            )
+            cfg.name = ep.name
+            del cfg.instance_group[:]
+            cfg.instance_group.append(group)
+            return cfg
+        described = {
+            "base_model": rt.name,
+            "request_parameters": ", ".join(ep.parameters),
+            "default_new_tokens": str(s.default_new_tokens),
+            "max_new_tokens": str(s.max_new_tokens),
+        }
+        return mc.ModelConfig(
+            name=ep.name,
+            backend="gru_serve",
+            max_batch_size=0,
+            input=[mc.ModelInput(name=PROMPT, data_type=mc.TYPE_STRING, dims=[1])],
+            output=[
+                mc.ModelOutput(name=TEXT, data_type=mc.TYPE_STRING, dims=[-1]),
+                mc.ModelOutput(name=TOKEN_IDS, data_type=mc.TYPE_INT64, dims=[-1]),
+            ],
+            model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+            instance_group=[group],
+            parameters={k: mc.ModelParameter(string_value=v) for k, v in described.items()},
+        )
+
+    @grpc_errors
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=self.model_config(self.endpoint(request.name, request.version)))
+
+    @grpc_errors
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context
+    ) -> pb.ModelStatisticsResponse:
+        names = [self.endpoint(request.name, request.version).name] if request.name else list(self.endpoints)
+        return pb.ModelStatisticsResponse(model_stats=[self.stats[n].pb(n) for n in names])
+
+    # -- inference --
+
+    async def _infer(self, ep: Endpoint, request: pb.ModelInferRequest, owner: str) -> pb.ModelInferResponse:
+        """One request to a model's raw endpoint: logits, on a sequence or stateless."""
+        with self._timed(ep) as batch:
+            check_parameters(request, ep)
+            ids = read_inputs(request, ep)[INPUT_IDS]
+            if ids.ndim != 2:
+                raise InvalidArgument(
+                    f"input '{INPUT_IDS}': shape must be [batch, seq], got {list(ids.shape)}"
+                )
+            requested_outputs(request, ep)
+            seq = sequence_of(request)
+            batch[0] = ids.shape[0]
+            logits = await self.sequences.infer(ep.runtime.name, ids, seq, owner)
+            return _response(request, ep, {LOGITS: logits})
+
+    async def _generation(
+        self, ep: Endpoint, request: pb.ModelInferRequest, owner: str
+    ) -> AsyncIterator[list[TokenEvent] | Finished]:
+        """A generation request's token groups then Finished, via GenerationService.generate."""
+        with self._timed(ep):
+            check_parameters(request, ep)
+            prompt_arr = read_inputs(request, ep)[PROMPT]
+            if prompt_arr.size != 1:
+                raise InvalidArgument(
+                    f"input '{PROMPT}' must hold one string, got shape {list(prompt_arr.shape)}"
+                )
+            try:
+                prompt = bytes(prompt_arr.reshape(-1)[0]).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidArgument(f"input '{PROMPT}' is not UTF-8 text") from e
+            requested_outputs(request, ep)
+            max_new, params = sampling_of(request)
+            seq = sequence_of(request)
+            rt = ep.runtime
+            session_id = await self.sequences.session_for(rt, seq, owner) if seq else ""
+            req = GenerateRequest(session_id, prompt, max_new, params, False, rt.name)
+            async with contextlib.aclosing(self.service.generate(req, owner)) as events:
+                async for ev in events:
+                    yield ev
+            if seq and seq.end:
+                await self.sequences.end(session_id)
+
+    @staticmethod
+    def _tokens(events: list[TokenEvent]) -> dict[str, np.ndarray]:
+        text = np.empty(len(events), dtype=object)
+        text[:] = [e.text.encode() for e in events]
+        return {TEXT: text, TOKEN_IDS: np.array([e.token_id for e in events], np.int64)}
+
+    @staticmethod
+    def _finish(f: Finished) -> dict[str, bool | int | str]:
+        return {
+            "finish_reason": f.reason,
+            "prompt_tokens": f.prompt_tokens,
+            "generated_tokens": f.generated_tokens,
+            "tokens_seen": f.tokens_seen,
+        }
+
+    async def _generate_unary(
+        self, ep: Endpoint, request: pb.ModelInferRequest, owner: str
+    ) -> pb.ModelInferResponse:
+        tokens: list[TokenEvent] = []
+        finish: dict[str, bool | int | str] = {}
+        async for ev in self._generation(ep, request, owner):
+            if isinstance(ev, list):
+                tokens.extend(ev)
+            else:
+                finish = self._finish(ev)
+        return _response(request, ep, self._tokens(tokens), finish)
+
+    async def _generate_stream(
+        self, ep: Endpoint, request: pb.ModelInferRequest, owner: str
+    ) -> AsyncIterator[pb.ModelInferResponse]:
+        empty_final = _bool(request, EMPTY_FINAL)
+        async for ev in self._generation(ep, request, owner):
+            if isinstance(ev, list):
+                yield _response(request, ep, self._tokens(ev), {FINAL: False})
+            elif empty_final:
+                yield _response(request, ep, {}, {FINAL: True, **self._finish(ev)})
+
+    @grpc_errors
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        ep = self.endpoint(request.model_name, request.model_version)
+        owner = owner_of(context)
+        if ep.generate:
+            return await self._generate_unary(ep, request, owner)
+        return await self._infer(ep, request, owner)
+
+    # -- streaming --
+
+    def _sequence_key(self, request: pb.ModelInferRequest, owner: str) -> str | None:
+        """The session a request's sequence lives in, to run a sequence's requests in order."""
+        ep = self.endpoints.get(request.model_name)
+        try:
+            seq = sequence_of(request)
+        except errors.GruServeError:
+            return None  # the request fails on its own turn
+        if ep is None or seq is None:
+            return None
+        return sequence_session_id(owner, ep.runtime.name, seq.id)
+
+    async def _stream_one(
+        self,
+        request: pb.ModelInferRequest,
+        owner: str,
+        st: _StreamState,
+        same_sequence: asyncio.Task | None,
+        ordered: asyncio.Task | None,
+    ) -> None:
+        """Run one request of a stream, putting its responses (or its error) on the stream."""
+        try:
+            await _after(same_sequence)
+            try:
+                ep = self.endpoint(request.model_name, request.model_version)
+                if ep.generate:
+                    async for resp in self._generate_stream(ep, request, owner):
+                        await st.out.put(pb.ModelStreamInferResponse(infer_response=resp))
+                    return
+                resp = await self._infer(ep, request, owner)
+                resp.parameters[FINAL].bool_param = True
+                msg = pb.ModelStreamInferResponse(infer_response=resp)
+            except Exception as e:
+                failed = pb.ModelInferResponse(
+                    id=request.id, model_name=request.model_name, model_version=request.model_version
+                )
+                failed.parameters[FINAL].bool_param = True
+                msg = pb.ModelStreamInferResponse(error_message=_error_message(e), infer_response=failed)
+            await _after(ordered)
+            await st.out.put(msg)
+        finally:
+            st.slots.release()
+
+    @grpc_errors
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        owner = owner_of(context)
+        st = _StreamState()
+
+        async def read() -> None:
+            async for request in request_iterator:
+                await st.slots.acquire()
+                key = self._sequence_key(request, owner)
+                ep = self.endpoints.get(request.model_name)
+                ordered = ep is None or not ep.generate  # decoupled responses may interleave
+                task = asyncio.create_task(
+                    self._stream_one(
+                        request,
+                        owner,
+                        st,
+                        st.last_of_sequence.get(key) if key else None,
+                        st.last_ordered if ordered else None,
+                    )
+                )
+                st.tasks.add(task)
+                task.add_done_callback(st.tasks.discard)
+                if key:
+                    st.last_of_sequence[key] = task
+                    task.add_done_callback(
+                        lambda t, k=key: (
+                            st.last_of_sequence.pop(k) if st.last_of_sequence.get(k) is t else None
+                        )
+                    )
+                if ordered:
+                    st.last_ordered = task
+            while st.tasks:
+                await asyncio.wait(list(st.tasks))
+            await st.out.put(None)
+
+        async def read_safely() -> None:
+            try:
+                await read()
+            except Exception as e:
+                await st.out.put(e)
+
+        reader = asyncio.create_task(read_safely())
+        try:
+            while (item := await st.out.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(st.tasks):
+                task.cancel()
