@@ -7,7 +7,7 @@ MODELS := gru_serve/models
 FULL_RECIPE := --hidden-size 384 --num-layers 2 --dropout 0.5 --optimizer adam --lr 0.003 --epochs 24 \
 	--num-steps 64 --max-tokens 0 --holdout 0.1 --eval-every 2
 
-.PHONY: install demo test lint models protos clean
+.PHONY: install demo test lint models protos reliability clean
 
 install: $(STAMP)
 
@@ -41,3 +41,8 @@ clean:
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
+
+# The reliability suite alone, then its report (docs/reliability.md).
+reliability: $(STAMP)
+	$(BIN)/pytest -q tests/reliability
+	$(BIN)/python scripts/reliability_report.py

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -20,6 +28,7 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # resident memory, CPU, file descriptors
         self.requests = Counter(
             "gru_serve_requests", "RPCs by method and status code", ["method", "code"], registry=r
         )
@@ -53,7 +62,8 @@ class Metrics:
             self.itl.labels(model).observe(0.0)
 
     def bind(self, service: GenerationService) -> None:
-        self.registry.register(_ServiceCollector(service))
+        """Collect from the service; call on the server's event loop."""
+        self.registry.register(_ServiceCollector(service, asyncio.get_running_loop()))
 
     def serve_http(self, host: str, port: int) -> int:
         self._http, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -75,8 +85,9 @@ class Metrics:
 class _ServiceCollector(Collector):
     """Values read from the service when scraped."""
 
-    def __init__(self, service: GenerationService) -> None:
+    def __init__(self, service: GenerationService, loop: asyncio.AbstractEventLoop) -> None:
         self.service = service
+        self.loop = loop
 
     def collect(self) -> Iterator:
         s = self.service
@@ -104,3 +115,12 @@ class _ServiceCollector(Collector):
             queue.add_metric([name], sched.queue_depth)
             provider.add_metric([name, s.runtimes[name].provider], 1)
         yield from (batch, queue, provider)
+        # Leak detectors: both return to their idle values when the server is idle.
+        yield GaugeMetricFamily(
+            "gru_serve_event_loop_tasks",
+            "asyncio tasks on the server's loop",
+            value=len(asyncio.all_tasks(self.loop)),
+        )
+        yield GaugeMetricFamily(
+            "gru_serve_threads", "threads in the server process", value=threading.active_count()
+        )

@@ -1,0 +1,128 @@
+"""The reliability suite: results are counted here and written for docs/reliability.md."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from gru_serve.shipped import default_model_path
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(os.environ.get("GRU_SERVE_RELIABILITY_RESULTS", REPO / "build" / "reliability.json"))
+
+# Counters every test adds to: streams held, tokens served, faults injected, bad inputs tried...
+TALLY: Counter = Counter()
+SCENARIOS: list[dict] = []
+
+
+def record(scenario: str, **facts) -> None:
+    SCENARIOS.append({"scenario": scenario, **facts})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not SCENARIOS:
+        return
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    failed = session.testsfailed
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "tally": dict(TALLY),
+                "scenarios": SCENARIOS,
+                "failures": failed,
+                "collected": session.testscollected,
+            },
+            indent=2,
+        )
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`gru-serve serve` as a separate process, with its metrics endpoint."""
+
+    def __init__(self, *args: str) -> None:
+        self.metrics_port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "gru_serve.cli",
+            "serve",
+            "--port",
+            "0",
+            "--model",
+            str(default_model_path()),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--log-level",
+            "WARNING",
+            *args,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        m = re.search(r"listening on (\S+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
+        self.target = m.group(1)
+
+    def metrics(self) -> dict[str, float]:
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def wait_metric(self, name: str, predicate, timeout: float = 10.0) -> float:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.metrics().get(name)
+            if value is not None and predicate(value):
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} = {value} did not reach the condition in {timeout} s")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def server_process():
+    procs: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        procs.append(ServerProcess(*args))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    from gru_serve.runtime import ModelRuntime
+
+    return ModelRuntime(default_model_path())
