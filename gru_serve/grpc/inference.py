@@ -156,10 +156,15 @@ def deserialize_bytes(name: str, raw: bytes, count: int) -> list[bytes]:
     return items
 
 
+MAX_DIMENSION = 1 << 24  # far beyond any real request; numpy cannot even describe some shapes
+
+
 def _input_array(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{t.name}': shape {list(shape)} has a negative dimension")
+    if any(d > MAX_DIMENSION for d in shape):
+        raise InvalidArgument(f"input '{t.name}': shape {list(shape)} has a dimension above {MAX_DIMENSION}")
     count = math.prod(shape)
     if t.datatype == "BYTES":
         if raw is not None:
