@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import grpc
 
@@ -22,6 +22,43 @@ def sampling(
         if value is not None:
             setattr(msg, name, value)
     return msg
+
+
+class StreamLost(grpc.RpcError):
+    """A stream reset in transit (RST_STREAM), e.g. by a load balancer whose backend died after
+    the response began: nginx can then only reset the stream, which gRPC reads as INTERNAL. No
+    server reported an error, so it is UNAVAILABLE: retry; the session kept its last commit."""
+
+    def __init__(self, cause: grpc.RpcError) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return f"stream lost in transit ({self.cause.details()}); retry, the session is as last committed"
+
+
+class ResponseStream:
+    """A server stream (iterate it; .cancel() it) that reports transport resets as StreamLost."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def __iter__(self) -> ResponseStream:
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._call)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in (e.details() or ""):
+                raise StreamLost(e) from e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._call, name)
 
 
 def make_channel(
@@ -81,8 +118,8 @@ class Client:
         logprobs: bool = False,
         model: str = "",
         timeout: float | None = None,
-    ) -> Iterator[pb.GenerateResponse]:
-        """The raw response stream (cancel it with .cancel())."""
+    ) -> ResponseStream:
+        """The response stream: iterate it, cancel it with .cancel()."""
         req = pb.GenerateRequest(
             session_id=session_id,
             prompt=prompt,
@@ -92,7 +129,7 @@ class Client:
         )
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens
-        return self.stub.Generate(req, timeout=timeout, metadata=self.metadata)
+        return ResponseStream(self.stub.Generate(req, timeout=timeout, metadata=self.metadata))
 
     def generate_text(self, prompt: str = "", **kwargs: object) -> tuple[str, pb.Finished]:
         """Generated text and the final message."""

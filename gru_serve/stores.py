@@ -5,9 +5,15 @@ from __future__ import annotations
 from gru_serve.sessions import MemoryStore, SessionStore
 from gru_serve.settings import Settings
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
 
 def build_store(settings: Settings) -> SessionStore:
     url = settings.session_store
     if url == "memory":
         return MemoryStore(settings.session_ttl_s, settings.max_sessions)
+    if url.startswith(REDIS_SCHEMES):
+        from gru_serve.redis_store import RedisStore
+
+        return RedisStore(url, settings.session_ttl_s, settings.max_sessions)
     raise ValueError(f"session_store must be 'memory' or redis://HOST:PORT/DB, got {url!r}")

@@ -1,0 +1,485 @@
+"""The Redis session store: sessions shared by every replica behind a load balancer.
+
+Keys (PREFIX defaults to ``gru:``):
+
+- ``PREFIX s:{id}``      a hash: the record. ``fmt`` (format version), ``model``, ``hash`` (model
+  hash), ``owner``, ``tokens_seen``, ``created``, ``last_used`` (repr floats, exact),
+  ``version``, ``state`` and ``logits`` as raw little-endian float32 bytes with their shapes
+  (``logits`` absent: None). Written whole, in one Lua script, so no reader ever sees half a
+  session. Its Redis expiry is the session TTL.
+- ``PREFIX lease:{id}``  the lease of the request working on the session (SET NX PX, a random
+  token): busy is busy on every replica. The holder renews it every third of its TTL; when the
+  holder dies it runs out after at most ``lease_s`` and the session is free again.
+- ``PREFIX gone:{id}``   a tombstone, ``expired|OWNER`` or ``evicted|OWNER``, written with every
+  create and commit and living a day longer than the session: a missing session with a
+  tombstone has expired (or was evicted), one without is unknown. Delete removes both.
+- ``PREFIX sessions``    a sorted set of ids scored by their expiry deadline (ms, Redis clock):
+  the session count and, at ``max_sessions``, the least recently used idle session to evict.
+  The limit is best effort: replicas creating at the same instant may overshoot it briefly,
+  and the scripts touch keys they do not declare, so this needs a single Redis (or a primary
+  with replicas), not Redis Cluster.
+
+Every read-modify-write is one Lua script, so it is atomic. A commit checks the version it
+leased (and that no other request holds the lease): of two replicas that worked on one
+version, exactly one commits. Unreachable or slow Redis (socket timeouts 1-1.5 s) raises
+Unavailable naming the store; redis-py reconnects on the next call, so the store recovers by
+itself when Redis returns (scripts are reloaded when a restarted Redis has lost them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable
+from dataclasses import replace
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from gru_serve.errors import (
+    ResourceExhausted,
+    SessionBusy,
+    SessionExpired,
+    SessionNotFound,
+    Unavailable,
+    VersionConflict,
+    WrongModel,
+)
+from gru_serve.sessions import SessionRecord, SessionStore, StoreStats
+
+log = logging.getLogger(__name__)
+
+FORMAT = b"1"
+DAY_MS = 86_400_000
+DTYPE = "<f4"
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: session, gone. -> {'ok', field, value, ...} | {'gone', tombstone or ''}
+GET = """
+local f = redis.call('HGETALL', KEYS[1])
+if #f == 0 then return {'gone', redis.call('GET', KEYS[2]) or ''} end
+return {'ok', unpack(f)}
+"""
+
+# KEYS: session, gone, index. ARGV: ttl_ms, gone_ttl_ms, max_sessions, prefix, id, tombstone,
+# then field, value, ... -> {'ok'|'full', expired, evicted}
+CREATE = (
+    _NOW
+    + """
+local ttl = tonumber(ARGV[1])
+local expired = redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local evicted = 0
+local n = redis.call('ZCARD', KEYS[3])
+local max = tonumber(ARGV[3])
+if n >= max then
+  local p = ARGV[4]
+  for _, sid in ipairs(redis.call('ZRANGE', KEYS[3], 0, n - max + 31)) do
+    if n < max then break end
+    local skey = p .. 's:' .. sid
+    if redis.call('EXISTS', skey) == 0 then
+      redis.call('ZREM', KEYS[3], sid)
+      n = n - 1
+    elseif redis.call('EXISTS', p .. 'lease:' .. sid) == 0 then
+      local owner = redis.call('HGET', skey, 'owner') or ''
+      redis.call('DEL', skey)
+      redis.call('SET', p .. 'gone:' .. sid, 'evicted|' .. owner, 'PX', ARGV[2])
+      redis.call('ZREM', KEYS[3], sid)
+      n = n - 1
+      evicted = evicted + 1
+    end
+  end
+  if n >= max then return {'full', expired, evicted} end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[3], string.format('%d', now + ttl), ARGV[5])
+return {'ok', expired, evicted}
+"""
+)
+
+# KEYS: session, lease, gone, index. ARGV: token, lease_ms, ttl_ms, gone_ttl_ms, id.
+# -> {'ok', field, value, ...} | {'gone', tombstone or ''} | {'busy'}
+ACQUIRE = (
+    _NOW
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', redis.call('GET', KEYS[3]) or ''} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'busy'} end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('ZADD', KEYS[4], string.format('%d', now + tonumber(ARGV[3])), ARGV[5])
+return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
+"""
+)
+
+# KEYS: session, lease, gone, index. ARGV: token, expected version, ttl_ms, gone_ttl_ms, id,
+# tombstone, then field, value, ... (the new version among them) -> {'ok'} | {'conflict', why}
+COMMIT = (
+    _NOW
+    + """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {'conflict', 'its lease ran out and another request holds it'} end
+local v = redis.call('HGET', KEYS[1], 'version')
+if v ~= ARGV[2] then
+  if holder then redis.call('DEL', KEYS[2]) end
+  return {'conflict', v and 'another request committed first' or 'it expired or was deleted'}
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[4])
+redis.call('DEL', KEYS[2])
+redis.call('ZADD', KEYS[4], string.format('%d', now + tonumber(ARGV[3])), ARGV[5])
+return {'ok'}
+"""
+)
+
+# KEYS: session, lease, index. ARGV: token, ttl_ms, id. The session keeps the expiry of its
+# last commit (last_used + TTL), as if the released request had never happened. -> 1 | 0
+RELEASE = (
+    _NOW
+    + """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+local last = redis.call('HGET', KEYS[1], 'last_used')
+if last then
+  local left = math.floor(tonumber(last) * 1000) + tonumber(ARGV[2]) - now
+  if left < 1 then left = 1 end
+  redis.call('PEXPIRE', KEYS[1], string.format('%d', left))
+  redis.call('ZADD', KEYS[3], string.format('%d', now + left), ARGV[3])
+end
+return 1
+"""
+)
+
+# KEYS: session, lease, index. ARGV: token, lease_ms, ttl_ms, id. A busy session does not
+# expire. -> 1 (renewed) | 0 (the lease is no longer ours)
+RENEW = (
+    _NOW
+    + """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if redis.call('PEXPIRE', KEYS[1], ARGV[3]) == 1 then
+  redis.call('ZADD', KEYS[3], string.format('%d', now + tonumber(ARGV[3])), ARGV[4])
+end
+return 1
+"""
+)
+
+# KEYS: session, lease, gone, index. ARGV: id. -> {'ok'} | {'busy'} | {'gone', tombstone or ''}
+DELETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', redis.call('GET', KEYS[3]) or ''} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'busy'} end
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return {'ok'}
+"""
+
+# KEYS: index. -> {count, expired since the last look}
+COUNT = (
+    _NOW
+    + """
+local expired = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return {redis.call('ZCARD', KEYS[1]), expired}
+"""
+)
+
+
+def encode(rec: SessionRecord) -> list[bytes | str]:
+    """The record as hash fields: metadata as text, arrays as raw float32 bytes."""
+    state = np.ascontiguousarray(rec.state, dtype=DTYPE)
+    fields: dict[str, bytes | str] = {
+        "fmt": FORMAT,
+        "model": rec.model,
+        "hash": rec.model_hash,
+        "owner": rec.owner,
+        "tokens_seen": str(rec.tokens_seen),
+        "created": repr(float(rec.created)),
+        "last_used": repr(float(rec.last_used)),
+        "version": str(rec.version),
+        "state_shape": ",".join(map(str, state.shape)),
+        "state": state.tobytes(),
+    }
+    if rec.logits is not None:
+        logits = np.ascontiguousarray(rec.logits, dtype=DTYPE)
+        fields["logits_shape"] = ",".join(map(str, logits.shape))
+        fields["logits"] = logits.tobytes()
+    return [x for kv in fields.items() for x in kv]
+
+
+def _array(data: bytes, shape: bytes) -> np.ndarray:
+    dims = tuple(int(d) for d in shape.decode().split(",") if d)
+    return np.frombuffer(data, dtype=DTYPE).reshape(dims).astype(np.float32)
+
+
+def decode(session_id: str, flat: list[bytes]) -> SessionRecord:
+    f = dict(zip(flat[::2], flat[1::2], strict=True))
+    fmt = f.get(b"fmt", b"?")
+    if fmt != FORMAT:
+        raise WrongModel(
+            f"session '{session_id}' is stored in format {fmt.decode(errors='replace')}; this server "
+            f"reads format {FORMAT.decode()} (run one gru-serve version against a store)"
+        )
+    logits = _array(f[b"logits"], f[b"logits_shape"]) if b"logits" in f else None
+    return SessionRecord(
+        session_id=session_id,
+        model=f[b"model"].decode(),
+        model_hash=f[b"hash"].decode(),
+        owner=f[b"owner"].decode(),
+        state=_array(f[b"state"], f[b"state_shape"]),
+        logits=logits,
+        tokens_seen=int(f[b"tokens_seen"]),
+        created=float(f[b"created"]),
+        last_used=float(f[b"last_used"]),
+        version=int(f[b"version"]),
+    )
+
+
+def display_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return urlunsplit(parts._replace(query=""))
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}", query=""))
+
+
+class RedisStore(SessionStore):
+    """Sessions in Redis; see the module docstring for the layout and the guarantees.
+
+    URL: ``redis://[:PASSWORD@]HOST:PORT/DB`` (or ``rediss://`` for TLS), with optional query
+    parameters ``lease_s`` (lease TTL, default 3) and ``prefix`` (key prefix, default ``gru:``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        ttl_s: float = 3600.0,
+        max_sessions: int = 10_000,
+        lease_s: float = 3.0,
+        prefix: str = "gru:",
+        timeout_s: float = 1.5,
+    ) -> None:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        lease_s = float(query.pop("lease_s", lease_s))
+        prefix = query.pop("prefix", prefix)
+        if lease_s <= 0 or ttl_s <= 0 or max_sessions < 1:
+            raise ValueError("lease_s and session_ttl_s must be positive and max_sessions at least 1")
+        self.url = display_url(url)
+        self.ttl_s, self.max_sessions, self.lease_s, self.prefix = ttl_s, max_sessions, lease_s, prefix
+        self.stats = StoreStats()
+        self._ttl_ms = max(1, round(ttl_s * 1000))
+        self._gone_ms = self._ttl_ms + DAY_MS
+        self._lease_ms = max(1, round(lease_s * 1000))
+        self._redis = aioredis.Redis.from_url(
+            urlunsplit(parts._replace(query=urlencode(query))),
+            socket_timeout=timeout_s,
+            socket_connect_timeout=min(timeout_s, 1.0),
+            # One immediate retry on a broken connection (e.g. Redis restarted since the pooled
+            # connection was opened); never on a timeout, where the script may have run.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            client_name="gru-serve",
+        )
+        self._scripts = {
+            name: self._redis.register_script(src)
+            for name, src in (
+                ("get", GET),
+                ("create", CREATE),
+                ("acquire", ACQUIRE),
+                ("commit", COMMIT),
+                ("release", RELEASE),
+                ("renew", RENEW),
+                ("delete", DELETE),
+                ("count", COUNT),
+            )
+        }
+        self._held: dict[str, str] = {}  # session id -> lease token, for leases this process holds
+        self._lost: set[str] = set()  # tokens whose lease ran out while held (logged once)
+        self._renewer: asyncio.Task | None = None
+        self._holder = f"{socket.gethostname()}:{os.getpid()}"
+
+    # -- plumbing --
+
+    def _keys(self, session_id: str, *kinds: str) -> list[str]:
+        p = self.prefix
+        names = {
+            "s": f"{p}s:{session_id}",
+            "lease": f"{p}lease:{session_id}",
+            "gone": f"{p}gone:{session_id}",
+            "index": f"{p}sessions",
+        }
+        return [names[k] for k in kinds]
+
+    async def _guard(self, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except RedisError as e:
+            raise Unavailable(f"session store {self.url} unreachable: {e}") from e
+        except OSError as e:  # socket errors redis-py did not wrap
+            raise Unavailable(f"session store {self.url} unreachable: {e}") from e
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._guard(self._scripts[name](keys=keys, args=args))
+
+    @staticmethod
+    def _gone(session_id: str, tombstone: bytes) -> Exception:
+        if not tombstone:
+            return SessionNotFound(session_id)
+        why, _, owner = tombstone.decode().partition("|")
+        return SessionExpired(session_id, evicted=why == "evicted", owner=owner)
+
+    def _tombstone(self, rec: SessionRecord) -> str:
+        return f"expired|{rec.owner}"
+
+    # -- the store --
+
+    async def ping(self) -> None:
+        await self._guard(self._redis.ping())
+
+    async def create(self, record: SessionRecord) -> None:
+        sid = record.session_id
+        status, expired, evicted = await self._run(
+            "create",
+            self._keys(sid, "s", "gone", "index"),
+            [
+                self._ttl_ms,
+                self._gone_ms,
+                self.max_sessions,
+                self.prefix,
+                sid,
+                self._tombstone(record),
+                *encode(record),
+            ],
+        )
+        self.stats.expirations += int(expired)
+        self.stats.evictions += int(evicted)
+        if status == b"full":
+            raise ResourceExhausted(
+                f"sessions: all {self.max_sessions} sessions are busy; the limit is max_sessions"
+            )
+
+    async def get(self, session_id: str) -> SessionRecord:
+        reply = await self._run("get", self._keys(session_id, "s", "gone"), [])
+        if reply[0] != b"ok":
+            raise self._gone(session_id, reply[1])
+        return decode(session_id, reply[1:])
+
+    async def acquire(self, session_id: str) -> SessionRecord:
+        token = f"{self._holder}:{secrets.token_hex(8)}"
+        reply = await self._run(
+            "acquire",
+            self._keys(session_id, "s", "lease", "gone", "index"),
+            [token, self._lease_ms, self._ttl_ms, self._gone_ms, session_id],
+        )
+        if reply[0] == b"busy":
+            raise SessionBusy(session_id)
+        if reply[0] != b"ok":
+            raise self._gone(session_id, reply[1])
+        self._held[session_id] = token
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_leases(), name="gru-serve-lease-renewal")
+        try:
+            return decode(session_id, reply[1:])
+        except BaseException:
+            await self.release(session_id)
+            raise
+
+    async def commit(self, record: SessionRecord) -> SessionRecord:
+        sid = record.session_id
+        token = self._held.get(sid)
+        if token is None:
+            raise VersionConflict(f"session '{sid}' changed during the request: this request held no lease")
+        stored = replace(record, version=record.version + 1)
+        reply = await self._run(  # Unavailable leaves the lease held, for release() to give back
+            "commit",
+            self._keys(sid, "s", "lease", "gone", "index"),
+            [
+                token,
+                str(record.version),
+                self._ttl_ms,
+                self._gone_ms,
+                sid,
+                self._tombstone(record),
+                *encode(stored),
+            ],
+        )
+        self._held.pop(sid, None)
+        if reply[0] != b"ok":
+            raise VersionConflict(f"session '{sid}' changed during the request: {reply[1].decode()}")
+        return stored
+
+    async def release(self, session_id: str) -> None:
+        """Give the lease back. Never raises for an unreachable store: the lease then simply runs
+        out after lease_s, as if this process had died."""
+        token = self._held.pop(session_id, None)
+        if token is None:
+            return
+        try:
+            await self._run(
+                "release", self._keys(session_id, "s", "lease", "index"), [token, self._ttl_ms, session_id]
+            )
+        except Unavailable as e:
+            log.warning(
+                "session %s: lease not released (it runs out in %.1f s): %s", session_id, self.lease_s, e
+            )
+
+    async def delete(self, session_id: str) -> None:
+        reply = await self._run("delete", self._keys(session_id, "s", "lease", "gone", "index"), [session_id])
+        if reply[0] == b"busy":
+            raise SessionBusy(session_id)
+        if reply[0] != b"ok":
+            raise self._gone(session_id, reply[1])
+
+    async def count(self) -> int:
+        n, expired = await self._run("count", self._keys("", "index"), [])
+        self.stats.expirations += int(expired)
+        return int(n)
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        for sid in list(self._held):
+            await self.release(sid)
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+
+    # -- leases --
+
+    async def _renew_leases(self) -> None:
+        """Keep this process's leases (and their sessions) alive while it works on them."""
+        while self._held:
+            await asyncio.sleep(self.lease_s / 3)
+            for sid, token in list(self._held.items()):
+                try:
+                    ok = await self._run(
+                        "renew",
+                        self._keys(sid, "s", "lease", "index"),
+                        [token, self._lease_ms, self._ttl_ms, sid],
+                    )
+                except Unavailable as e:
+                    log.warning("session %s: lease not renewed: %s", sid, e)
+                    continue
+                if not ok and self._held.get(sid) == token and token not in self._lost:
+                    # Kept in _held: the commit reports the conflict, the release is a no-op.
+                    self._lost.add(token)
+                    log.warning("session %s: lease lost; the request's commit will be refused", sid)
+            self._lost &= set(self._held.values())
