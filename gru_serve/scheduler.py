@@ -1,10 +1,22 @@
 """Continuous batching: one thread runs every active generation of a model.
 
-Each tick samples the next token of every active job from its pending logits (vectorised),
-hands the tokens out, then feeds them all to the model in one batched step. Jobs join
-between ticks (their prompt is prefilled in one call of seq = prompt length) and leave when
-they finish or are cancelled, so the batch grows and shrinks. Admission is first come, first
-served and every active job advances every tick: nothing starves.
+Each round samples the next token of every active job from its pending logits (vectorised,
+gru_serve.sampling), hands the tokens out at once, then runs the model for the whole batch:
+
+- the fused path (when the runtime has it): one session.run feeds those tokens and then
+  generates up to K - 1 more per job inside an ONNX Loop (decode step + the same sampler +
+  feedback), returning the state and logits after every step, so a job that reaches its
+  length or a stop string inside the round ends exactly there; K is capped by
+  `fused_tokens` and by a time budget per round, so newcomers wait at most about one budget;
+- the step path (K = 1): one batched decode step, with IOBinding and preallocated buffers
+  when `io_binding` is on.
+
+Both paths give the same tokens, bit for bit: the fused loop runs the same kernels as the
+decode step and draws the same counter-based uniforms. Jobs join between rounds (their
+prompt is prefilled in one call of seq = prompt length) and leave when they finish or are
+cancelled, so the batch grows and shrinks. The batch's state and logits live in arrays that
+are rebuilt only when its members change. Admission is first come, first served and every
+active job advances every round: nothing starves.
 """
 
 from __future__ import annotations
@@ -20,11 +32,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gru_serve.errors import GruServeError, Internal, ResourceExhausted, Unavailable
-from gru_serve.runtime import ModelRuntime
+from gru_serve.runtime import Decoder, ModelRuntime
 from gru_serve.sampling import MAX_STOP_CHARS, SamplingParams, sample, uniforms
 from gru_serve.scoring import token_logprobs
 
 log = logging.getLogger(__name__)
+
+FUSED_TOKENS = 32  # most tokens a job gets from one round (one fused session.run)
+ROUND_BUDGET_S = 0.004  # fused rounds are sized to take about this long
 
 
 @dataclass(frozen=True)
@@ -55,7 +70,8 @@ Event = TokenEvent | DoneEvent | FailedEvent
 
 @dataclass(eq=False)
 class Job:
-    """One generation request as the scheduler sees it. `emit` must be thread-safe."""
+    """One generation request as the scheduler sees it. `emit` must be thread-safe; when
+    `emit_many` is given, the tokens of one round go out through it in one call."""
 
     prompt: np.ndarray  # int64 token ids to consume first (may be empty)
     state: np.ndarray  # [layers, hidden]
@@ -70,9 +86,47 @@ class Job:
     tail: str = ""  # the last characters generated, for stop strings
     first_token_at: float | None = None
     stop_hit: str = field(default="")
+    emit_many: Callable[[list[Event]], None] | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def send(self, events: list[Event]) -> None:
+        if self.emit_many is not None:
+            self.emit_many(events)
+        else:
+            for ev in events:
+                self.emit(ev)
+
+
+class _Batch:
+    """The active jobs' state [B, L, H], pending logits [B, V] and sampling settings, in one
+    order; rebuilt when the members change. With a Decoder the state may live in its
+    buffers (on the GPU under CUDA) and is fetched only when needed."""
+
+    def __init__(self, jobs: list[Job], state: np.ndarray, logits: np.ndarray) -> None:
+        self.jobs = jobs
+        self.host_state: np.ndarray | None = state
+        self.logits = logits
+        self.decoder: Decoder | None = None
+        self.decoder_current = False  # the decoder holds the batch's current state
+        params = [j.params for j in jobs]
+        self.temperature = np.array([p.temperature for p in params], np.float64)
+        self.top_k = np.array([p.top_k for p in params], np.int64)
+        self.top_p = np.array([p.top_p for p in params], np.float64)
+        self.seeds = np.array([p.seed for p in params], np.uint64)
+        self.any_sampled = bool((self.temperature > 0).any())
+        self.logprobs = [i for i, j in enumerate(jobs) if j.want_logprobs]
+        self.any_stop = any(p.stop for p in params)
+
+    def state(self) -> np.ndarray:
+        if self.host_state is None:
+            assert self.decoder is not None
+            self.host_state = self.decoder.state()
+        return self.host_state
+
+    def positions(self) -> np.ndarray:
+        return np.array([j.position + j.generated for j in self.jobs], np.uint64)
 
 
 class Scheduler:
@@ -82,17 +136,20 @@ class Scheduler:
         max_batch_size: int = 256,
         max_queue: int = 1024,
         io_binding: bool = False,
+        fused_tokens: int = FUSED_TOKENS,
+        round_budget_s: float = ROUND_BUDGET_S,
     ) -> None:
         self.runtime = runtime
         self.io_binding = io_binding
-        # With IOBinding the batch's state stays on the device while the batch keeps its members;
-        # job.state is brought back to the host only when members change or a job finishes.
-        self._dev_state = None
-        self._dev_jobs: list[Job] = []
+        # 1 turns the fused path off: every round is one decode step.
+        self.fused_tokens = fused_tokens
+        self.round_budget_s = round_budget_s
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._pending: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
+        self._batch: _Batch | None = None
+        self._step_cost: dict[int, float] = {}  # batch size -> seconds per fused step (EMA)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(
@@ -100,6 +157,10 @@ class Scheduler:
         )
         self.last_batch_size = 0
         self.peak_batch_size = 0
+        self.rounds = 0
+        self.fused_rounds = 0
+        self.tokens = 0
+        self.fused_tokens_generated = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -147,7 +208,7 @@ class Scheduler:
                     self._active.append(job)
             self._active = [j for j in self._active if not j.cancelled]
             if self._active:
-                self._tick()
+                self._round()
         with self._cond:
             leftovers = list(self._pending) + self._active
             self._pending.clear()
@@ -178,65 +239,168 @@ class Scheduler:
     def _finish(self, job: Job, reason: str) -> None:
         job.emit(DoneEvent(reason, job.state, job.logits, job.generated, job.stop_hit, job.first_token_at))
 
-    def _step(self, jobs: list[Job], ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """One batched step; with IOBinding the new state stays on the device (returns None)."""
-        if not self.io_binding:
-            return self.runtime.step(ids, np.stack([j.state for j in jobs]))
-        if jobs != self._dev_jobs:
-            if self._dev_jobs:
-                host = self._dev_state.numpy()
-                for i, job in enumerate(self._dev_jobs):
-                    job.state = host[i]
-            self._dev_state = self.runtime.to_device(np.stack([j.state for j in jobs]))
-        logits, self._dev_state = self.runtime.bound_step(ids, self._dev_state)
-        self._dev_jobs = list(jobs)
-        return logits, None
+    def _members(self, jobs: list[Job]) -> _Batch:
+        """The batch arrays for `jobs`: reused while the members stay, else rebuilt with the
+        rows of staying jobs taken from the old arrays and the newcomers' from the jobs."""
+        old = self._batch
+        if old is not None and old.jobs == jobs:
+            return old
+        if old is None:
+            state = np.stack([j.state for j in jobs])
+            logits = np.stack([j.logits for j in jobs])
+        else:
+            rows = {id(j): i for i, j in enumerate(old.jobs)}
+            old_state = old.state()
+            state = np.stack([old_state[rows[id(j)]] if id(j) in rows else j.state for j in jobs])
+            logits = np.stack([old.logits[rows[id(j)]] if id(j) in rows else j.logits for j in jobs])
+        self._batch = _Batch(list(jobs), state, logits)
+        return self._batch
 
-    def _tick(self) -> None:
+    def _round(self) -> None:
         jobs = self._active
-        self.last_batch_size = len(jobs)
-        self.peak_batch_size = max(self.peak_batch_size, len(jobs))
-        logits = np.stack([j.logits for j in jobs])
-        params = [j.params for j in jobs]
-        seeds = np.array([p.seed for p in params], dtype=np.uint64)
-        positions = np.array([j.position + j.generated for j in jobs], dtype=np.uint64)
-        tokens = sample(
-            logits,
-            np.array([p.temperature for p in params]),
-            np.array([p.top_k for p in params]),
-            np.array([p.top_p for p in params]),
-            uniforms(seeds, positions),
+        n = len(jobs)
+        self.last_batch_size = n
+        self.peak_batch_size = max(self.peak_batch_size, n)
+        batch = self._members(jobs)
+        positions = batch.positions()
+        if batch.any_sampled:
+            tokens = sample(
+                batch.logits, batch.temperature, batch.top_k, batch.top_p, uniforms(batch.seeds, positions)
+            )
+        else:
+            tokens = batch.logits.argmax(axis=1)
+        first_lp = (
+            token_logprobs(batch.logits[batch.logprobs], tokens[batch.logprobs]) if batch.logprobs else ()
         )
-        want = [i for i, j in enumerate(jobs) if j.want_logprobs]
-        logprobs = dict(zip(want, token_logprobs(logits[want], tokens[want]), strict=True)) if want else {}
+        lps = dict(zip(batch.logprobs, first_lp, strict=True))
         now = time.perf_counter()
-        vocab = self.runtime.vocab
+        vocab = self.runtime.vocab.tokens
+        left = np.empty(n, np.int64)  # tokens each job may still take in this round
+        firsts: list[TokenEvent] = []
+        fresh: list[bool] = []
         for i, job in enumerate(jobs):
             tid = int(tokens[i])
-            text = vocab.token(tid)
+            text = vocab[tid]
+            fresh.append(job.first_token_at is None)
             if job.first_token_at is None:
                 job.first_token_at = now
-            lp = logprobs.get(i)
-            job.emit(TokenEvent(tid, text, job.generated, None if lp is None else float(lp)))
+            lp = lps.get(i)
+            firsts.append(TokenEvent(tid, text, job.generated, None if lp is None else float(lp)))
             job.generated += 1
             if job.params.stop:
                 job.tail = (job.tail + text)[-MAX_STOP_CHARS:]
                 job.stop_hit = next((s for s in job.params.stop if job.tail.endswith(s)), "")
+            left[i] = 0 if job.stop_hit else job.max_new_tokens - job.generated
+        self.tokens += n
+        k = self._fused_steps(n, int(left.max()))
+        # A newcomer's first token goes out now, before the model runs; in a fused round the
+        # others' goes out with the tokens the loop makes (one message instead of two).
+        for i, job in enumerate(jobs):
+            if k == 1 or fresh[i]:
+                job.emit(firsts[i])
         try:
-            new_logits, new_state = self.runtime.step(
-                tokens[:, None].astype(np.int64), np.stack([j.state for j in jobs])
-            )
+            if k > 1:
+                held = [None if fresh[i] else firsts[i] for i in range(n)]
+                self._fused_round(batch, tokens, positions, left, k, held)
+            else:
+                self._step_round(batch, tokens)
         except Exception as e:
             self._fail(jobs, e)
             self._active = []
+            self._batch = None
             return
+        self.rounds += 1
+
+    def _fused_steps(self, n: int, most_left: int) -> int:
+        """Steps for this round: 1 (a decode step) or K for the fused loop, K - 1 being the
+        tokens the longest-running job still takes, within fused_tokens and the time budget."""
+        if self.fused_tokens <= 1 or most_left < 1 or not self.runtime.has_fused:
+            return 1
+        cost = self._step_cost.get(n, 15e-6 + 2.2e-6 * n)
+        budget = max(2, int(self.round_budget_s / cost))
+        return min(self.fused_tokens, most_left + 1, budget)
+
+    def _step_round(self, batch: _Batch, tokens: np.ndarray) -> None:
+        """Feed this round's tokens in one batched decode step. IOBinding pays off over many
+        steps of one batch: with the fused path on, a step round is a batch's last, so it runs
+        plainly."""
+        if self.io_binding and (self.fused_tokens <= 1 or not self.runtime.has_fused):
+            if batch.decoder is None:
+                batch.decoder = self.runtime.decoder(batch.state())
+                batch.decoder_current = True
+            elif not batch.decoder_current:
+                batch.decoder.load(batch.state())
+                batch.decoder_current = True
+            batch.logits = batch.decoder.step(tokens).copy()
+            batch.host_state = batch.decoder.state() if self.runtime.device == "cpu" else None
+        else:
+            logits, batch.host_state = self.runtime.step(tokens[:, None].astype(np.int64), batch.state())
+            batch.logits = logits[:, 0]
         still = []
-        for i, job in enumerate(jobs):
-            job.logits, job.state = new_logits[i, -1], new_state[i]
-            if job.stop_hit:
-                self._finish(job, "stop")
-            elif job.generated >= job.max_new_tokens:
-                self._finish(job, "length")
+        for i, job in enumerate(batch.jobs):
+            if job.stop_hit or job.generated >= job.max_new_tokens:
+                job.logits, job.state = batch.logits[i].copy(), batch.state()[i].copy()
+                self._finish(job, "stop" if job.stop_hit else "length")
             elif not job.cancelled:
                 still.append(job)
         self._active = still
+
+    def _fused_round(
+        self,
+        batch: _Batch,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        left: np.ndarray,
+        k: int,
+        held: list[TokenEvent | None],
+    ) -> None:
+        """Feed this round's tokens, then generate up to k - 1 more per job in one run; `held`
+        are first tokens not handed out yet."""
+        n = len(batch.jobs)
+        u = (
+            uniforms(
+                np.repeat(batch.seeds, k), (positions[:, None] + np.arange(1, k + 1, dtype=np.uint64)).ravel()
+            )
+            if batch.any_sampled
+            else np.zeros(n * k)
+        ).reshape(n, k)
+        t0 = time.perf_counter()
+        sampled, step_logits, step_states = self.runtime.fused(
+            tokens, batch.state(), batch.temperature, batch.top_k, batch.top_p, u
+        )
+        self.fused_rounds += 1
+        vocab = self.runtime.vocab.tokens
+        lp_rows = set(batch.logprobs)
+        still = []
+        for i, job in enumerate(batch.jobs):
+            take = int(min(left[i], k - 1))  # tokens from the loop: sampled[0 .. take - 1]
+            ids = sampled[:take, i].tolist()
+            lps = token_logprobs(step_logits[:take, i], sampled[:take, i]) if i in lp_rows and take else None
+            events: list = [] if held[i] is None else [held[i]]
+            end = take  # the job's last fed token is step index `end`
+            for t, tid in enumerate(ids):
+                text = vocab[tid]
+                events.append(TokenEvent(tid, text, job.generated, None if lps is None else float(lps[t])))
+                job.generated += 1
+                if job.params.stop:
+                    job.tail = (job.tail + text)[-MAX_STOP_CHARS:]
+                    job.stop_hit = next((s for s in job.params.stop if job.tail.endswith(s)), "")
+                    if job.stop_hit:
+                        end = t + 1
+                        break
+            if events:
+                job.send(events)
+            added = len(events) - (held[i] is not None)
+            self.tokens += added
+            self.fused_tokens_generated += added
+            if job.stop_hit or job.generated >= job.max_new_tokens:
+                job.logits, job.state = step_logits[end, i].copy(), step_states[end, i].copy()
+                self._finish(job, "stop" if job.stop_hit else "length")
+            elif not job.cancelled:
+                still.append(job)
+        batch.logits = step_logits[k - 1]
+        batch.host_state = step_states[k - 1]
+        batch.decoder_current = False
+        self._active = still
+        cost = (time.perf_counter() - t0) / k  # the run and handing out its tokens, per step
+        self._step_cost[n] = 0.8 * self._step_cost.get(n, cost) + 0.2 * cost

@@ -266,6 +266,14 @@ class GenerationService:
         def emit(ev: object) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
+        def put_all(events: list) -> None:
+            for ev in events:
+                queue.put_nowait(ev)
+
+        def emit_many(events: list) -> None:
+            # One wake-up of the event loop per round, not one per token.
+            loop.call_soon_threadsafe(put_all, events)
+
         job = Job(
             np.asarray(ids, dtype=np.int64),
             rec.state.copy(),
@@ -275,6 +283,7 @@ class GenerationService:
             rec.tokens_seen + len(ids),
             logprobs,
             emit,
+            emit_many=emit_many,
         )
         self.schedulers[rt.name].submit(job)
         try:

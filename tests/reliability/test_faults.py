@@ -94,6 +94,10 @@ class FailingRuntime:
         self._maybe_fail()
         return self.inner.bound_step(*args)
 
+    def fused(self, *args):
+        self._maybe_fail()
+        return self.inner.fused(*args)
+
 
 def test_a_failing_batch_fails_only_its_requests(server, runtime):
     sched = server.service.schedulers["timemachine-d2l"]
