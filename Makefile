@@ -7,7 +7,7 @@ MODELS := gru_serve/models
 FULL_RECIPE := --hidden-size 384 --num-layers 2 --dropout 0.5 --optimizer adam --lr 0.003 --epochs 24 \
 	--num-steps 64 --max-tokens 0 --holdout 0.1 --eval-every 2
 
-.PHONY: install demo test lint models protos reliability clean
+.PHONY: install demo test lint models protos reliability bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ models: $(STAMP)
 	$(BIN)/gru-export train $(FULL_RECIPE) -o checkpoints/timemachine-full.pt
 	$(BIN)/gru-export export checkpoints/timemachine-full.pt -o $(MODELS)/timemachine-full/model.onnx \
 		--name timemachine-full --card $(MODELS)/timemachine-full/README.md
+
+# Latency and throughput beside PyTorch eager and a PyTorch gRPC server; writes docs/bench/
+# (results.json, plots) and docs/benchmarks.md. `make bench BENCH_FLAGS=--quick`: under 2 minutes.
+bench: $(STAMP)
+	$(BIN)/gru-serve bench $(BENCH_FLAGS) -o docs/bench --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

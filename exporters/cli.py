@@ -114,6 +114,14 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_variants(args: argparse.Namespace) -> int:
+    from exporters.variants import main_variants
+
+    ck = load_checkpoint(Path(args.checkpoint)) if args.checkpoint else None
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    return main_variants(Path(args.model), Path(args.output), kinds, ck)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gru-export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -196,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {triton.DEFAULT_MAX_SEQUENCE_IDLE_US})",
     )
     r.set_defaults(func=cmd_triton_repo)
+
+    va = sub.add_parser(
+        "variants",
+        help="write the optimized, fp16, decode and fused variants of a model, validated",
+        description="Write DIR/{optimized,fp16,decode,fused}.onnx and DIR/variants.json (checks, "
+        "differences from the base model, perplexity change).",
+    )
+    va.add_argument("model", help="exported ONNX model")
+    va.add_argument("-o", "--output", required=True, help="directory to write the variants to")
+    va.add_argument("--kinds", default="optimized,fp16,decode,fused", help="comma-separated variants")
+    va.add_argument("--checkpoint", help="also check the optimized variant's parity with this checkpoint")
+    va.set_defaults(func=cmd_variants)
     return p
 
 

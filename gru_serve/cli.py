@@ -170,6 +170,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gru_serve.bench.run import main as bench
+
+    return bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gru-serve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -222,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = client_parser("info", "the model, its provider and the server's limits")
     i.set_defaults(func=cmd_info)
+
+    from gru_serve.bench.run import add_arguments as bench_arguments
+
+    b = sub.add_parser(
+        "bench",
+        help="latency and throughput, in process and served, beside PyTorch eager and a PyTorch gRPC server",
+        description="Benchmark in one run: in-process decode loops, a served concurrency sweep and the "
+        "baselines; a table, results.json, PNG plots and a Markdown report.",
+    )
+    bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,0 +1,256 @@
+"""Variants of an exported model, each validated, with its perplexity change reported.
+
+    gru-export variants MODEL.onnx -o DIR [--checkpoint CK] [--kinds optimized,fp16,decode,fused]
+
+- optimized.onnx: onnxruntime's offline-optimised graph (basic level: standard ONNX ops only,
+  so it runs on any execution provider); same contract and metadata.
+- fp16.onnx: every float weight stored as float16, cast back to float32 in the graph; the
+  contract (float32 inputs and outputs) is unchanged. Half the file; onnxruntime folds the
+  casts at load on CPU, so it runs at float32 speed there, with the weights' rounding.
+- decode.onnx: the decode step the server derives from the weights (seq = 1 only; a Gather
+  input projection and a hand-written GRU cell), for inspection.
+- fused.onnx: K decode steps with sampling and feedback in one ONNX Loop, the graph the
+  server's scheduler runs (gru_serve.runtime.fused_graph); its tokens are checked to equal
+  the step path's, greedy and seeded.
+
+DIR/variants.json holds the report: sizes, checks, max differences and perplexities
+(d2l's way on the training tokens, and as one stream on the training and held-out text) next
+to the base model's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from exporters.validate import ValidationError, compare_runs, ort_step, validate
+from gru_serve.contract import read_model
+from gru_serve.runtime import FUSED_OUTPUTS, ModelRuntime, decode_graph, fused_graph, gru_weights
+from gru_serve.sampling import SamplingParams, sample, uniforms
+from gru_serve.scoring import d2l_perplexity, stream_perplexity
+
+KINDS = ("optimized", "fp16", "decode", "fused")
+FP16_MIN_ELEMENTS = 16  # smaller float tensors (shape constants and the like) stay float32
+
+
+@dataclass
+class VariantReport:
+    kind: str
+    path: str
+    bytes: int
+    checks: list[str] = field(default_factory=list)
+    max_diff: dict[str, float] = field(default_factory=dict)
+    perplexity: dict[str, float] = field(default_factory=dict)
+    perplexity_change: dict[str, float] = field(default_factory=dict)  # relative to the base
+    load_s: float = 0.0
+
+
+def _tag(model: onnx.ModelProto, base: onnx.ModelProto, kind: str, base_sha256: str) -> onnx.ModelProto:
+    """Copy the base model's metadata and say which variant this is, of which model."""
+    props = {p.key: p.value for p in base.metadata_props}
+    props.update({"gru_serve.variant": kind, "gru_serve.base_sha256": base_sha256})
+    del model.metadata_props[:]
+    helper.set_model_props(model, props)
+    return model
+
+
+def optimized_model(path: Path, out: Path) -> None:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def fp16_model(base: onnx.ModelProto) -> onnx.ModelProto:
+    """Float weights stored as float16 with a Cast back to float32 where they are used."""
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    g = model.graph
+    casts = []
+    for init in g.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < FP16_MIN_ELEMENTS:
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "_fp16")
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
+        init.CopyFrom(half)
+    nodes = casts + list(g.node)  # the casts first: the graph stays topologically sorted
+    del g.node[:]
+    g.node.extend(nodes)
+    return model
+
+
+def perplexities(step, shape: tuple[int, int]) -> dict[str, float]:
+    """d2l's perplexity on its 10,000 training tokens, and one-stream perplexity on them and on
+    the last 10% of the book (held out from the d2l recipe)."""
+    from exporters.corpus import Corpus
+
+    corpus = Corpus.time_machine()
+    train, _ = corpus.split()
+    held = corpus.ids[int(0.9 * len(corpus.ids)) :]
+    return {
+        "train_d2l": d2l_perplexity(step, train, shape),
+        "train_stream": stream_perplexity(step, train, shape),
+        "heldout_stream": stream_perplexity(step, held, shape),
+    }
+
+
+def token_by_token(session: ort.InferenceSession):
+    """A contract step function from a seq = 1 graph: one run per position."""
+
+    def step(ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = []
+        for t in range(ids.shape[1]):
+            logits, state = session.run(None, {"input_ids": ids[:, t : t + 1], "state": state})
+            out.append(logits)
+        return np.concatenate(out, axis=1), state
+
+    return step
+
+
+def _reference_tokens(rt: ModelRuntime, prompts: list[list[int]], params: list[SamplingParams], n: int):
+    """The step path: one decode step per token per prompt at batch 1, numpy sampling."""
+    out = []
+    for ids, p in zip(prompts, params, strict=True):
+        logits, state = rt.step(np.array([ids], np.int64), rt.zero_state())
+        logits, toks = logits[:, -1], []
+        for j in range(n):
+            u = uniforms(np.array([p.seed], np.uint64), np.array([len(ids) + j], np.uint64))
+            t = sample(logits, np.array([p.temperature]), np.array([p.top_k]), np.array([p.top_p]), u)
+            toks.append(int(t[0]))
+            logits, state = rt.step(t[:, None].astype(np.int64), state)
+            logits = logits[:, -1]
+        out.append(toks)
+    return out
+
+
+def fused_parity(model_path: Path, fused_path: Path, n: int = 200, k: int = 16) -> list[str]:
+    """Generate n tokens for a batch of prompts (greedy and seeded sampling rows) with the fused
+    file, K per run, and with the step path; the tokens must be identical."""
+    rt = ModelRuntime(model_path)
+    sess = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"])
+    prompts = [rt.vocab.encode(t) for t in ("time traveller", "the machine", "it was", "so")]
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=1.0, seed=7),
+        SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=11),
+        SamplingParams(temperature=1.5, top_p=0.5, seed=3),
+    ]
+    want = _reference_tokens(rt, prompts, params, n)
+    checks = []
+    for rows, label in (([0], "greedy"), ([0, 1, 2, 3], "greedy and seeded sampling, batched")):
+        logits, states = [], []
+        for i in rows:
+            lg, st = rt.step(np.array([prompts[i]], np.int64), rt.zero_state())
+            logits.append(lg[0, -1])
+            states.append(st[0])
+        logits, state = np.stack(logits), np.stack(states)
+        t = np.array([params[i].temperature for i in rows])
+        tk = np.array([params[i].top_k for i in rows], np.int64)
+        tp = np.array([params[i].top_p for i in rows])
+        seeds = np.array([params[i].seed for i in rows], np.uint64)
+        pos = np.array([len(prompts[i]) for i in rows], np.uint64)
+        got: list[list[int]] = [[] for _ in rows]
+        done = 0
+        while done < n:
+            tok = sample(logits, t, tk, tp, uniforms(seeds, pos + done))
+            kk = min(k, n - done)
+            u = np.stack([uniforms(seeds, pos + done + j) for j in range(1, kk + 1)], axis=1)
+            sampled, step_logits, step_states = sess.run(
+                list(FUSED_OUTPUTS),
+                {"tokens": tok, "state": state, "temperature": t, "top_k": tk, "top_p": tp, "uniforms": u},
+            )
+            for r in range(len(rows)):
+                got[r] += [int(tok[r]), *sampled[: kk - 1, r].tolist()]
+            logits, state = step_logits[kk - 1], step_states[kk - 1]
+            done += kk
+        for r, i in enumerate(rows):
+            if got[r] != want[i]:
+                first = next(j for j, (a, b) in enumerate(zip(got[r], want[i], strict=True)) if a != b)
+                raise ValidationError(
+                    f"fused.onnx: {label}, row {r} ({params[i]}): token {first} differs from the step path"
+                )
+        checks.append(f"fused = step path, {n} tokens, {label} ({len(rows)} rows, {k} tokens per run)")
+    return checks
+
+
+def write_variants(
+    model_path: Path, out: Path, kinds: tuple[str, ...] = KINDS, checkpoint=None
+) -> dict[str, VariantReport | dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    base = onnx.load(str(model_path))
+    meta = read_model(base)
+    sha = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    shape = (meta.num_layers, meta.hidden_size)
+    base_ppl = perplexities(ort_step(model_path), shape)
+    reports: dict[str, VariantReport | dict] = {"base": {"path": str(model_path), "perplexity": base_ppl}}
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown variant {kind!r}; choose from {', '.join(KINDS)}")
+        path = out / f"{kind}.onnx"
+        if kind == "optimized":
+            optimized_model(model_path, path)
+            onnx.save(_tag(onnx.load(str(path)), base, kind, sha), str(path))
+        elif kind == "fp16":
+            onnx.save(_tag(fp16_model(base), base, kind, sha), str(path))
+        elif kind == "decode":
+            onnx.save(_tag(decode_graph(base, gru_weights(base)), base, kind, sha), str(path))
+        else:
+            onnx.save(_tag(fused_graph(base, gru_weights(base)), base, kind, sha), str(path))
+        rep = VariantReport(kind, str(path), path.stat().st_size)
+        t0 = time.perf_counter()
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        rep.load_s = time.perf_counter() - t0
+        if kind in ("decode", "fused"):  # validate() runs the checker on the others
+            onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+            rep.checks.append("onnx.checker: ok")
+        if kind in ("optimized", "fp16"):
+            strict = kind == "optimized"
+            report = validate(path, checkpoint if strict else None)
+            rep.checks += report.checks
+            # Parity with the base model over the validator's chained runs.
+            tol = (1e-4, 1e-5) if strict else (np.inf, np.inf)
+            rep.max_diff = compare_runs(ort_step(path), ort_step(model_path), meta, *tol, "the base model")
+            rep.perplexity = perplexities(ort_step(path), shape)
+            rep.perplexity_change = {k: rep.perplexity[k] / base_ppl[k] - 1 for k in base_ppl}
+        elif kind == "decode":
+            rt = ModelRuntime(model_path)  # derives the same graph and checks it at load
+            rep.checks.append(f"runtime fast path: {rt.fast_path_note}")
+            rep.perplexity = perplexities(token_by_token(ort.InferenceSession(str(path))), shape)
+            rep.perplexity_change = {k: rep.perplexity[k] / base_ppl[k] - 1 for k in base_ppl}
+        else:
+            rep.checks += fused_parity(model_path, path)
+        reports[kind] = rep
+    return reports
+
+
+def as_json(reports: dict) -> dict:
+    return {k: (v if isinstance(v, dict) else vars(v)) for k, v in reports.items()}
+
+
+def main_variants(model: Path, out: Path, kinds: tuple[str, ...], checkpoint) -> int:
+    reports = write_variants(model, out, kinds, checkpoint)
+    (out / "variants.json").write_text(json.dumps(as_json(reports), indent=2) + "\n")
+    base = reports["base"]["perplexity"]
+    print(f"base {model}: perplexity " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
+    for kind in kinds:
+        r = reports[kind]
+        print(f"{kind:10} {r.path} ({r.bytes / 1e6:.2f} MB, loads in {r.load_s * 1000:.0f} ms)")
+        for c in r.checks:
+            print(f"    {c}")
+        if r.max_diff:
+            print("    max |diff| vs base: " + ", ".join(f"{k} {v:.2e}" for k, v in r.max_diff.items()))
+        if r.perplexity_change:
+            print(
+                "    perplexity change: "
+                + ", ".join(f"{k} {r.perplexity[k]:.4f} ({v:+.3%})" for k, v in r.perplexity_change.items())
+            )
+    print(f"wrote {out / 'variants.json'}")
+    return 0

@@ -1,0 +1,127 @@
+"""`gru-serve bench` on tiny settings: valid JSON, a Markdown report, plots; and the report's
+arithmetic (goals, inter-token latency attribution) on known inputs. No timing assertions."""
+
+import json
+
+import pytest
+
+from gru_serve.bench import report, served
+from gru_serve.bench.gpu import gpu_check
+from gru_serve.cli import main
+
+SECTIONS = ("batch1", "batched", "sampling", "scheduler", "tuning")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    md = out / "docs" / "benchmarks.md"
+    argv = [
+        "bench",
+        "--tiny",
+        "--no-torch",
+        "--no-served",
+        "--no-variants",
+        "-o",
+        str(out / "b"),
+        "--markdown",
+        str(md),
+    ]
+    assert main(argv) == 0
+    return out / "b", md
+
+
+def test_tiny_bench_writes_valid_json(tiny):
+    out, _ = tiny
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "gru-serve-bench/1" and results["mode"] == "tiny"
+    assert (
+        results["provider"]
+        and results["versions"][
+            "onnxruntime-gpu" if "onnxruntime-gpu" in results["versions"] else "onnxruntime"
+        ]
+    )
+    assert {"cpu", "usable_cpus", "platform", "python"} <= set(results["machine"])
+    for section in SECTIONS:
+        rows = results["inprocess"][section]
+        assert rows and all(r["tokens_per_s"] > 0 and r["us_per_token"] > 0 for r in rows), section
+    names = {r["name"] for r in results["inprocess"]["batch1"]}
+    assert {
+        "ort_exported_step",
+        "ort_exported_iobinding",
+        "ort_decode_step",
+        "ort_decode_iobinding",
+        "fused_k4",
+    } <= names
+    assert {g["goal"] for g in results["goals"]} and all(g["met"] is None for g in results["goals"][:2])
+
+
+def test_tiny_bench_writes_markdown_and_plots(tiny):
+    out, md = tiny
+    text = md.read_text()
+    assert text.startswith("# Benchmarks") and "## Goals" in text and "### One stream, greedy" in text
+    assert "(../b/inprocess.png)" in text and (out / "inprocess.png").stat().st_size > 1000
+    assert "(../b/results.json)" in text
+
+
+def _level(c, tokens_per_s, ttft, itl_p50, itl_p99, tpot, e2e):
+    p = lambda x, y=None: {"p50": x, "p90": x, "p99": y or x, "mean": x, "max": y or x}  # noqa: E731
+    return {
+        "concurrency": c, "tokens_per_s": tokens_per_s, "requests_per_s": 1.0, "ttft_ms": p(ttft),
+        "itl_ms": p(itl_p50, itl_p99), "message_gap_ms": p(1.0), "tpot_ms": p(tpot), "e2e_ms": p(e2e),
+        "per_stream_tokens_per_s": p(1.0), "tokens_per_message": 4.0, "errors": 0,
+    }  # fmt: skip
+
+
+def test_goals_are_ratios_of_the_run():
+    results = {
+        "settings": {"inprocess": {"server_k": 32}},
+        "torch": {
+            "d2l": {"tokens_per_s": 10_000},
+            "batched": [{"batch": 64, "tokens_per_s": 100_000, "threads": 2}],
+        },
+        "inprocess": {
+            "batch1": [
+                {"name": "ort_decode_iobinding", "batch": 1, "tokens_per_s": 40_000},
+                {"name": "ort_exported_step", "batch": 1, "tokens_per_s": 30_000},
+                {"name": "fused_k32", "batch": 1, "tokens_per_s": 70_000},
+            ],
+            "batched": [{"name": "ort_decode_iobinding", "batch": 64, "tokens_per_s": 300_000}],
+        },
+        "served": {
+            "ours": [_level(1, 25_000, 1, 0.0, 1, 0.05, 10), _level(64, 90_000, 5, 0.0, 2.0, 0.5, 100)],
+            "baseline": [_level(64, 3_000, 500, 3, 7, 3, 3000)],
+        },
+    }
+    values = [x["value"] for x in report.goals(results)]
+    assert values[0] == pytest.approx(4.0) and values[1] == pytest.approx(7.0)
+    assert values[2] == pytest.approx(3.0) and values[3] is None  # no PyTorch figure at 256
+    assert values[4] == pytest.approx(25_000 / 40_000) and values[5] == pytest.approx(90_000 / 300_000)
+    assert values[6] == pytest.approx(90_000 / 25_000)
+    itl = report.goals(results)[7]
+    assert itl["value"] == pytest.approx(2.0 / 0.05) and "time per output token" in itl["note"]
+    assert values[8] == pytest.approx(30.0) and report.goals(results)[9]["met"] is True
+
+
+def test_tokens_of_one_message_share_its_arrival_time():
+    rec = served.Record(start=0.0, arrivals=[(0.010, 1), (0.012, 3), (0.020, 2)], end=0.021)
+    out = served.summarize([rec], wall=1.0, concurrency=1, reps=1, tokens=6)
+    assert out["tokens"] == 6 and out["messages"] == 3 and out["tokens_per_message"] == 2
+    assert out["ttft_ms"]["p50"] == pytest.approx(10.0)
+    # 5 gaps: 2 ms and 0, 0 for the second message; 8 ms and 0 for the third
+    assert out["itl_ms"]["max"] == pytest.approx(8.0) and out["itl_ms"]["mean"] == pytest.approx(2.0)
+    assert out["message_gap_ms"]["mean"] == pytest.approx(5.0)
+    assert out["tpot_ms"]["p50"] == pytest.approx(2.0)
+    assert out["e2e_ms"]["p50"] == pytest.approx(21.0) and out["errors"] == 0
+
+
+def test_errors_are_counted_by_code():
+    ok = served.Record(0.0, [(0.001, 1)], 0.002)
+    out = served.summarize([ok, served.Record(0.0, error="UNAVAILABLE")], 1.0, 2, 1, 1)
+    assert out["errors"] == 1 and out["error_codes"] == {"UNAVAILABLE": 1} and out["requests"] == 1
+
+
+def test_gpu_check_without_cuda_says_so(capsys):
+    assert gpu_check() == 0
+    out = capsys.readouterr().out
+    assert "SKIPPED" in out or "parity OK" in out

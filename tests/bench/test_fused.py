@@ -1,0 +1,175 @@
+"""The fused K-token path gives what the step path gives: in process, through the scheduler,
+and over real gRPC."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from gru_serve.client import Client, sampling
+from gru_serve.runtime import ModelRuntime, RuntimeOptions
+from gru_serve.sampling import SamplingParams, sample, uniforms
+from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler
+
+from ..serve.conftest import D2L, reference_generate, start_server
+
+# Values exact in float32, as they arrive over gRPC.
+PARAMS = [
+    SamplingParams(),
+    SamplingParams(temperature=1.0, seed=7),
+    SamplingParams(temperature=0.75, top_k=5, seed=11),
+    SamplingParams(temperature=1.25, top_p=0.875, seed=3),
+    SamplingParams(temperature=0.625, top_k=3, top_p=0.75, seed=2**63 + 5),
+]
+PROMPTS = ["time traveller", "the machine", "it was", "so", "we"]
+
+
+def step_path(rt, prompt, params, n):
+    """One decode step per token at batch 1, numpy sampling: tokens, final logits and state."""
+    ids = rt.vocab.encode(prompt)
+    logits, state = rt.step(np.array([ids], np.int64), rt.zero_state())
+    logits, out = logits[:, -1], []
+    for j in range(n):
+        u = uniforms(np.array([params.seed], np.uint64), np.array([len(ids) + j], np.uint64))
+        t = sample(
+            logits, np.array([params.temperature]), np.array([params.top_k]), np.array([params.top_p]), u
+        )
+        out.append(int(t[0]))
+        logits, state = rt.step(t[:, None].astype(np.int64), state)
+        logits = logits[:, -1]
+    return out, logits[0], state[0]
+
+
+def fused_path(rt, prompts, params, n, k):
+    """The prompts as one batch, k tokens per fused run (the first of each run sampled in numpy)."""
+    logits, states = [], []
+    for p in prompts:
+        lg, st = rt.step(np.array([rt.vocab.encode(p)], np.int64), rt.zero_state())
+        logits.append(lg[0, -1])
+        states.append(st[0])
+    logits, state = np.stack(logits), np.stack(states)
+    t = np.array([p.temperature for p in params])
+    tk = np.array([p.top_k for p in params], np.int64)
+    tp = np.array([p.top_p for p in params])
+    seeds = np.array([p.seed for p in params], np.uint64)
+    pos = np.array([len(rt.vocab.encode(p)) for p in prompts], np.uint64)
+    out = [[] for _ in prompts]
+    done = 0
+    while done < n:
+        tok = sample(logits, t, tk, tp, uniforms(seeds, pos + done))
+        kk = min(k, n - done)
+        u = np.stack([uniforms(seeds, pos + done + j) for j in range(1, kk + 1)], axis=1)
+        sampled, step_logits, step_states = rt.fused(tok, state, t, tk, tp, u)
+        for r in range(len(prompts)):
+            out[r] += [int(tok[r]), *sampled[: kk - 1, r].tolist()]
+        logits, state = step_logits[kk - 1], step_states[kk - 1]
+        done += kk
+    return out, logits, state
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return ModelRuntime(D2L)
+
+
+def test_the_runtime_derives_the_fast_path(rt):
+    assert rt.has_fused and rt.decode_session is not None and rt.fast_path_note.startswith("on")
+    assert not ModelRuntime(D2L, RuntimeOptions(fast_path=False)).has_fused
+
+
+@pytest.mark.parametrize("k", [2, 16, 33])
+def test_fused_equals_the_step_path_bit_for_bit(rt, k):
+    n = 150
+    got, logits, state = fused_path(rt, PROMPTS, PARAMS, n, k)
+    for r, (prompt, params) in enumerate(zip(PROMPTS, PARAMS, strict=True)):
+        want, want_logits, want_state = step_path(rt, prompt, params, n)
+        assert got[r] == want, f"row {r} {params}"
+        assert np.array_equal(logits[r], want_logits) and np.array_equal(state[r], want_state)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams()] * 2,  # the greedy loop
+        [SamplingParams(), SamplingParams(temperature=1.0, seed=4), SamplingParams(temperature=0.5, seed=8)],
+    ],
+    ids=["greedy branch", "temperature-only branch"],
+)
+def test_every_branch_of_the_fused_graph_agrees(rt, params):
+    prompts = PROMPTS[: len(params)]
+    got, logits, state = fused_path(rt, prompts, params, 120, 32)
+    for r, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        want, want_logits, want_state = step_path(rt, prompt, p, 120)
+        assert (
+            got[r] == want and np.array_equal(logits[r], want_logits) and np.array_equal(state[r], want_state)
+        )
+
+
+def _run_scheduler(rt, jobs_spec, fused_tokens):
+    sched = Scheduler(rt, io_binding=True, fused_tokens=fused_tokens)
+    results = {}
+    done = threading.Semaphore(0)
+    sched.start()
+    try:
+        for i, (prompt, params, n, logprobs) in enumerate(jobs_spec):
+            events = results.setdefault(i, [])
+
+            def emit(ev, events=events):
+                events.append(ev)
+                if isinstance(ev, DoneEvent | FailedEvent):
+                    done.release()
+
+            ids = np.array(rt.vocab.encode(prompt), np.int64)
+            sched.submit(Job(ids, rt.zero_state()[0], None, n, params, len(ids), logprobs, emit))
+        for _ in jobs_spec:
+            assert done.acquire(timeout=30)
+    finally:
+        sched.stop()
+    return results, sched
+
+
+def test_scheduler_fused_rounds_equal_step_rounds_with_stops_and_logprobs(rt):
+    spec = [
+        ("time traveller", SamplingParams(stop=("the",)), 300, True),
+        ("the machine", SamplingParams(temperature=1.0, seed=5, stop=("ing", "qq")), 200, True),
+        ("it was", SamplingParams(temperature=0.875, top_k=4, top_p=0.9375, seed=9), 77, False),
+        ("so", SamplingParams(), 1, True),
+        ("we", SamplingParams(temperature=1.0, seed=1), 40, False),
+    ]
+    fused, sched = _run_scheduler(rt, spec, fused_tokens=32)
+    steps, _ = _run_scheduler(rt, spec, fused_tokens=1)
+    assert sched.fused_rounds > 0 and sched.fused_tokens_generated > 0
+    for i in range(len(spec)):
+        a, b = fused[i], steps[i]
+        assert [(e.token_id, e.index, e.logprob) for e in a[:-1]] == [
+            (e.token_id, e.index, e.logprob) for e in b[:-1]
+        ]
+        da, db = a[-1], b[-1]
+        assert (da.reason, da.generated, da.stop) == (db.reason, db.generated, db.stop)
+        assert np.array_equal(da.state, db.state) and np.array_equal(da.logits, db.logits)
+    assert fused[0][-1].reason == "stop" and fused[0][-1].stop == "the"
+
+
+def test_over_grpc_the_fused_server_equals_the_step_path_reference(rt):
+    srv = start_server()
+    try:
+        sched = srv.service.schedulers["timemachine-d2l"]
+        with Client(srv.target) as c:
+            text, fin = c.generate_text("time traveller", max_new_tokens=200)
+            assert text == reference_generate(rt, "time traveller", 200) and fin.generated_tokens == 200
+            for params in PARAMS[1:]:
+                msg = sampling(params.temperature, params.top_k, params.top_p, params.seed)
+                got, _ = c.generate_text("the machine", max_new_tokens=150, params=msg)
+                assert got == reference_generate(rt, "the machine", 150, params)
+            # 100 in one call equals 30 + 70 on a session, through fused rounds of any length.
+            s1, s2 = c.create_session("the time"), c.create_session("the time")
+            msg = sampling(1.0, None, None, 17)
+            whole = c.generate_text("", session_id=s1.session_id, max_new_tokens=100, params=msg)[0]
+            parts = [
+                c.generate_text("", session_id=s2.session_id, max_new_tokens=n, params=msg)[0]
+                for n in (30, 70)
+            ]
+            assert whole == "".join(parts)
+        assert sched.fused_rounds > 0
+    finally:
+        srv.stop()
