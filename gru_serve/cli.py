@@ -25,6 +25,8 @@ SETTING_HELP = {
     "inter_op_threads": "onnxruntime threads across operators",
     "io_binding": "auto (on with CUDA: the state stays on the GPU), on, off",
     "max_batch_size": "most streams decoded in one batched step",
+    "fused_tokens": "most tokens a stream gets from one fused K-token run; 1: the step path only",
+    "round_budget_ms": "a fused round is sized to take about this long (bounds inter-token latency)",
     "max_queue": "requests waiting for a batch slot before RESOURCE_EXHAUSTED",
     "session_ttl_s": "seconds an idle session lives",
     "max_sessions": "sessions kept; beyond it the least recently used idle one is evicted",

@@ -35,11 +35,12 @@ from gru_serve.errors import GruServeError, Internal, ResourceExhausted, Unavail
 from gru_serve.runtime import Decoder, ModelRuntime
 from gru_serve.sampling import MAX_STOP_CHARS, SamplingParams, sample, uniforms
 from gru_serve.scoring import token_logprobs
+from gru_serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-FUSED_TOKENS = 32  # most tokens a job gets from one round (one fused session.run)
-ROUND_BUDGET_S = 0.004  # fused rounds are sized to take about this long
+FUSED_TOKENS = Settings.fused_tokens  # most tokens a job gets from one round (one fused session.run)
+ROUND_BUDGET_S = Settings.round_budget_ms / 1000  # fused rounds are sized to take about this long
 
 
 @dataclass(frozen=True)

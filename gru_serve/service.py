@@ -114,7 +114,14 @@ class GenerationService:
         if settings.io_binding not in ("auto", "on", "off"):
             raise InvalidArgument(f"io_binding must be auto, on or off, got {settings.io_binding!r}")
         self.schedulers = {
-            name: Scheduler(rt, settings.max_batch_size, settings.max_queue, self._io_binding(rt))
+            name: Scheduler(
+                rt,
+                settings.max_batch_size,
+                settings.max_queue,
+                self._io_binding(rt),
+                fused_tokens=settings.fused_tokens,
+                round_budget_s=settings.round_budget_ms / 1000,
+            )
             for name, rt in runtimes.items()
         }
         self.active_streams = 0
@@ -202,8 +209,9 @@ class GenerationService:
         ids = self._encode(rt, text, "text")
         rec = self._fresh(rt, owner, new_session_id())
         if ids:
-            state, logits, _ = await self._run(rt, rec, ids, 0, SamplingParams(), False, lambda e: None)
-            rec = rec.advanced(state, logits, len(ids), self.clock())
+            async for ev in self._events(rt, rec, ids, 0, SamplingParams(), False):  # a prefill only
+                if isinstance(ev, DoneEvent):
+                    rec = rec.advanced(ev.state, ev.logits, len(ids), self.clock())
         await self.store.create(rec)
         return self._info(rec)
 
@@ -232,24 +240,6 @@ class GenerationService:
         return self._info(rec)
 
     # -- generation --
-
-    async def _run(
-        self,
-        rt: ModelRuntime,
-        rec: SessionRecord,
-        ids: list[int],
-        max_new: int,
-        params: SamplingParams,
-        logprobs: bool,
-        on_token: Callable[[TokenEvent], None],
-    ) -> tuple[np.ndarray, np.ndarray | None, DoneEvent]:
-        """Run one job to its end, calling on_token for each token (used where nothing streams)."""
-        async for ev in self._events(rt, rec, ids, max_new, params, logprobs):
-            if isinstance(ev, DoneEvent):
-                return ev.state, ev.logits, ev
-            for token in ev:
-                on_token(token)
-        raise AssertionError("job ended without a DoneEvent")
 
     async def _events(
         self,

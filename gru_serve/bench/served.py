@@ -93,7 +93,8 @@ def ours_argv(model: Path, extra: list[str] | None = None) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "gru_serve.bench.serve",
+        "gru_serve.cli",
+        "serve",
         "--port",
         "0",
         "--model",
