@@ -52,14 +52,30 @@ class Metrics:
         self.tokens = Counter("gru_serve_generated_tokens", "tokens generated", ["model"], registry=r)
         self.sessions = Gauge("gru_serve_active_sessions", "sessions in the store", registry=r)
         self._http = None
+        self._children: dict[str, tuple] = {}
+
+    def _per_model(self, model: str) -> tuple:
+        # labels() costs a lock and a dict lookup; this runs for every message of every stream.
+        children = self._children.get(model)
+        if children is None:
+            children = self._children[model] = (
+                self.tokens.labels(model),
+                self.itl.labels(model),
+                self.ttft.labels(model),
+            )
+        return children
+
+    def observe_first_token(self, model: str, seconds: float) -> None:
+        self._per_model(model)[2].observe(seconds)
 
     def observe_tokens(self, model: str, n: int, gap: float | None) -> None:
         """n tokens sent together, `gap` seconds after the stream's previous message (None: first)."""
-        self.tokens.labels(model).inc(n)
+        tokens, itl, _ = self._per_model(model)
+        tokens.inc(n)
         if gap is not None:
-            self.itl.labels(model).observe(gap)
+            itl.observe(gap)
         for _ in range(n - 1):
-            self.itl.labels(model).observe(0.0)
+            itl.observe(0.0)
 
     def bind(self, service: GenerationService) -> None:
         """Collect from the service; call on the server's event loop."""

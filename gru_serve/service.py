@@ -338,7 +338,7 @@ class GenerationService:
                     now = time.perf_counter()
                     gap = None if last_sent is None else now - last_sent
                     if gap is None:
-                        self.metrics.ttft.labels(rt.name).observe(now - t0)
+                        self.metrics.observe_first_token(rt.name, now - t0)
                     self.metrics.observe_tokens(rt.name, len(ev), gap)
                     last_sent = now
                     yield ev
