@@ -27,7 +27,7 @@ import torch
 
 from exporters.model import GRULanguageModel, ModelConfig, load_checkpoint
 from gru_serve.contract import read_model
-from gru_serve.runtime import gru_weights
+from gru_serve.decode_graphs import gru_weights
 from gru_serve.vocab import Vocabulary
 
 

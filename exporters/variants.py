@@ -10,7 +10,7 @@
 - decode.onnx: the decode step the server derives from the weights (seq = 1 only; a Gather
   input projection and a hand-written GRU cell), for inspection.
 - fused.onnx: K decode steps with sampling and feedback in one ONNX Loop, the graph the
-  server's scheduler runs (gru_serve.runtime.fused_graph); its tokens are checked to equal
+  server's scheduler runs (gru_serve.decode_graphs.fused_graph); its tokens are checked to equal
   the step path's, greedy and seeded.
 
 DIR/variants.json holds the report: sizes, checks, max differences and perplexities
@@ -33,7 +33,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters.validate import ValidationError, compare_runs, ort_step, validate
 from gru_serve.contract import read_model
-from gru_serve.runtime import FUSED_OUTPUTS, ModelRuntime, decode_graph, fused_graph, gru_weights
+from gru_serve.decode_graphs import FUSED_OUTPUTS, decode_graph, fused_graph, gru_weights
+from gru_serve.runtime import ModelRuntime
 from gru_serve.sampling import SamplingParams, sample, uniforms
 from gru_serve.scoring import d2l_perplexity, stream_perplexity
 
