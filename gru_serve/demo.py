@@ -3,10 +3,11 @@ continue it on the same session, and shut the server down."""
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
+
+from gru_serve.server import ready_target
 
 CLI = [sys.executable, "-m", "gru_serve.cli"]
 
@@ -27,11 +28,11 @@ def main() -> int:
     server = subprocess.Popen([*CLI, *serve], stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
-        m = re.search(r"listening on (\S+)", line)
-        if not m:
+        address = ready_target(line)
+        if address is None:
             print("the server did not start", file=sys.stderr)
             return 1
-        target = ["--target", m.group(1)]
+        target = ["--target", address]
         print(line.strip(), flush=True)
         session = run(["session", "create", "-q", *target], capture=True).strip()
         print(session)

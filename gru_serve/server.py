@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -33,6 +34,19 @@ from gru_serve.stores import build_store
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# A server's first line on stdout once it serves (gru-serve's, and the benchmark's baseline's).
+READY_LINE = "{name} listening on {host}:{port}"
+
+
+def ready_target(line: str) -> str | None:
+    """The address in a READY_LINE, as a client on this machine reaches it; None otherwise."""
+    m = re.fullmatch(READY_LINE.format(name=r"\S+", host=r"(\S+)", port=r"(\d+)") + r"\s*", line)
+    if m is None:
+        return None
+    host = "127.0.0.1" if m.group(1) in ("0.0.0.0", "[::]") else m.group(1)
+    return f"{host}:{m.group(2)}"
+
+
 LIVENESS = "liveness"  # a health service name that is SERVING while the process answers
 
 
@@ -205,7 +219,7 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"gru-serve listening on {settings.host}:{server.port}", flush=True)
+    print(READY_LINE.format(name="gru-serve", host=settings.host, port=server.port), flush=True)
     await stop.wait()
     log.info("shutting down (grace %.1f s)", settings.grace_s)
     await server.stop()

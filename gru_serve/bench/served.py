@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
+from gru_serve.server import ready_target
 
 STREAMS_PER_CHANNEL = 64
 
@@ -64,8 +64,8 @@ class ServerProcess:
             line = self.proc.stdout.readline() if self.proc.stdout else ""
             if not line and self.proc.poll() is not None:
                 break
-            if m := re.search(r"listening on (\S+):(\d+)", line):
-                self.target = f"127.0.0.1:{m.group(2)}"
+            if target := ready_target(line):
+                self.target = target
                 return
         self.stop()
         tail = self.log_path.read_text(errors="replace")[-2000:]

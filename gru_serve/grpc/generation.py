@@ -217,7 +217,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             session_ttl_s=s.session_ttl_s,
             max_batch_size=s.max_batch_size,
             max_queue=s.max_queue,
-            max_streams_per_client=s.max_streams,
+            max_streams_per_client=s.max_streams_per_token,
         )
         return pb.ModelInfoResponse(
             name=m.name,

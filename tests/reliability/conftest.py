@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gru_serve.server import ready_target
 from gru_serve.shipped import default_model_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,11 +73,11 @@ class ServerProcess:
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
-        m = re.search(r"listening on (\S+)", line)
-        if not m:
+        target = ready_target(line)
+        if target is None:
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
-        self.target = m.group(1)
+        self.target = target
 
     def metrics(self) -> dict[str, float]:
         text = (

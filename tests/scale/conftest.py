@@ -19,6 +19,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gru_serve.server import ready_target
 from gru_serve.shipped import default_model_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,7 +156,7 @@ class Replica:
         )
         log.close()
         line = self.proc.stdout.readline()
-        if not re.search(r"gru-serve listening on \S+", line):
+        if ready_target(line) is None:
             self.proc.kill()
             self.proc.wait()
             raise RuntimeError(f"{self.name} did not start: {line!r}\n{self.log()}")

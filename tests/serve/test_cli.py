@@ -1,7 +1,6 @@
 """gru-serve as a user runs it: the server process, the CLI client, signals."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from gru_serve.client import Client
+from gru_serve.server import ready_target
 
 from .conftest import D2L, reference_generate
 
@@ -25,11 +25,11 @@ def start(*args: str) -> tuple[subprocess.Popen, str]:
         text=True,
     )
     line = proc.stdout.readline()
-    m = re.search(r"listening on (\S+)", line)
-    if not m:
+    target = ready_target(line)
+    if target is None:
         proc.kill()
         raise RuntimeError(f"server did not start: {line!r} {proc.stderr.read()}")
-    return proc, m.group(1)
+    return proc, target
 
 
 @pytest.fixture(scope="module")
