@@ -298,8 +298,8 @@ def fused_graph(base: onnx.ModelProto, w: GRUWeights | None = None) -> onnx.Mode
     step_logits[k]), step_logits [K, B, V] (the distribution after each fed token), step_states
     [K, B, L, H] (the state after each fed token). K = uniforms.shape[1]. Ifs pick a lean
     greedy loop when every temperature is 0, and a sampler without the top-k and top-p ops when no
-    row uses them. (Unrolling 2 or 4 steps per Loop iteration was
-    measured: no faster here.)"""
+    row uses them. (Unrolling 2 or 4 steps per Loop iteration, and the ONNX GRU operator in the
+    body, were measured: no faster here.)"""
     w = w or gru_weights(base)
     L, H, V = len(w.layers), w.hidden, w.vocab
     d, i64, f = TensorProto.DOUBLE, TensorProto.INT64, TensorProto.FLOAT
@@ -308,6 +308,8 @@ def fused_graph(base: onnx.ModelProto, w: GRUWeights | None = None) -> onnx.Mode
     h0 = _split_state(g, STATE, L)
 
     def loop_body(prefix: str, rows: dict[str, str] | None, filters: bool = False) -> onnx.GraphProto:
+        """Carries the token and the states; scans out the logits and, as they come in, the
+        fed token and the states, so no value needs copying to be both carried and scanned."""
         b = _Graph(prefix)
         tok_in, cond_in, it = prefix + "tok_in", prefix + "cond_in", prefix + "iter"
         hs_in = [f"{prefix}h{i}_in" for i in range(L)]
@@ -316,10 +318,9 @@ def fused_graph(base: onnx.ModelProto, w: GRUWeights | None = None) -> onnx.Mode
             nxt = b.op("ArgMax", logits, axis=1, keepdims=0)
         else:
             nxt = _sample(b, logits, b.op("Gather", rows["u_steps"], it, axis=0), rows, V, filters)
-        # Body outputs must be distinct values: only the token needs a copy (B int64s).
-        outs = [b.op("Identity", cond_in), nxt, *hs, b.op("Identity", nxt), logits, _join_state(b, hs)]
+        outs = [cond_in, nxt, *hs, logits, tok_in, *hs_in]
         types = [(TensorProto.BOOL, []), (i64, ["batch"])] + [(f, ["batch", H])] * L
-        types += [(i64, ["batch"]), (f, ["batch", V]), (f, ["batch", L, H])]
+        types += [(f, ["batch", V]), (i64, ["batch"])] + [(f, ["batch", H])] * L
         inputs = [
             helper.make_tensor_value_info(it, i64, []),
             helper.make_tensor_value_info(cond_in, TensorProto.BOOL, []),
@@ -340,11 +341,22 @@ def fused_graph(base: onnx.ModelProto, w: GRUWeights | None = None) -> onnx.Mode
             "tokens",
             *h0,
             body=loop_body(prefix + "body_", rows, filters),
-            outputs=1 + L + 3,
+            outputs=3 + 2 * L,
         )
-        outputs = [
-            helper.make_tensor_value_info(o, t, None) for o, t in zip(outs[1 + L :], types, strict=True)
-        ]
+        last_tok, last_hs = outs[0], outs[1 : 1 + L]
+        logits, fed, fed_hs = outs[1 + L], outs[2 + L], outs[3 + L :]
+        # What follows fed token k is fed token k + 1, or the loop's last value.
+        zero, one = b.const("zero_1d", np.array([0], np.int64)), b.const("one_1d", np.array([1], np.int64))
+        end = b.const("end", np.array([np.iinfo(np.int64).max], np.int64))
+
+        def after(scanned: str, last: str) -> str:
+            return b.op("Concat", b.op("Slice", scanned, one, end, zero), b.op("Unsqueeze", last, zero), axis=0)
+
+        two = b.const("axes_2", np.array([2], np.int64))
+        states = [b.op("Unsqueeze", after(s, h), two) for s, h in zip(fed_hs, last_hs, strict=True)]
+        state = states[0] if L == 1 else b.op("Concat", *states, axis=2)
+        results = [after(fed, last_tok), logits, state]
+        outputs = [helper.make_tensor_value_info(o, t, None) for o, t in zip(results, types, strict=True)]
         return b.graph("branch", [], outputs)
 
     def sampling_branch() -> onnx.GraphProto:

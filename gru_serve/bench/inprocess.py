@@ -89,8 +89,10 @@ def loop_fused(rt: ModelRuntime, batch: int, steps: int, k: int, temperature: fl
     pos = 0
     t0 = time.perf_counter()
     for _ in range(runs):
-        u0 = uniforms(seeds, np.full(batch, pos, np.uint64))
-        tok = sample(logits, t, kk, pp, u0) if temperature else logits.argmax(axis=1)
+        if temperature:
+            tok = sample(logits, t, kk, pp, uniforms(seeds, np.full(batch, pos, np.uint64)))
+        else:
+            tok = logits.argmax(axis=1)
         u = (
             uniforms(np.repeat(seeds, k), np.tile(np.arange(pos + 1, pos + k + 1, dtype=np.uint64), batch))
             if temperature

@@ -10,6 +10,7 @@ from gru_serve.client import Client, sampling
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.sampling import SamplingParams, sample, uniforms
 from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler
+from gru_serve.shipped import shipped_models
 
 from ..serve.conftest import D2L, reference_generate, start_server
 
@@ -85,6 +86,22 @@ def test_fused_equals_the_step_path_bit_for_bit(rt, k):
         want, want_logits, want_state = step_path(rt, prompt, params, n)
         assert got[r] == want, f"row {r} {params}"
         assert np.array_equal(logits[r], want_logits) and np.array_equal(state[r], want_state)
+
+
+@pytest.mark.parametrize("model", ["timemachine-d2l", "timemachine-full"])
+def test_batch_one_and_two_layers_equal_the_step_path(model):
+    """Batch 1 runs a fused session of its own; timemachine-full has two GRU layers."""
+    rt = ModelRuntime(shipped_models()[model])
+    n = 70
+    for prompt, params in zip(PROMPTS, PARAMS, strict=True):
+        got, logits, state = fused_path(rt, [prompt], [params], n, 32)
+        want, want_logits, want_state = step_path(rt, prompt, params, n)
+        assert got[0] == want, f"{model} {params}"
+        assert np.array_equal(logits[0], want_logits) and np.array_equal(state[0], want_state)
+    rows = len(PROMPTS)
+    got, logits, state = fused_path(rt, PROMPTS, PARAMS, n, 32)
+    want = step_path(rt, PROMPTS[-1], PARAMS[-1], n)
+    assert got[rows - 1] == want[0] and np.array_equal(state[rows - 1], want[2])
 
 
 @pytest.mark.parametrize(
