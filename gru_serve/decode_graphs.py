@@ -350,7 +350,9 @@ def fused_graph(base: onnx.ModelProto, w: GRUWeights | None = None) -> onnx.Mode
         end = b.const("end", np.array([np.iinfo(np.int64).max], np.int64))
 
         def after(scanned: str, last: str) -> str:
-            return b.op("Concat", b.op("Slice", scanned, one, end, zero), b.op("Unsqueeze", last, zero), axis=0)
+            return b.op(
+                "Concat", b.op("Slice", scanned, one, end, zero), b.op("Unsqueeze", last, zero), axis=0
+            )
 
         two = b.const("axes_2", np.array([2], np.int64))
         states = [b.op("Unsqueeze", after(s, h), two) for s, h in zip(fed_hs, last_hs, strict=True)]

@@ -180,7 +180,9 @@ class ModelRuntime:
             self.decode_session, self.fused_session = decode, fused
             self.fast_path_note = "on: derived decode step (Gather + GRU cell) and fused K-token Loop"
 
-    def _check_derived(self, decode: ort.InferenceSession, fused: ort.InferenceSession, batch: int = 3) -> str:
+    def _check_derived(
+        self, decode: ort.InferenceSession, fused: ort.InferenceSession, batch: int = 3
+    ) -> str:
         """'' when the decode graph computes the exported graph's function (logits within 1e-4,
         state within 1e-5) and the fused graph is bit-identical to chained decode steps."""
         rng = np.random.default_rng(0)
