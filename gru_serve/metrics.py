@@ -74,8 +74,11 @@ class Metrics:
         tokens.inc(n)
         if gap is not None:
             itl.observe(gap)
-        for _ in range(n - 1):
-            itl.observe(0.0)
+        if n > 1:
+            # The other n - 1 tokens arrive 0 s after the one before them: n - 1 observations
+            # of 0 in one step (the first bucket and the count; the sum is unchanged), instead
+            # of a locked Python call per token on the serving path.
+            itl._buckets[0].inc(n - 1)
 
     def bind(self, service: GenerationService) -> None:
         """Collect from the service; call on the server's event loop."""

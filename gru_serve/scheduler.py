@@ -43,12 +43,26 @@ FUSED_TOKENS = Settings.fused_tokens  # most tokens a job gets from one round (o
 ROUND_BUDGET_S = Settings.round_budget_ms / 1000  # fused rounds are sized to take about this long
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    text: str
+@dataclass(slots=True)
+class Tokens:
+    """Tokens of one job made together, in order: ids, their texts, the index of the first among
+    the request's generated tokens, and log-probabilities when asked for. One object per job and
+    round (not one per token): the per-token work on the serving path is list slicing."""
+
+    ids: list[int]
+    texts: list[str]
     index: int
-    logprob: float | None
+    logprobs: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extend(self, more: Tokens) -> None:
+        """Append the chunk that follows this one (token packing)."""
+        self.ids += more.ids
+        self.texts += more.texts
+        if self.logprobs is not None and more.logprobs is not None:
+            self.logprobs += more.logprobs
 
 
 @dataclass(frozen=True)
@@ -66,13 +80,13 @@ class FailedEvent:
     error: GruServeError
 
 
-Event = TokenEvent | DoneEvent | FailedEvent
+Event = Tokens | DoneEvent | FailedEvent
 
 
 @dataclass(eq=False)
 class Job:
-    """One generation request as the scheduler sees it. `emit` must be thread-safe; when
-    `emit_many` is given, the tokens of one round go out through it in one call."""
+    """One generation request as the scheduler sees it. `emit` must be thread-safe; it gets at
+    most one Tokens per round."""
 
     prompt: np.ndarray  # int64 token ids to consume first (may be empty)
     state: np.ndarray  # [layers, hidden]
@@ -87,17 +101,9 @@ class Job:
     tail: str = ""  # the last characters generated, for stop strings
     first_token_at: float | None = None
     stop_hit: str = field(default="")
-    emit_many: Callable[[list[Event]], None] | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
-
-    def send(self, events: list[Event]) -> None:
-        if self.emit_many is not None:
-            self.emit_many(events)
-        else:
-            for ev in events:
-                self.emit(ev)
 
 
 class _Batch:
@@ -277,7 +283,7 @@ class Scheduler:
         now = time.perf_counter()
         vocab = self.runtime.vocab.tokens
         left = np.empty(n, np.int64)  # tokens each job may still take in this round
-        firsts: list[TokenEvent] = []
+        firsts: list[Tokens] = []
         fresh: list[bool] = []
         for i, job in enumerate(jobs):
             tid = int(tokens[i])
@@ -286,7 +292,7 @@ class Scheduler:
             if job.first_token_at is None:
                 job.first_token_at = now
             lp = lps.get(i)
-            firsts.append(TokenEvent(tid, text, job.generated, None if lp is None else float(lp)))
+            firsts.append(Tokens([tid], [text], job.generated, None if lp is None else [float(lp)]))
             job.generated += 1
             if job.params.stop:
                 job.tail = (job.tail + text)[-MAX_STOP_CHARS:]
@@ -353,7 +359,7 @@ class Scheduler:
         positions: np.ndarray,
         left: np.ndarray,
         k: int,
-        held: list[TokenEvent | None],
+        held: list[Tokens | None],
     ) -> None:
         """Feed this round's tokens, then generate up to k - 1 more per job in one run; `held`
         are first tokens not handed out yet."""
@@ -376,24 +382,27 @@ class Scheduler:
         for i, job in enumerate(batch.jobs):
             take = int(min(left[i], k - 1))  # tokens from the loop: sampled[0 .. take - 1]
             ids = sampled[:take, i].tolist()
-            lps = token_logprobs(step_logits[:take, i], sampled[:take, i]) if i in lp_rows and take else None
-            events: list = [] if held[i] is None else [held[i]]
+            texts = [vocab[t] for t in ids]
             end = take  # the job's last fed token is step index `end`
-            for t, tid in enumerate(ids):
-                text = vocab[tid]
-                events.append(TokenEvent(tid, text, job.generated, None if lps is None else float(lps[t])))
-                job.generated += 1
-                if job.params.stop:
+            if job.params.stop:
+                for t, text in enumerate(texts):
                     job.tail = (job.tail + text)[-MAX_STOP_CHARS:]
                     job.stop_hit = next((s for s in job.params.stop if job.tail.endswith(s)), "")
                     if job.stop_hit:
                         end = t + 1
+                        del ids[end:], texts[end:]
                         break
-            if events:
-                job.send(events)
-            added = len(events) - (held[i] is not None)
-            self.tokens += added
-            self.fused_tokens_generated += added
+            lps = token_logprobs(step_logits[:end, i], sampled[:end, i]).tolist() if i in lp_rows else None
+            chunk = Tokens(ids, texts, job.generated, lps)
+            job.generated += end
+            first = held[i]
+            if first is not None:
+                first.extend(chunk)
+                chunk = first
+            if chunk.ids:
+                job.emit(chunk)
+            self.tokens += end
+            self.fused_tokens_generated += end
             if job.stop_hit or job.generated >= job.max_new_tokens:
                 job.logits, job.state = step_logits[end, i].copy(), step_states[end, i].copy()
                 self._finish(job, "stop" if job.stop_hit else "length")

@@ -28,7 +28,7 @@ from gru_serve.errors import (
 from gru_serve.metrics import Metrics
 from gru_serve.runtime import ModelRuntime
 from gru_serve.sampling import SamplingParams
-from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler, TokenEvent
+from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler, Tokens
 from gru_serve.scoring import perplexity, stream_logprobs
 from gru_serve.sessions import SessionRecord, SessionStore, new_session_id
 from gru_serve.settings import Settings
@@ -249,20 +249,12 @@ class GenerationService:
         max_new: int,
         params: SamplingParams,
         logprobs: bool,
-    ) -> AsyncIterator[list[TokenEvent] | DoneEvent]:
+    ) -> AsyncIterator[Tokens | DoneEvent]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(ev: object) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ev)
-
-        def put_all(events: list) -> None:
-            for ev in events:
-                queue.put_nowait(ev)
-
-        def emit_many(events: list) -> None:
-            # One wake-up of the event loop per round, not one per token.
-            loop.call_soon_threadsafe(put_all, events)
 
         job = Job(
             np.asarray(ids, dtype=np.int64),
@@ -273,35 +265,33 @@ class GenerationService:
             rec.tokens_seen + len(ids),
             logprobs,
             emit,
-            emit_many=emit_many,
         )
         self.schedulers[rt.name].submit(job)
         try:
+            ev = await queue.get()
             while True:
-                # Token packing: everything already queued goes out together, so a slow
-                # reader gets several tokens per message while the first is never held back.
-                tokens: list[TokenEvent] = []
-                ev = await queue.get()
-                while True:
-                    if isinstance(ev, FailedEvent):
-                        raise ev.error
-                    if isinstance(ev, DoneEvent):
-                        if tokens:
-                            yield tokens
-                        yield ev
-                        return
-                    tokens.append(ev)
-                    if queue.empty():
-                        break
-                    ev = queue.get_nowait()
+                if isinstance(ev, FailedEvent):
+                    raise ev.error
+                if isinstance(ev, DoneEvent):
+                    yield ev
+                    return
+                # Token packing: the chunks already queued go out together, so a slow reader
+                # gets more tokens per message while the first is never held back.
+                tokens, ev = ev, None
+                while ev is None and not queue.empty():
+                    more = queue.get_nowait()
+                    if isinstance(more, Tokens):
+                        tokens.extend(more)
+                    else:
+                        ev = more
                 yield tokens
+                if ev is None:
+                    ev = await queue.get()
         finally:
             job.cancel()
 
-    async def generate(
-        self, req: GenerateRequest, owner: str = ""
-    ) -> AsyncIterator[list[TokenEvent] | Finished]:
-        """The tokens of a request, in lists of those ready together, then Finished."""
+    async def generate(self, req: GenerateRequest, owner: str = "") -> AsyncIterator[Tokens | Finished]:
+        """The tokens of a request, in chunks of those ready together, then Finished."""
         t0 = time.perf_counter()
         s = self.settings
         max_new = s.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens

@@ -14,7 +14,7 @@ from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.grpc.status import grpc_errors
 from gru_serve.sampling import SamplingParams
-from gru_serve.scheduler import TokenEvent
+from gru_serve.scheduler import Tokens
 from gru_serve.service import Finished, GenerateRequest, GenerationService, SessionInfo
 
 FINISH_REASONS = {
@@ -51,8 +51,12 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def token_pb(ev: TokenEvent) -> pb.Token:
-    return pb.Token(text=ev.text, id=ev.token_id, index=ev.index, logprob=ev.logprob)
+def tokens_pb(chunk: Tokens) -> list[pb.Token]:
+    i, texts, ids = chunk.index, chunk.texts, chunk.ids
+    if chunk.logprobs is None:
+        return [pb.Token(text=texts[n], id=ids[n], index=i + n) for n in range(len(ids))]
+    lps = chunk.logprobs
+    return [pb.Token(text=texts[n], id=ids[n], index=i + n, logprob=lps[n]) for n in range(len(ids))]
 
 
 def finished_pb(f: Finished) -> pb.Finished:
@@ -102,7 +106,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> GenerateRequest:
         return GenerateRequest(session_id, prompt, max_new, sampling_params(sampling), logprobs, model)
 
-    async def _stream(self, req: GenerateRequest, owner: str) -> AsyncIterator[list[TokenEvent] | Finished]:
+    async def _stream(self, req: GenerateRequest, owner: str) -> AsyncIterator[Tokens | Finished]:
         async with contextlib.aclosing(self.service.generate(req, owner)) as events:
             async for ev in events:
                 yield ev
@@ -118,8 +122,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             request.model,
         )
         async for ev in self._stream(req, owner_of(context)):
-            if isinstance(ev, list):
-                yield pb.GenerateResponse(tokens=[token_pb(t) for t in ev])
+            if isinstance(ev, Tokens):
+                yield pb.GenerateResponse(tokens=tokens_pb(ev))
             else:
                 yield pb.GenerateResponse(finished=finished_pb(ev))
 
@@ -135,8 +139,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async def run_turn(req: GenerateRequest) -> None:
             try:
                 async for ev in self._stream(req, owner):
-                    if isinstance(ev, list):
-                        await out.put(pb.ConverseResponse(tokens=[token_pb(t) for t in ev]))
+                    if isinstance(ev, Tokens):
+                        await out.put(pb.ConverseResponse(tokens=tokens_pb(ev)))
                     else:
                         await out.put(pb.ConverseResponse(finished=finished_pb(ev)))
             except asyncio.CancelledError:

@@ -53,7 +53,7 @@ from gru_serve.grpc.generated.inference import model_config_pb2 as mc
 from gru_serve.grpc.status import grpc_errors, status_of
 from gru_serve.runtime import ModelRuntime
 from gru_serve.sampling import SamplingParams
-from gru_serve.scheduler import TokenEvent
+from gru_serve.scheduler import Tokens
 from gru_serve.sequences import Sequence, Sequences, sequence_session_id
 from gru_serve.service import Finished, GenerateRequest, GenerationService
 
@@ -534,7 +534,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _generation(
         self, ep: Endpoint, request: pb.ModelInferRequest, owner: str
-    ) -> AsyncIterator[list[TokenEvent] | Finished]:
+    ) -> AsyncIterator[Tokens | Finished]:
         """A generation request's token groups then Finished, via GenerationService.generate."""
         with self._timed(ep):
             check_parameters(request, ep)
@@ -560,10 +560,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await self.sequences.end(session_id)
 
     @staticmethod
-    def _tokens(events: list[TokenEvent]) -> dict[str, np.ndarray]:
-        text = np.empty(len(events), dtype=object)
-        text[:] = [e.text.encode() for e in events]
-        return {TEXT: text, TOKEN_IDS: np.array([e.token_id for e in events], np.int64)}
+    def _tokens(chunk: Tokens | None) -> dict[str, np.ndarray]:
+        texts, ids = (chunk.texts, chunk.ids) if chunk else ([], [])
+        text = np.empty(len(texts), dtype=object)
+        text[:] = [t.encode() for t in texts]
+        return {TEXT: text, TOKEN_IDS: np.array(ids, np.int64)}
 
     @staticmethod
     def _finish(f: Finished) -> dict[str, bool | int | str]:
@@ -577,11 +578,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _generate_unary(
         self, ep: Endpoint, request: pb.ModelInferRequest, owner: str
     ) -> pb.ModelInferResponse:
-        tokens: list[TokenEvent] = []
+        tokens: Tokens | None = None
         finish: dict[str, bool | int | str] = {}
         async for ev in self._generation(ep, request, owner):
-            if isinstance(ev, list):
-                tokens.extend(ev)
+            if isinstance(ev, Tokens):
+                if tokens is None:
+                    tokens = ev
+                else:
+                    tokens.extend(ev)
             else:
                 finish = self._finish(ev)
         return _response(request, ep, self._tokens(tokens), finish)
@@ -591,7 +595,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelInferResponse]:
         empty_final = _bool(request, EMPTY_FINAL)
         async for ev in self._generation(ep, request, owner):
-            if isinstance(ev, list):
+            if isinstance(ev, Tokens):
                 yield _response(request, ep, self._tokens(ev), {FINAL: False})
             elif empty_final:
                 yield _response(request, ep, {}, {FINAL: True, **self._finish(ev)})

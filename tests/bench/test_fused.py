@@ -145,6 +145,15 @@ def _run_scheduler(rt, jobs_spec, fused_tokens):
     return results, sched
 
 
+def _tokens(chunks) -> list[tuple]:
+    """(id, index, logprob) of every token in a job's chunks."""
+    out = []
+    for c in chunks:
+        lps = c.logprobs if c.logprobs is not None else [None] * len(c)
+        out += [(t, c.index + n, lp) for n, (t, lp) in enumerate(zip(c.ids, lps, strict=True))]
+    return out
+
+
 def test_scheduler_fused_rounds_equal_step_rounds_with_stops_and_logprobs(rt):
     spec = [
         ("time traveller", SamplingParams(stop=("the",)), 300, True),
@@ -158,9 +167,7 @@ def test_scheduler_fused_rounds_equal_step_rounds_with_stops_and_logprobs(rt):
     assert sched.fused_rounds > 0 and sched.fused_tokens_generated > 0
     for i in range(len(spec)):
         a, b = fused[i], steps[i]
-        assert [(e.token_id, e.index, e.logprob) for e in a[:-1]] == [
-            (e.token_id, e.index, e.logprob) for e in b[:-1]
-        ]
+        assert _tokens(a[:-1]) == _tokens(b[:-1])
         da, db = a[-1], b[-1]
         assert (da.reason, da.generated, da.stop) == (db.reason, db.generated, db.stop)
         assert np.array_equal(da.state, db.state) and np.array_equal(da.logits, db.logits)
