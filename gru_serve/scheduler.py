@@ -168,6 +168,7 @@ class Scheduler:
         self.fused_rounds = 0
         self.tokens = 0
         self.fused_tokens_generated = 0
+        self.prefill_runs = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -210,9 +211,7 @@ class Scheduler:
                 admitted = []
                 while self._pending and len(self._active) + len(admitted) < self.max_batch_size:
                     admitted.append(self._pending.popleft())
-            for job in admitted:
-                if not job.cancelled and self._prefill(job):
-                    self._active.append(job)
+            self._active += self._prefill([j for j in admitted if not j.cancelled])
             self._active = [j for j in self._active if not j.cancelled]
             if self._active:
                 self._round()
@@ -229,19 +228,36 @@ class Scheduler:
         for job in jobs:
             job.emit(FailedEvent(Internal(f"model execution failed (incident {incident})")))
 
-    def _prefill(self, job: Job) -> bool:
-        """Consume the prompt in one call; finish at once if nothing is to be generated."""
-        if len(job.prompt):
+    def _prefill(self, jobs: list[Job]) -> list[Job]:
+        """Consume the newcomers' prompts, one call for all prompts of a length; returns the
+        jobs that go on to generate (in order), having finished those that generate nothing."""
+        by_length: dict[int, list[Job]] = collections.defaultdict(list)
+        for job in jobs:
+            by_length[len(job.prompt)].append(job)
+        failed: set[int] = set()
+        for length, group in by_length.items():
+            if not length:
+                continue
+            self.prefill_runs += 1
             try:
-                logits, state = self.runtime.step(job.prompt[None, :], job.state[None])
+                logits, state = self.runtime.step(
+                    np.stack([j.prompt for j in group]), np.stack([j.state for j in group])
+                )
             except Exception as e:
-                self._fail([job], e)
-                return False
-            job.logits, job.state = logits[0, -1], state[0]
-        if job.max_new_tokens == 0:
-            self._finish(job, "length")
-            return False
-        return True
+                self._fail(group, e)
+                failed.update(id(j) for j in group)
+                continue
+            for i, job in enumerate(group):
+                job.logits, job.state = logits[i, -1], state[i]
+        ready = []
+        for job in jobs:
+            if id(job) in failed:
+                continue
+            if job.max_new_tokens == 0:
+                self._finish(job, "length")
+            else:
+                ready.append(job)
+        return ready
 
     def _finish(self, job: Job, reason: str) -> None:
         job.emit(DoneEvent(reason, job.state, job.logits, job.generated, job.stop_hit, job.first_token_at))

@@ -174,6 +174,37 @@ def test_scheduler_fused_rounds_equal_step_rounds_with_stops_and_logprobs(rt):
     assert fused[0][-1].reason == "stop" and fused[0][-1].stop == "the"
 
 
+def test_newcomers_prompts_of_one_length_are_prefilled_together(rt):
+    """Jobs waiting together are prefilled in one call per prompt length; each still gets what
+    it gets alone (the step path at batch 1)."""
+    prompts = ["time", "said", "the machine", "traveller", "at once"]
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=3)]
+    sched = Scheduler(rt, io_binding=True)
+    results: dict[int, list] = {}
+    done = threading.Semaphore(0)
+    for i, prompt in enumerate(prompts * 2):
+        results[i] = []
+
+        def emit(ev, events=results[i]):
+            events.append(ev)
+            if isinstance(ev, DoneEvent | FailedEvent):
+                done.release()
+
+        ids = np.array(rt.vocab.encode(prompt), np.int64)
+        sched.submit(Job(ids, rt.zero_state()[0], None, 40, params[i % 2], len(ids), False, emit))
+    sched.start()
+    try:
+        for _ in results:
+            assert done.acquire(timeout=30)
+    finally:
+        sched.stop()
+    assert sched.prefill_runs == 4  # ten prompts of lengths 4, 11, 9 and 7
+    for i, prompt in enumerate(prompts * 2):
+        want, _, want_state = step_path(rt, prompt, params[i % 2], 40)
+        assert [t for t, _, _ in _tokens(results[i][:-1])] == want
+        assert np.array_equal(results[i][-1].state, want_state)
+
+
 def test_over_grpc_the_fused_server_equals_the_step_path_reference(rt):
     srv = start_server()
     try:
