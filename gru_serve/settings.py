@@ -22,8 +22,8 @@ class Settings:
     io_binding: str = "auto"  # auto (on with CUDA) | on | off
     max_batch_size: int = 256
     max_queue: int = 1024
-    fused_tokens: int = 32  # most tokens a stream gets from one fused run; 1: the step path only
-    round_budget_ms: float = 4.0  # fused rounds are sized to take about this long
+    fused_tokens: int = 64  # most tokens a stream gets from one fused run; 1: the step path only
+    round_budget_ms: float = 16.0  # fused rounds are sized to take about this long
     session_ttl_s: float = 3600.0
     max_sessions: int = 10_000
     max_prompt_chars: int = 16_384

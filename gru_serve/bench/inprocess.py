@@ -18,6 +18,7 @@ import numpy as np
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.sampling import SamplingParams, sample, uniforms
 from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler
+from gru_serve.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class InProcessConfig:
     batched_tokens: int = 20000  # tokens per batched measurement
     batches: tuple[int, ...] = (1, 8, 32, 64, 256)
     fused_k: tuple[int, ...] = (8, 16, 32, 64)
-    server_k: int = 32  # the scheduler's fused_tokens: the fused figure the goals use
+    server_k: int = Settings.fused_tokens  # the server's K: the fused figure the goals use
     repeats: int = 3
     tuning_batches: tuple[int, ...] = (1, 64, 256)
     tuning_levels: tuple[str, ...] = ("off", "basic", "extended", "all")
@@ -226,7 +227,7 @@ def scheduler(cfg: InProcessConfig, fast: ModelRuntime) -> list[dict]:
     """The continuous-batching scheduler without gRPC: `batch` jobs of `scheduler_tokens`
     greedy tokens submitted at once, events collected by a plain callback."""
     rows = []
-    for fused_tokens in (1, 32):
+    for fused_tokens in (1, Settings.fused_tokens):
         if fused_tokens > 1 and not fast.has_fused:
             continue
         for b in cfg.scheduler_batches:

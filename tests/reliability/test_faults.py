@@ -8,17 +8,14 @@ import grpc
 import pytest
 
 from gru_serve.client import Client
-from gru_serve.server import ThreadedServer
-from gru_serve.settings import Settings
-from gru_serve.shipped import default_model_path
 
-from ..serve.conftest import reference_generate
+from ..serve.conftest import LONG, reference_generate, start_server
 from .conftest import TALLY, record
 
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ThreadedServer(Settings(port=0, models=(str(default_model_path()),)))
+    srv = start_server()
     yield srv
     srv.stop()
 
@@ -45,7 +42,7 @@ def test_client_disconnect_mid_stream(server):
     before = state_of(server, s.session_id)
     for _ in range(5):
         channel = grpc.insecure_channel(server.target)
-        stream = Client(server.target, channel).generate("", session_id=s.session_id, max_new_tokens=4000)
+        stream = Client(server.target, channel).generate("", session_id=s.session_id, max_new_tokens=LONG)
         next(stream)
         channel.close()  # the client goes away without cancelling
         freed = freed_within(server, 1.0)
@@ -60,7 +57,7 @@ def test_deadline_exceeded_mid_stream(server):
         before = state_of(server, s.session_id)
         for _ in range(5):
             with pytest.raises(grpc.RpcError) as err:
-                for _ in c.generate("", session_id=s.session_id, max_new_tokens=4000, timeout=0.02):
+                for _ in c.generate("", session_id=s.session_id, max_new_tokens=LONG, timeout=0.02):
                     pass
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             freed_within(server, 1.0)
@@ -107,7 +104,7 @@ def test_a_failing_batch_fails_only_its_requests(server, runtime):
         with Client(server.target) as c:
             sessions = [c.create_session("time traveller") for _ in range(8)]
             before = [state_of(server, s.session_id) for s in sessions]
-            streams = [c.generate("", session_id=s.session_id, max_new_tokens=4000) for s in sessions]
+            streams = [c.generate("", session_id=s.session_id, max_new_tokens=LONG) for s in sessions]
             for st in streams:
                 next(st)
             wrapper.armed.set()

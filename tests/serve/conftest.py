@@ -23,8 +23,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.002)
 
 
+# Tokens for a stream that outlasts any test: once its reader stops, gRPC's flow control holds
+# it open, so "a stream is running" does not depend on how fast the server generates.
+LONG = 1_000_000
+
+
 def start_server(**settings) -> ThreadedServer:
-    return ThreadedServer(Settings(port=0, models=(str(D2L),), **settings))
+    return ThreadedServer(Settings(port=0, models=(str(D2L),), **{"max_new_tokens": LONG, **settings}))
 
 
 @pytest.fixture(scope="module")

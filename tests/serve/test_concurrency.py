@@ -8,7 +8,7 @@ import pytest
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 
-from .conftest import start_server
+from .conftest import LONG, start_server
 
 
 async def _stream(stub, prompt: str, n: int, started: asyncio.Event | None = None) -> str:
@@ -58,18 +58,22 @@ def test_stream_limit_answers_resource_exhausted_at_once():
     async def scenario():
         async with grpc.aio.insecure_channel(srv.target) as ch:
             stub = pb_grpc.GenerationServiceStub(ch)
-            started = [asyncio.Event(), asyncio.Event()]
-            long = [asyncio.create_task(_stream(stub, "time", 4000, e)) for e in started]
-            for e in started:
-                await e.wait()
+            calls = [stub.Generate(pb.GenerateRequest(prompt="time", max_new_tokens=LONG)) for _ in range(2)]
+            for call in calls:  # both hold a slot: read one message, then let flow control hold them
+                assert (await call.read()).tokens
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await asyncio.wait_for(_stream(stub, "time", 5), timeout=5)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_streams=2" in err.value.details()
-            return await asyncio.gather(*long)
+            for call in calls:
+                call.cancel()
+            # The slots are free again once the streams end.
+            while srv.service.active_streams:
+                await asyncio.sleep(0.001)
+            return await _stream(stub, "time", 5)
 
     try:
-        assert [len(t) for t in asyncio.run(scenario())] == [4000, 4000]
+        assert len(asyncio.run(scenario())) == 5
     finally:
         srv.stop()
 

@@ -11,7 +11,7 @@ from gru_serve.client import Client, sampling
 from gru_serve.sampling import SamplingParams
 
 from ..exporters.conftest import REPO
-from .conftest import reference_generate, wait_until
+from .conftest import LONG, reference_generate, wait_until
 
 
 def test_greedy_200_equals_onnxruntime_and_pytorch_loops(client, runtime):
@@ -54,7 +54,7 @@ def _state(server, session_id):
 def test_cancel_midway_leaves_the_session_as_it_was(server, client):
     s = client.create_session("time traveller")
     before = _state(server, s.session_id)
-    stream = client.generate("", session_id=s.session_id, max_new_tokens=4000)
+    stream = client.generate("", session_id=s.session_id, max_new_tokens=LONG)
     got = [next(stream) for _ in range(5)]
     assert all(len(m.tokens) >= 1 for m in got)
     stream.cancel()
@@ -72,7 +72,7 @@ def test_deadline_midway_leaves_the_session_as_it_was(server, client):
     s = client.create_session("time traveller")
     before = _state(server, s.session_id)
     with pytest.raises(grpc.RpcError) as err:
-        for _ in client.generate("", session_id=s.session_id, max_new_tokens=4000, timeout=0.05):
+        for _ in client.generate("", session_id=s.session_id, max_new_tokens=LONG, timeout=0.05):
             pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_until(lambda: server.service.active_streams == 0)
@@ -104,7 +104,7 @@ def test_64_concurrent_streams_each_equal_their_solo_run(server, client):
 
 def test_busy_session_is_aborted_at_once(server, client):
     s = client.create_session("time traveller")
-    stream = client.generate("", session_id=s.session_id, max_new_tokens=4000)
+    stream = client.generate("", session_id=s.session_id, max_new_tokens=LONG)
     next(stream)
     with pytest.raises(grpc.RpcError) as err:
         client.generate_text("x", session_id=s.session_id, max_new_tokens=1)
@@ -128,7 +128,7 @@ def test_unknown_session_is_not_found(client):
         ({"params": sampling(top_k=-3)}, "sampling.top_k"),
         ({"params": sampling(stop=["x" * 65])}, "sampling.stop"),
         ({"params": sampling(stop=["a"] * 17)}, "sampling.stop"),
-        ({"max_new_tokens": 100_000}, "max_new_tokens"),
+        ({"max_new_tokens": LONG + 1}, "max_new_tokens"),
         ({"model": "nope"}, "model"),
     ],
 )
@@ -205,7 +205,7 @@ def test_model_info(client, runtime):
     m = client.model_info()
     assert m.name == "timemachine-d2l" and m.provider == "CPUExecutionProvider"
     assert list(m.vocab) == list(runtime.metadata.vocab) and m.hidden_size == 256
-    assert m.model_hash == runtime.model_hash and m.limits.max_new_tokens == 4096
+    assert m.model_hash == runtime.model_hash and m.limits.max_new_tokens == LONG
 
 
 def test_converse_holds_a_conversation(client, server):

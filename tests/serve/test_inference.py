@@ -23,7 +23,7 @@ from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from gru_serve.sequences import Sequence, sequence_session_id
 
-from .conftest import reference_generate, start_server, wait_until
+from .conftest import LONG, reference_generate, start_server, wait_until
 
 CHECK = Path(__file__).with_name("triton_client_check.py")
 MODEL = "timemachine-d2l"
@@ -476,7 +476,7 @@ def test_cancelling_a_stream_leaves_the_sequence_as_it_was(server, stub, runtime
         return rec.state.tobytes(), rec.logits.tobytes(), rec.tokens_seen
 
     before = snapshot()
-    call = stub.ModelStreamInfer(iter([generate_request("", "long", Sequence("c"), max_new_tokens=4000)]))
+    call = stub.ModelStreamInfer(iter([generate_request("", "long", Sequence("c"), max_new_tokens=LONG)]))
     first = next(call)
     assert not first.error_message and first.infer_response.outputs
     call.cancel()

@@ -15,7 +15,7 @@ from gru_serve.grpc.auth import principal_of_token
 from gru_serve.server import ThreadedServer
 from gru_serve.settings import Settings
 
-from .conftest import D2L, start_server
+from .conftest import D2L, LONG, start_server
 from .test_cli import start
 
 
@@ -120,7 +120,7 @@ def test_another_tokens_session_is_permission_denied(authed):
 
 def test_streams_per_token_limit(authed):
     with Client(authed.target, token="alice-token") as alice:
-        stream = alice.generate("time", max_new_tokens=4000)
+        stream = alice.generate("time", max_new_tokens=LONG)
         next(stream)
         with pytest.raises(grpc.RpcError) as err:
             alice.generate_text("time", max_new_tokens=1)
