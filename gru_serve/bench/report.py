@@ -7,6 +7,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+# The server's own time to first token and request time (its Finished message), p50.
+SERVER_SIDE = ("server_ttft_ms", "server_e2e_ms")
+
 # -- looking things up in the results --
 
 
@@ -627,6 +630,7 @@ def markdown(results: dict, plot_files: dict[str, str], plot_prefix: str = "") -
                         pp("message_gap_ms"),
                         _fmt((lv["tpot_ms"] or {}).get("p50"), ".3f"),
                         pp("e2e_ms"),
+                        " / ".join(_fmt((lv.get(m) or {}).get("p50"), ".2f") for m in SERVER_SIDE),
                         f"{lv['tokens_per_message']:.1f}",
                         str(lv["errors"]),
                     ]
@@ -645,6 +649,7 @@ def markdown(results: dict, plot_files: dict[str, str], plot_prefix: str = "") -
                         "gap between messages ms",
                         "TPOT p50 ms",
                         "end-to-end ms",
+                        "in the server: TTFT / request ms (p50)",
                         "tokens/message",
                         "errors",
                     ],

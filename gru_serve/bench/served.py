@@ -5,7 +5,8 @@ Arrival times are taken when a response message is read. A message may carry sev
 (token packing); its tokens share its arrival time, so in the per-token inter-token latency
 the first token of a message gets the gap since the previous message and the others get 0.
 The gap between messages and the time per output token ((last - first arrival) / (n - 1)) are
-reported beside it.
+reported beside it. The server's own TTFT and request time (from its Finished message) show how
+much of the client's figures is spent outside the server's generation (gRPC, event loops).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Record:
     arrivals: list[tuple[float, int]] = field(default_factory=list)
     end: float = 0.0
     error: str = ""
+    server_ttft: float | None = None  # the server's own view (Finished): time to first token
+    server_total: float | None = None  # and the request's whole time inside the server
 
 
 class ServerProcess:
@@ -126,6 +129,9 @@ async def _request(stub, cfg: LoadConfig, out: list[Record]) -> None:
         async for msg in stub.Generate(req):
             if msg.tokens:
                 rec.arrivals.append((time.perf_counter(), len(msg.tokens)))
+            if msg.HasField("finished"):
+                rec.server_ttft = msg.finished.time_to_first_token_s
+                rec.server_total = msg.finished.total_time_s
         rec.end = time.perf_counter()
     except grpc.aio.AioRpcError as e:
         rec.error = e.code().name
@@ -213,6 +219,8 @@ def summarize(records: list[Record], wall: float, concurrency: int, reps: int, t
         "message_gap_ms": percentiles(gaps),
         "tpot_ms": percentiles(tpot),
         "e2e_ms": percentiles(e2e),
+        "server_ttft_ms": percentiles([r.server_ttft for r in ok if r.server_ttft is not None]),
+        "server_e2e_ms": percentiles([r.server_total for r in ok if r.server_total is not None]),
     }
 
 

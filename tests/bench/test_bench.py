@@ -104,7 +104,8 @@ def test_goals_are_ratios_of_the_run():
 
 
 def test_tokens_of_one_message_share_its_arrival_time():
-    rec = served.Record(start=0.0, arrivals=[(0.010, 1), (0.012, 3), (0.020, 2)], end=0.021)
+    arrivals = [(0.010, 1), (0.012, 3), (0.020, 2)]
+    rec = served.Record(0.0, arrivals, 0.021, server_ttft=0.004, server_total=0.015)
     out = served.summarize([rec], wall=1.0, concurrency=1, reps=1, tokens=6)
     assert out["tokens"] == 6 and out["messages"] == 3 and out["tokens_per_message"] == 2
     assert out["ttft_ms"]["p50"] == pytest.approx(10.0)
@@ -113,6 +114,8 @@ def test_tokens_of_one_message_share_its_arrival_time():
     assert out["message_gap_ms"]["mean"] == pytest.approx(5.0)
     assert out["tpot_ms"]["p50"] == pytest.approx(2.0)
     assert out["e2e_ms"]["p50"] == pytest.approx(21.0) and out["errors"] == 0
+    assert out["server_ttft_ms"]["p50"] == pytest.approx(4.0)
+    assert out["server_e2e_ms"]["p50"] == pytest.approx(15.0)
 
 
 def test_errors_are_counted_by_code():
