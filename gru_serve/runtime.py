@@ -159,12 +159,13 @@ class ModelRuntime:
         fused_bytes = fused_graph(model, weights).SerializeToString()
         fused = ort.InferenceSession(fused_bytes, so, providers=providers)
         problem = self._check_derived(decode, fused)
+        single = None
         if not problem:
             # onnxruntime plans a Loop body's memory for the batch size a session sees first;
             # batch 1 (one stream, where latency counts most) keeps a session of its own that
             # sees nothing else: about 7% faster per token here.
-            self.fused_single = ort.InferenceSession(fused_bytes, so, providers=providers)
-            problem = self._check_derived(decode, self.fused_single, batch=1)
+            single = ort.InferenceSession(fused_bytes, so, providers=providers)
+            problem = self._check_derived(decode, single, batch=1)
         if problem == "fused":
             self.decode_session = decode
             self.fast_path_note = (
@@ -177,7 +178,7 @@ class ModelRuntime:
                 "model %s: fast path %s; every step runs the exported graph", self.name, self.fast_path_note
             )
         else:
-            self.decode_session, self.fused_session = decode, fused
+            self.decode_session, self.fused_session, self.fused_single = decode, fused, single
             self.fast_path_note = "on: derived decode step (Gather + GRU cell) and fused K-token Loop"
 
     def _check_derived(
