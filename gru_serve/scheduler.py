@@ -14,9 +14,9 @@ gru_serve.sampling), hands the tokens out at once, then runs the model for the w
 Both paths give the same tokens, bit for bit: the fused loop runs the same kernels as the
 decode step and draws the same counter-based uniforms. Jobs join between rounds (the
 prompts waiting then are prefilled in one call per prompt length, seq = that length) and
-leave when they finish or are cancelled, so the batch grows and shrinks. The batch's state and logits live in arrays that
-are rebuilt only when its members change. Admission is first come, first served and every
-active job advances every round: nothing starves.
+leave when they finish or are cancelled, so the batch grows and shrinks. The batch's state
+and logits live in arrays that are rebuilt only when its members change. Admission is first
+come, first served and every active job advances every round: nothing starves.
 """
 
 from __future__ import annotations
