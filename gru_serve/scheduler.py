@@ -105,6 +105,12 @@ class Job:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def stops_after(self, text: str) -> bool:
+        """Follow the generated text for the stop strings; True once one has been produced."""
+        self.tail = (self.tail + text)[-MAX_STOP_CHARS:]
+        self.stop_hit = next((s for s in self.params.stop if self.tail.endswith(s)), "")
+        return bool(self.stop_hit)
+
 
 class _Batch:
     """The active jobs' state [B, L, H], pending logits [B, V] and sampling settings, in one
@@ -230,33 +236,28 @@ class Scheduler:
 
     def _prefill(self, jobs: list[Job]) -> list[Job]:
         """Consume the newcomers' prompts, one call for all prompts of a length; returns the
-        jobs that go on to generate (in order), having finished those that generate nothing."""
+        jobs that go on to generate, having finished those that generate nothing."""
         by_length: dict[int, list[Job]] = collections.defaultdict(list)
         for job in jobs:
             by_length[len(job.prompt)].append(job)
-        failed: set[int] = set()
-        for length, group in by_length.items():
-            if not length:
-                continue
-            self.prefill_runs += 1
-            try:
-                logits, state = self.runtime.step(
-                    np.stack([j.prompt for j in group]), np.stack([j.state for j in group])
-                )
-            except Exception as e:
-                self._fail(group, e)
-                failed.update(id(j) for j in group)
-                continue
-            for i, job in enumerate(group):
-                job.logits, job.state = logits[i, -1], state[i]
         ready = []
-        for job in jobs:
-            if id(job) in failed:
-                continue
-            if job.max_new_tokens == 0:
-                self._finish(job, "length")
-            else:
-                ready.append(job)
+        for length, group in by_length.items():
+            if length:
+                self.prefill_runs += 1
+                try:
+                    logits, state = self.runtime.step(
+                        np.stack([j.prompt for j in group]), np.stack([j.state for j in group])
+                    )
+                except Exception as e:
+                    self._fail(group, e)
+                    continue
+                for i, job in enumerate(group):
+                    job.logits, job.state = logits[i, -1], state[i]
+            for job in group:
+                if job.max_new_tokens == 0:
+                    self._finish(job, "length")
+                else:
+                    ready.append(job)
         return ready
 
     def _finish(self, job: Job, reason: str) -> None:
@@ -311,8 +312,7 @@ class Scheduler:
             firsts.append(Tokens([tid], [text], job.generated, None if lp is None else [float(lp)]))
             job.generated += 1
             if job.params.stop:
-                job.tail = (job.tail + text)[-MAX_STOP_CHARS:]
-                job.stop_hit = next((s for s in job.params.stop if job.tail.endswith(s)), "")
+                job.stops_after(text)
             left[i] = 0 if job.stop_hit else job.max_new_tokens - job.generated
         self.tokens += n
         k = self._fused_steps(n, int(left.max()))
@@ -402,9 +402,7 @@ class Scheduler:
             end = take  # the job's last fed token is step index `end`
             if job.params.stop:
                 for t, text in enumerate(texts):
-                    job.tail = (job.tail + text)[-MAX_STOP_CHARS:]
-                    job.stop_hit = next((s for s in job.params.stop if job.tail.endswith(s)), "")
-                    if job.stop_hit:
+                    if job.stops_after(text):
                         end = t + 1
                         del ids[end:], texts[end:]
                         break

@@ -4,7 +4,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gru_serve.bench.served import ours_argv
 from gru_serve.server import ready_target
 from gru_serve.shipped import default_model_path
 
@@ -56,21 +56,7 @@ class ServerProcess:
 
     def __init__(self, *args: str) -> None:
         self.metrics_port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "gru_serve.cli",
-            "serve",
-            "--port",
-            "0",
-            "--model",
-            str(default_model_path()),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--log-level",
-            "WARNING",
-            *args,
-        ]
+        cmd = ours_argv(default_model_path(), ["--metrics-port", str(self.metrics_port), *args])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         target = ready_target(line)
