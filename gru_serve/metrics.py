@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -42,13 +43,8 @@ class Metrics:
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
-        self.itl = Histogram(
-            "gru_serve_inter_token_latency_seconds",
-            "time between consecutive tokens of a stream as sent (tokens sent together: 0)",
-            ["model"],
-            registry=r,
-            buckets=LATENCY_BUCKETS,
-        )
+        self.itl = _TokenGaps()
+        r.register(self.itl)
         self.tokens = Counter("gru_serve_generated_tokens", "tokens generated", ["model"], registry=r)
         self.sessions = Gauge("gru_serve_active_sessions", "sessions in the store", registry=r)
         self._http = None
@@ -60,7 +56,7 @@ class Metrics:
         if children is None:
             children = self._children[model] = (
                 self.tokens.labels(model),
-                self.itl.labels(model),
+                self.itl.counts(model),
                 self.ttft.labels(model),
             )
         return children
@@ -72,13 +68,7 @@ class Metrics:
         """n tokens sent together, `gap` seconds after the stream's previous message (None: first)."""
         tokens, itl, _ = self._per_model(model)
         tokens.inc(n)
-        if gap is not None:
-            itl.observe(gap)
-        if n > 1:
-            # The other n - 1 tokens arrive 0 s after the one before them: n - 1 observations
-            # of 0 in one step (the first bucket and the count; the sum is unchanged), instead
-            # of a locked Python call per token on the serving path.
-            itl._buckets[0].inc(n - 1)
+        itl.observe(gap, zeros=n - 1)
 
     def bind(self, service: GenerationService) -> None:
         """Collect from the service; call on the server's event loop."""
@@ -99,6 +89,47 @@ class Metrics:
             with contextlib.suppress(Exception):
                 self.sessions.set(await service.store.count())
             await asyncio.sleep(every_s)
+
+
+class _GapCounts:
+    """One model's inter-token histogram: per-bucket counts (not cumulative) and the sum."""
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, gap: float | None, zeros: int) -> None:
+        if gap is not None:
+            self.buckets[bisect.bisect_left(LATENCY_BUCKETS, gap)] += 1
+            self.sum += gap
+        # Tokens sent in one message arrive 0 s after the one before them: that many
+        # observations of 0 in one step, instead of a locked Python call per token.
+        self.buckets[0] += max(zeros, 0)
+
+
+class _TokenGaps(Collector):
+    """gru_serve_inter_token_latency_seconds. prometheus_client's Histogram observes one value
+    per call; a message carries up to fused_tokens tokens, so the counts are kept here and
+    exposed through the public HistogramMetricFamily. Written on the event loop only; a scrape
+    from the HTTP thread reads plain ints."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, _GapCounts] = {}
+
+    def counts(self, model: str) -> _GapCounts:
+        return self._models.setdefault(model, _GapCounts())
+
+    def collect(self) -> Iterator:
+        family = HistogramMetricFamily(
+            "gru_serve_inter_token_latency_seconds",
+            "time between consecutive tokens of a stream as sent (tokens sent together: 0)",
+            labels=["model"],
+        )
+        for model, c in list(self._models.items()):
+            bounds = [*map(str, LATENCY_BUCKETS), "+Inf"]
+            cumulative = [sum(c.buckets[: i + 1]) for i in range(len(c.buckets))]
+            family.add_metric([model], list(zip(bounds, cumulative, strict=True)), c.sum)
+        yield family
 
 
 class _ServiceCollector(Collector):

@@ -1,7 +1,7 @@
 """The transport-free generation core: requests in, token events out.
 
 It owns the models' schedulers and the session store, checks every field, and keeps the
-session semantics of DESIGN.md §3 (lease, transactional commit, TTL, ownership). It knows
+session semantics of docs/architecture.md (lease, transactional commit, TTL, ownership). It knows
 nothing of gRPC; gru_serve.grpc turns it into services.
 """
 
@@ -60,7 +60,7 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # length | stop
+    reason: str  # length | stop | cancelled
     prompt_tokens: int
     generated_tokens: int
     time_to_first_token_s: float
@@ -70,6 +70,37 @@ class Finished:
     tokens_seen: int
     stop: str
     seed: int
+
+
+@dataclass
+class Progress:
+    """What a generation has done so far, kept up to date by GenerationService.generate, so
+    that a front end that cancels a request (a Converse turn) can still report its counts."""
+
+    session_id: str = ""
+    seed: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    prompt_tokens: int = 0
+    normalized_prompt: str = ""
+    generated_tokens: int = 0
+    first_token_at: float | None = None
+    tokens_seen: int = 0  # the session's count before the request: a cancel leaves it so
+
+    def cancelled(self) -> Finished:
+        now = time.perf_counter()
+        ttft = self.first_token_at - self.started if self.first_token_at is not None else 0.0
+        return Finished(
+            "cancelled",
+            self.prompt_tokens,
+            self.generated_tokens,
+            ttft,
+            now - self.started,
+            self.normalized_prompt,
+            self.session_id,
+            self.tokens_seen,
+            "",
+            self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -125,7 +156,6 @@ class GenerationService:
             for name, rt in runtimes.items()
         }
         self.active_streams = 0
-        self.peak_streams = 0
         self.streams_by_owner: collections.Counter[str] = collections.Counter()
         self.metrics = metrics or Metrics()
 
@@ -290,9 +320,13 @@ class GenerationService:
         finally:
             job.cancel()
 
-    async def generate(self, req: GenerateRequest, owner: str = "") -> AsyncIterator[Tokens | Finished]:
+    async def generate(
+        self, req: GenerateRequest, owner: str = "", progress: Progress | None = None
+    ) -> AsyncIterator[Tokens | Finished]:
         """The tokens of a request, in chunks of those ready together, then Finished."""
-        t0 = time.perf_counter()
+        p = progress or Progress()
+        p.session_id, p.seed = req.session_id, req.sampling.seed
+        t0 = p.started
         s = self.settings
         max_new = s.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
         if not 0 <= max_new <= s.max_new_tokens:
@@ -306,7 +340,6 @@ class GenerationService:
             )
         self.active_streams += 1
         self.streams_by_owner[owner] += 1
-        self.peak_streams = max(self.peak_streams, self.active_streams)
         leased = ""
         last_sent: float | None = None
         try:
@@ -318,6 +351,8 @@ class GenerationService:
                 rt = self.runtime(req.model)
                 rec = self._fresh(rt, owner)
             ids = self._encode(rt, req.prompt, "prompt")
+            p.prompt_tokens, p.normalized_prompt = len(ids), rt.vocab.decode(ids)
+            p.tokens_seen = rec.tokens_seen
             if not ids and rec.logits is None and max_new > 0:
                 raise InvalidArgument(
                     "prompt is empty and the session has seen no text yet: "
@@ -329,7 +364,9 @@ class GenerationService:
                     gap = None if last_sent is None else now - last_sent
                     if gap is None:
                         self.metrics.observe_first_token(rt.name, now - t0)
+                        p.first_token_at = now
                     self.metrics.observe_tokens(rt.name, len(ev), gap)
+                    p.generated_tokens += len(ev)
                     last_sent = now
                     yield ev
                     continue
@@ -344,7 +381,7 @@ class GenerationService:
                     ev.generated,
                     ttft,
                     time.perf_counter() - t0,
-                    rt.vocab.decode(ids),
+                    p.normalized_prompt,
                     req.session_id,
                     new.tokens_seen,
                     ev.stop,

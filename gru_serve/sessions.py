@@ -1,6 +1,6 @@
 """Session records and the store interface, with the in-memory store.
 
-Semantics (DESIGN.md §3): a request leases its session (one at a time; a second gets
+Semantics (docs/architecture.md): a request leases its session (one at a time; a second gets
 SessionBusy at once), works on a copy, and either commits it (a version check guards the
 write) or releases the lease leaving the session untouched. Idle sessions expire after a TTL
 ("expired", not "unknown"); at capacity the least recently used idle session is evicted.

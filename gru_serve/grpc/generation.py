@@ -15,7 +15,7 @@ from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.grpc.status import grpc_errors
 from gru_serve.sampling import SamplingParams
 from gru_serve.scheduler import Tokens
-from gru_serve.service import Finished, GenerateRequest, GenerationService, SessionInfo
+from gru_serve.service import Finished, GenerateRequest, GenerationService, Progress, SessionInfo
 
 FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,
@@ -106,8 +106,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> GenerateRequest:
         return GenerateRequest(session_id, prompt, max_new, sampling_params(sampling), logprobs, model)
 
-    async def _stream(self, req: GenerateRequest, owner: str) -> AsyncIterator[Tokens | Finished]:
-        async with contextlib.aclosing(self.service.generate(req, owner)) as events:
+    async def _stream(
+        self, req: GenerateRequest, owner: str, progress: Progress | None = None
+    ) -> AsyncIterator[Tokens | Finished]:
+        async with contextlib.aclosing(self.service.generate(req, owner, progress)) as events:
             async for ev in events:
                 yield ev
 
@@ -137,18 +139,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         turn: asyncio.Task | None = None
 
         async def run_turn(req: GenerateRequest) -> None:
+            progress = Progress()
             try:
-                async for ev in self._stream(req, owner):
+                async for ev in self._stream(req, owner, progress):
                     if isinstance(ev, Tokens):
                         await out.put(pb.ConverseResponse(tokens=tokens_pb(ev)))
                     else:
                         await out.put(pb.ConverseResponse(finished=finished_pb(ev)))
             except asyncio.CancelledError:
-                await out.put(
-                    pb.ConverseResponse(
-                        finished=pb.Finished(reason=pb.FINISH_REASON_CANCELLED, session_id=session_id)
-                    )
-                )
+                await out.put(pb.ConverseResponse(finished=finished_pb(progress.cancelled())))
             except Exception as e:  # reported as the stream's status
                 await out.put(e)
 

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from exporters import triton
 from gru_serve import errors
 from gru_serve.contract import INPUT_IDS, LOGITS
 from gru_serve.errors import InvalidArgument, NotFound
+from gru_serve.grpc import model_config as triton_config
 from gru_serve.grpc.auth import owner_of
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -201,7 +201,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             vocab = len(ep.runtime.vocab)
             inputs = [tensor(name=INPUT_IDS, datatype="INT64", shape=[-1, -1])]
             outputs = [tensor(name=LOGITS, datatype="FP32", shape=[-1, -1, vocab])]
-            platform = triton.PLATFORM
+            platform = triton_config.PLATFORM
         return pb.ModelMetadataResponse(
             name=ep.name, versions=[MODEL_VERSION], platform=platform, inputs=inputs, outputs=outputs
         )
@@ -211,9 +211,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         kind = mc.ModelInstanceGroup.KIND_GPU if rt.device == "cuda" else mc.ModelInstanceGroup.KIND_CPU
         group = mc.ModelInstanceGroup(name=f"{ep.name}_{rt.device}", kind=kind, count=1)
         if not ep.generate:
-            # Triton's configuration for the model (exporters.triton), as this server runs it.
-            # Built under a placeholder name: Triton's name rules are stricter than ours.
-            cfg = triton.model_config(
+            # Triton's configuration for the model, as this server runs it. Built under a
+            # placeholder name: Triton's name rules are stricter than ours.
+            cfg = triton_config.model_config(
                 rt.metadata,
                 "model",
                 max_batch_size=s.max_batch_size,

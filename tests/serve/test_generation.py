@@ -235,3 +235,32 @@ def test_tokens_ready_together_share_a_message(client, runtime):
     assert [t.index for t in tokens] == list(range(2000))
     assert "".join(t.text for t in tokens) == reference_generate(runtime, "time traveller", 2000)
     assert len(msgs) - 1 < 2000  # packed: fewer messages than tokens
+
+
+def test_a_cancelled_converse_turn_reports_its_real_counts(client):
+    import queue
+
+    from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
+
+    sent: queue.Queue = queue.Queue()
+    sent.put(pb.ConverseRequest(text="time traveller", max_new_tokens=20))
+    replies = client.stub.Converse(iter(sent.get, None))
+    session_id = next(replies).session.session_id
+    while not next(replies).HasField("finished"):
+        pass
+    sent.put(pb.ConverseRequest(text=" and", max_new_tokens=LONG))
+    streamed = len(next(replies).tokens)
+    sent.put(pb.ConverseRequest(cancel=True))
+    for r in replies:
+        if r.HasField("finished"):
+            finished = r.finished
+            break
+        streamed += len(r.tokens)
+    sent.put(None)
+    assert finished.reason == pb.FINISH_REASON_CANCELLED
+    assert finished.session_id == session_id
+    assert finished.prompt_tokens == 4 and finished.normalized_prompt == " and"
+    assert finished.generated_tokens == streamed >= 1
+    # A cancelled turn leaves the session as it was: its count is the first turn's.
+    assert finished.tokens_seen == 14 + 20 == client.get_session(session_id).tokens_seen
+    assert finished.time_to_first_token_s > 0 and finished.total_time_s >= finished.time_to_first_token_s

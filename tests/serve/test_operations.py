@@ -63,6 +63,7 @@ def test_metrics_endpoint_shows_histograms_after_a_run():
     model = 'model="timemachine-d2l"'
     assert values[f"gru_serve_time_to_first_token_seconds_count{{{model}}}"] == 1
     assert values[f"gru_serve_inter_token_latency_seconds_count{{{model}}}"] == 29
+    assert values[f'gru_serve_inter_token_latency_seconds_bucket{{le="+Inf",{model}}}'] == 29
     assert values[f"gru_serve_generated_tokens_total{{{model}}}"] == 30
     generate = 'code="OK",method="/gru_serve.v1.GenerationService/Generate"'
     assert values[f"gru_serve_requests_total{{{generate}}}"] == 1
