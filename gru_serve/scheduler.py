@@ -97,6 +97,7 @@ class Job:
     want_logprobs: bool
     emit: Callable[[Event], None]
     cancelled: bool = False
+    ended: bool = False  # its last event (done or failed) is out
     generated: int = 0
     tail: str = ""  # the last characters generated, for stop strings
     first_token_at: float | None = None
@@ -217,10 +218,17 @@ class Scheduler:
                 admitted = []
                 while self._pending and len(self._active) + len(admitted) < self.max_batch_size:
                     admitted.append(self._pending.popleft())
-            self._active += self._prefill([j for j in admitted if not j.cancelled])
-            self._active = [j for j in self._active if not j.cancelled]
-            if self._active:
-                self._round()
+            try:
+                self._active += self._prefill([j for j in admitted if not j.cancelled])
+                self._active = [j for j in self._active if not j.cancelled]
+                if self._active:
+                    self._round()
+            except Exception as e:
+                # A fault outside the model call (sampling, stop strings, handing out tokens)
+                # fails the requests it touched; the thread lives on for everyone else.
+                touched = dict.fromkeys([*admitted, *self._active])
+                self._fail([j for j in touched if not j.ended], e)
+                self._active, self._batch = [], None
         with self._cond:
             leftovers = list(self._pending) + self._active
             self._pending.clear()
@@ -230,9 +238,10 @@ class Scheduler:
 
     def _fail(self, jobs: list[Job], exc: BaseException) -> None:
         incident = uuid.uuid4().hex[:12]
-        log.error("model step failed, incident %s, %d request(s) failed", incident, len(jobs), exc_info=exc)
+        log.error("generation failed, incident %s, %d request(s) failed", incident, len(jobs), exc_info=exc)
         for job in jobs:
-            job.emit(FailedEvent(Internal(f"model execution failed (incident {incident})")))
+            job.ended = True
+            job.emit(FailedEvent(Internal(f"generation failed (incident {incident})")))
 
     def _prefill(self, jobs: list[Job]) -> list[Job]:
         """Consume the newcomers' prompts, one call for all prompts of a length; returns the
@@ -261,6 +270,7 @@ class Scheduler:
         return ready
 
     def _finish(self, job: Job, reason: str) -> None:
+        job.ended = True
         job.emit(DoneEvent(reason, job.state, job.logits, job.generated, job.stop_hit, job.first_token_at))
 
     def _members(self, jobs: list[Job]) -> _Batch:

@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 
-from gru_serve.client import Client
+from gru_serve.client import Client, sampling
 
 from ..serve.conftest import LONG, reference_generate, start_server
 from .conftest import TALLY, record
@@ -134,6 +134,40 @@ def test_a_failing_batch_fails_only_its_requests(server, runtime):
         sessions_unchanged=True,
         scheduler_kept_serving=True,
     )
+
+
+@pytest.mark.parametrize("stage", ["sampling", "stop strings"])
+def test_a_fault_outside_the_model_call_fails_its_round_and_the_scheduler_serves_on(
+    server, runtime, monkeypatch, stage
+):
+    import gru_serve.scheduler as scheduler
+
+    fired = threading.Event()
+
+    def broken(*args, **kwargs):
+        fired.set()
+        raise RuntimeError(f"injected fault in {stage}")
+
+    if stage == "sampling":
+        monkeypatch.setattr(scheduler, "sample", broken)
+    else:
+        monkeypatch.setattr(scheduler.Job, "stops_after", broken)
+    with Client(server.target) as c:
+        s = c.create_session("time traveller")
+        before = state_of(server, s.session_id)
+        with pytest.raises(grpc.RpcError) as err:
+            # temperature > 0 samples, and a stop string is followed: both stages run.
+            c.generate_text(
+                "", session_id=s.session_id, params=sampling(0.8, None, None, 3, ["zz"]), timeout=10
+            )
+        assert fired.is_set()
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "incident" in err.value.details()
+        assert state_of(server, s.session_id) == before
+        monkeypatch.undo()
+        text, _ = c.generate_text("time traveller", max_new_tokens=50)
+        assert text == reference_generate(runtime, "time traveller", 50)
+    TALLY["faults injected"] += 1
+    record(f"fault in {stage} (outside the model call)", status="INTERNAL", scheduler_kept_serving=True)
 
 
 def test_sigterm_mid_stream(server_process, runtime):
