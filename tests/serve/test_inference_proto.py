@@ -69,7 +69,7 @@ def _serialized_file(module: str) -> bytes:
     """The FileDescriptorProto bytes a tritonclient *_pb2.py registers, read without importing it."""
     spec = importlib.util.find_spec("tritonclient")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("tritonclient is not installed (pip install -e '.[dev]')")
+        pytest.fail("tritonclient is not installed: run make install (the dev extra has it)", pytrace=False)
     path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / f"{module}_pb2.py"
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if (
