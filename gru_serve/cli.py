@@ -7,71 +7,33 @@ import asyncio
 import logging
 import os
 import sys
-from dataclasses import fields
 
 import grpc
 
 from gru_serve import logs
-from gru_serve.settings import ENV_PREFIX, Settings
+from gru_serve.settings import REPEATABLE_FLAGS, Settings, allowed, env_var, flag
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
-SETTING_HELP = {
-    "models": "an ONNX model to serve as PATH or NAME=PATH (default: every shipped model)",
-    "host": "address to listen on",
-    "port": "port to listen on (0: any free port)",
-    "device": "auto (CUDA when onnxruntime confirms it, else CPU), cuda (refuse to start without it), cpu",
-    "intra_op_threads": "onnxruntime threads inside one operator",
-    "inter_op_threads": "onnxruntime threads across operators",
-    "io_binding": "auto (on with CUDA: the state stays on the GPU), on, off",
-    "max_batch_size": "most streams decoded in one batched step",
-    "fused_tokens": "most tokens a stream gets from one fused K-token run; 1: the step path only",
-    "round_budget_ms": "a fused round is sized to take about this long (bounds inter-token latency)",
-    "max_queue": "requests waiting for a batch slot before RESOURCE_EXHAUSTED",
-    "session_ttl_s": "seconds an idle session lives",
-    "max_sessions": "sessions kept; beyond it the least recently used idle one is evicted",
-    "max_prompt_chars": "longest prompt or text accepted",
-    "max_new_tokens": "most tokens one request may generate",
-    "default_new_tokens": "tokens generated when a request does not say",
-    "max_streams": "concurrent generation streams before RESOURCE_EXHAUSTED",
-    "grace_s": "seconds in-flight requests get to finish on SIGTERM/SIGINT",
-    "log_level": "DEBUG, INFO, WARNING or ERROR",
-    "session_store": "memory, or redis://HOST:PORT/DB to share sessions between replicas",
-    "metrics_port": "serve Prometheus metrics over HTTP on this port (0: off)",
-    "tls_cert": "PEM certificate chain; with --tls-key the server speaks TLS",
-    "tls_key": "PEM private key of --tls-cert",
-    "tls_client_ca": "PEM CA bundle; clients must present a certificate it signed (mTLS)",
-    "auth_tokens": "accepted bearer tokens (comma-separated in the env); sessions belong to their token",
-    "auth_tokens_file": "file with one accepted bearer token per line",
-    "max_streams_per_token": "concurrent streams one token may hold",
-}
-
-
-# Settings that hold several values get a singular, repeatable flag.
-REPEATABLE_FLAGS = {"models": ("--model", "[NAME=]PATH"), "auth_tokens": ("--auth-token", "TOKEN")}
-
 
 def add_setting_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per Settings field; unset flags fall back to GRU_SERVE_* then the default."""
-    defaults = Settings()
-    for f in fields(Settings):
-        default = getattr(defaults, f.name)
-        env = f"env {ENV_PREFIX}{f.name.upper()}"
-        if f.name in REPEATABLE_FLAGS:
-            flag, metavar = REPEATABLE_FLAGS[f.name]
-            p.add_argument(
-                flag,
-                dest=f.name,
-                action="append",
-                metavar=metavar,
-                help=f"{SETTING_HELP[f.name]}; repeatable ({env}, comma-separated)",
-            )
+    """One flag per Settings field, its help the field's docstring; unset flags fall back to
+    GRU_SERVE_* then the default."""
+    # Flags stay strings: Settings parses and range-checks flags and variables alike, so a bad
+    # value gets the same one-line refusal whichever way it came.
+    for name, f in Settings.model_fields.items():
+        env = f"env {env_var(name)}"
+        if name in REPEATABLE_FLAGS:
+            flag_, metavar = REPEATABLE_FLAGS[name]
+            help_ = f"{f.description}; repeatable ({env}, comma-separated)"
+            p.add_argument(flag_, dest=name, action="append", metavar=metavar, help=help_)
             continue
+        rng = allowed(name)
+        default = "unset" if f.default == "" else f.default
         p.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=type(default),
+            flag(name),
             default=None,
-            help=f"{SETTING_HELP.get(f.name, '')} (default {default}; {env})",
+            help=f"{f.description} ({rng + '; ' if rng else ''}default {default}; {env})",
         )
 
 
@@ -79,9 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gru_serve.errors import ModelLoadError
     from gru_serve.server import serve
 
-    names = {f.name for f in fields(Settings)}
     try:
-        settings = Settings.load(**{k: v for k, v in vars(args).items() if k in names})
+        settings = Settings.load(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
     except ValueError as e:
         print(f"gru-serve: error: {e}", file=sys.stderr)
         return 2

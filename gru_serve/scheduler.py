@@ -39,8 +39,10 @@ from gru_serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-FUSED_TOKENS = Settings.fused_tokens  # most tokens a job gets from one round (one fused session.run)
-ROUND_BUDGET_S = Settings.round_budget_ms / 1000  # fused rounds are sized to take about this long
+# Most tokens a job gets from one round (one fused session.run), and the time a fused round is
+# sized to take: the server's defaults.
+FUSED_TOKENS: int = Settings.model_fields["fused_tokens"].default
+ROUND_BUDGET_S: float = Settings.model_fields["round_budget_ms"].default / 1000
 
 
 @dataclass(slots=True)

@@ -142,8 +142,6 @@ class GenerationService:
         self.store = store
         self.settings = settings
         self.clock = clock
-        if settings.io_binding not in ("auto", "on", "off"):
-            raise InvalidArgument(f"io_binding must be auto, on or off, got {settings.io_binding!r}")
         self.schedulers = {
             name: Scheduler(
                 rt,

@@ -1,74 +1,175 @@
 """One settings object: CLI flags override GRU_SERVE_* environment variables, which override
-the defaults below."""
+the defaults below. Each field is defined once: its type, range, default and (its docstring) the
+help text `gru-serve serve --help` shows."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "GRU_SERVE_"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# Settings that hold several values get a singular, repeatable flag.
+REPEATABLE_FLAGS = {"models": ("--model", "[NAME=]PATH"), "auth_tokens": ("--auth-token", "TOKEN")}
+
+# Comma-separated in the environment (GRU_SERVE_MODELS=a,b), not pydantic-settings' JSON.
+Csv = Annotated[tuple[str, ...], NoDecode]
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, use_attribute_docstrings=True, validate_default=True
+    )
+
     host: str = "127.0.0.1"
-    port: int = 50051
-    models: tuple[str, ...] = ()  # PATH or NAME=PATH; empty: every shipped model
-    device: str = "auto"  # auto | cuda | cpu
-    intra_op_threads: int = 1
-    inter_op_threads: int = 1
-    io_binding: str = "auto"  # auto (on with CUDA) | on | off
-    max_batch_size: int = 256
-    max_queue: int = 1024
-    fused_tokens: int = 64  # most tokens a stream gets from one fused run; 1: the step path only
-    round_budget_ms: float = 16.0  # fused rounds are sized to take about this long
-    session_ttl_s: float = 3600.0
-    max_sessions: int = 10_000
-    max_prompt_chars: int = 16_384
-    max_new_tokens: int = 4096
-    default_new_tokens: int = 64
-    max_streams: int = 1024
-    grace_s: float = 10.0
-    log_level: str = "INFO"
-    session_store: str = "memory"  # memory | redis://host:port/db
-    metrics_port: int = 0  # Prometheus metrics over HTTP; 0: off
-    tls_cert: str = ""  # PEM server certificate; with tls_key, serve TLS
+    """address to listen on"""
+    port: int = Field(50051, ge=0, le=65535)
+    """port to listen on (0: any free port)"""
+    models: Csv = ()
+    """an ONNX model to serve as PATH or NAME=PATH (default: every shipped model)"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto (CUDA when onnxruntime confirms it, else CPU), cuda (refuse to start without it), cpu"""
+    intra_op_threads: int = Field(1, ge=0)
+    """onnxruntime threads inside one operator (0: onnxruntime's choice, one per core)"""
+    inter_op_threads: int = Field(1, ge=0)
+    """onnxruntime threads across operators (0: onnxruntime's choice)"""
+    io_binding: Literal["auto", "on", "off"] = "auto"
+    """auto (on with CUDA: the state stays on the GPU), on, off"""
+    max_batch_size: int = Field(256, ge=1)
+    """most streams decoded in one batched step"""
+    max_queue: int = Field(1024, ge=1)
+    """requests waiting for a batch slot before RESOURCE_EXHAUSTED"""
+    fused_tokens: int = Field(64, ge=1)
+    """most tokens a stream gets from one fused K-token run; 1: the step path only"""
+    round_budget_ms: float = Field(16.0, gt=0)
+    """a fused round is sized to take about this long (bounds inter-token latency)"""
+    session_ttl_s: float = Field(3600.0, gt=0)
+    """seconds an idle session lives"""
+    max_sessions: int = Field(10_000, ge=1)
+    """sessions kept; beyond it the least recently used idle one is evicted"""
+    max_prompt_chars: int = Field(16_384, ge=1)
+    """longest prompt or text accepted"""
+    max_new_tokens: int = Field(4096, ge=1)
+    """most tokens one request may generate"""
+    default_new_tokens: int = Field(64, ge=1)
+    """tokens generated when a request does not say (at most max_new_tokens)"""
+    max_streams: int = Field(1024, ge=1)
+    """concurrent generation streams before RESOURCE_EXHAUSTED"""
+    grace_s: float = Field(10.0, ge=0)
+    """seconds in-flight requests get to finish on SIGTERM/SIGINT"""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """the least severe log records written"""
+    session_store: str = "memory"
+    """memory, or redis://HOST:PORT/DB to share sessions between replicas"""
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """serve Prometheus metrics over HTTP on this port (0: off)"""
+    tls_cert: str = ""
+    """PEM certificate chain; with --tls-key the server speaks TLS"""
     tls_key: str = ""
-    tls_client_ca: str = ""  # PEM CA: require client certificates signed by it (mTLS)
-    auth_tokens: tuple[str, ...] = ()  # bearer tokens accepted; empty (and no file): auth off
-    auth_tokens_file: str = ""  # one token per line
-    max_streams_per_token: int = 256
+    """PEM private key of --tls-cert"""
+    tls_client_ca: str = ""
+    """PEM CA bundle; clients must present a certificate it signed (mTLS)"""
+    auth_tokens: Csv = Field((), repr=False)
+    """accepted bearer tokens; sessions belong to their token (empty, and no file: auth off)"""
+    auth_tokens_file: str = ""
+    """file with one accepted bearer token per line"""
+    max_streams_per_token: int = Field(256, ge=1)
+    """concurrent streams one token may hold"""
+
+    @field_validator("models", "auth_tokens", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return tuple(p for p in v.split(",") if p) if isinstance(v, str) else v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("session_store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v != "memory" and not v.startswith(REDIS_SCHEMES):
+            raise ValueError("must be 'memory' or redis://HOST:PORT/DB (or rediss://, unix://)")
+        return v
+
+    @model_validator(mode="after")
+    def _together(self) -> Settings:
+        if self.default_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"--default-new-tokens ({self.default_new_tokens}) must be <= "
+                f"--max-new-tokens ({self.max_new_tokens})"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return self
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, then the environment, then `overrides` (CLI flags; None means unset)."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = _parse(f.name, raw, cls.__dataclass_fields__[f.name].default)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if "models" in values:
-            values["models"] = tuple(values["models"])
-        return replace(cls(), **values)
+    def load(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
+        """Defaults, then GRU_SERVE_* variables (of `env`; None: the process environment), then
+        `flags` (None means unset). A bad value raises ValueError with one line naming it."""
+        values = {k: v for k, v in flags.items() if v is not None}
+        if env is not None:
+            source = EnvSettingsSource(cls)
+            source.env_vars = {k.lower(): v for k, v in env.items()}  # case-insensitive, as for os.environ
+            # Every field is given, so the process environment (which BaseSettings reads too) fills none.
+            values = {**{n: f.default for n, f in cls.model_fields.items()}, **source(), **values}
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            raise ValueError(problem(e)) from None
 
     def describe(self) -> str:
-        return " ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        """The settings for the log, bearer tokens masked."""
+        shown = {**self.model_dump(), "auth_tokens": tuple("***" for _ in self.auth_tokens)}
+        return " ".join(f"{k}={v!r}" for k, v in shown.items())
 
 
-def _parse(name: str, raw: str, default: Any) -> Any:
-    try:
-        if isinstance(default, bool):
-            return raw.lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        if isinstance(default, tuple):
-            return tuple(p for p in raw.split(",") if p)
-    except ValueError as e:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r}: {e}") from e
-    return raw
+def flag(name: str) -> str:
+    return REPEATABLE_FLAGS[name][0] if name in REPEATABLE_FLAGS else "--" + name.replace("_", "-")
+
+
+def env_var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def allowed(name: str) -> str:
+    """What a setting accepts, from its definition: 'an integer in 0..65535', 'one of a, b'."""
+    f = Settings.model_fields[name]
+    if get_origin(f.annotation) is Literal:
+        return "one of " + ", ".join(get_args(f.annotation))
+    kind = {int: "an integer", float: "a number"}.get(f.annotation)
+    if kind is None:
+        return ""
+    ge = gt = le = None
+    for m in f.metadata:
+        ge, gt, le = getattr(m, "ge", ge), getattr(m, "gt", gt), getattr(m, "le", le)
+    if ge is not None and le is not None:
+        return f"{kind} in {ge}..{le}"
+    if ge is not None:
+        return f"{kind} >= {ge}"
+    if gt is not None:
+        return f"{kind} > {gt}"
+    return kind
+
+
+def problem(e: ValidationError) -> str:
+    """One line for all of a ValidationError: each setting by flag and variable, with its range."""
+    out = []
+    for err in e.errors():
+        why = str(err["ctx"]["error"]) if err["type"] == "value_error" else ""
+        if not err["loc"]:  # a rule across settings
+            out.append(why)
+            continue
+        name = str(err["loc"][0])
+        if name not in Settings.model_fields:
+            out.append(f"{name}: {err['msg']}")
+            continue
+        must = why or f"must be {allowed(name) or err['msg']}"
+        out.append(f"{flag(name)} ({env_var(name)}) {must}, got {err['input']!r}")
+    return "; ".join(out)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from gru_serve.sessions import MemoryStore, SessionStore
-from gru_serve.settings import Settings
-
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+from gru_serve.settings import REDIS_SCHEMES, Settings
 
 
 def build_store(settings: Settings) -> SessionStore:

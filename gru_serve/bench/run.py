@@ -24,7 +24,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gru_serve.bench import inprocess, machine, report, served
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
-from gru_serve.scheduler import FUSED_TOKENS, ROUND_BUDGET_S
 from gru_serve.settings import Settings
 from gru_serve.shipped import default_model_path
 
@@ -277,7 +276,7 @@ def main(args: argparse.Namespace) -> int:
     fast = ModelRuntime(model)
     exported = ModelRuntime(model, RuntimeOptions(fast_path=False))
     console.print(f"bench ({name}): {model.name} on {fast.provider}; fast path {fast.fast_path_note}")
-    defaults = Settings()
+    defaults = Settings.load()  # what the served runs get: they inherit GRU_SERVE_* too
     shown = model.relative_to(Path.cwd()) if model.is_relative_to(Path.cwd()) else model
     results: dict = {
         "schema": SCHEMA,
@@ -303,7 +302,7 @@ def main(args: argparse.Namespace) -> int:
                 f"intra_op_threads={defaults.intra_op_threads}, "
                 f"inter_op_threads={defaults.inter_op_threads}, "
                 f"io_binding={defaults.io_binding}, max_batch_size={defaults.max_batch_size}, "
-                f"fused_tokens={FUSED_TOKENS}, round_budget={ROUND_BUDGET_S * 1000:g} ms"
+                f"fused_tokens={defaults.fused_tokens}, round_budget={defaults.round_budget_ms:g} ms"
             ),
         },
         "notes": [
