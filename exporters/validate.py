@@ -12,7 +12,6 @@ import onnxruntime as ort
 
 from exporters.corpus import Corpus
 from exporters.model import Checkpoint, torch_step
-from gru_serve import contract
 from gru_serve.contract import (
     INPUT_IDS,
     LOGITS,
@@ -23,6 +22,7 @@ from gru_serve.contract import (
     gru_nodes,
     read_model,
 )
+from gru_serve.runtime import chained_run
 from gru_serve.scoring import StepFn, d2l_perplexity
 
 PARITY_BATCHES = (1, 7)  # neither is the export example's batch (2)
@@ -39,10 +39,6 @@ class GraphError(ValidationError):
 
 
 class ContractMismatch(ValidationError):
-    pass
-
-
-class LinearBeforeResetError(ContractMismatch):
     pass
 
 
@@ -80,9 +76,7 @@ def load_graph(path: Path) -> onnx.ModelProto:
 def read_metadata(model: onnx.ModelProto) -> ModelMetadata:
     try:
         return read_model(model)
-    except contract.LinearBeforeResetError as e:
-        raise LinearBeforeResetError(str(e)) from e
-    except ContractError as e:
+    except ContractError as e:  # gru_serve.contract.LinearBeforeResetError among them
         raise ContractMismatch(str(e)) from e
 
 
@@ -94,18 +88,6 @@ def ort_step(path: Path) -> StepFn:
         return logits, out
 
     return step
-
-
-def chained_run(
-    step: StepFn, ids: np.ndarray, state: np.ndarray, prompt_len: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Prefill ids[:, :prompt_len] in one call, then one token per call, feeding state_out back."""
-    logits, state = step(ids[:, :prompt_len], state)
-    outs = [(logits, state)]
-    for t in range(prompt_len, ids.shape[1]):
-        logits, state = step(ids[:, t : t + 1], state)
-        outs.append((logits, state))
-    return outs
 
 
 def parity_inputs(meta: ModelMetadata, batch: int) -> np.ndarray:

@@ -32,14 +32,18 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.validate import ValidationError, compare_runs, ort_step, validate
-from gru_serve.contract import read_model
-from gru_serve.decode_graphs import FUSED_OUTPUTS, decode_graph, fused_graph, gru_weights
-from gru_serve.runtime import ModelRuntime
-from gru_serve.sampling import SamplingParams, sample, uniforms
+from gru_serve.contract import LOGITS, STATE_OUT, read_model
+from gru_serve.decode_graphs import FUSED_INPUTS, FUSED_OUTPUTS, decode_graph, fused_graph, gru_weights
+from gru_serve.runtime import ModelRuntime, fused_generate, step_generate
+from gru_serve.sampling import SamplingParams
 from gru_serve.scoring import d2l_perplexity, stream_perplexity
 
 KINDS = ("optimized", "fp16", "decode", "fused")
 FP16_MIN_ELEMENTS = 16  # smaller float tensors (shape constants and the like) stay float32
+# fp16's parity bound with the base model (logits, state_out) over the validator's chained runs:
+# about 3x and 5x what the shipped d2l model measures (0.018, 0.0041); weights rounded to
+# bfloat16 instead (8 significand bits, not 11) measure 0.11 and are refused.
+FP16_ATOL = (0.05, 0.02)
 
 
 @dataclass
@@ -116,27 +120,15 @@ def token_by_token(session: ort.InferenceSession):
     return step
 
 
-def _reference_tokens(rt: ModelRuntime, prompts: list[list[int]], params: list[SamplingParams], n: int):
-    """The step path: one decode step per token per prompt at batch 1, numpy sampling."""
-    out = []
-    for ids, p in zip(prompts, params, strict=True):
-        logits, state = rt.step(np.array([ids], np.int64), rt.zero_state())
-        logits, toks = logits[:, -1], []
-        for j in range(n):
-            u = uniforms(np.array([p.seed], np.uint64), np.array([len(ids) + j], np.uint64))
-            t = sample(logits, np.array([p.temperature]), np.array([p.top_k]), np.array([p.top_p]), u)
-            toks.append(int(t[0]))
-            logits, state = rt.step(t[:, None].astype(np.int64), state)
-            logits = logits[:, -1]
-        out.append(toks)
-    return out
-
-
 def fused_parity(model_path: Path, fused_path: Path, n: int = 200, k: int = 16) -> list[str]:
     """Generate n tokens for a batch of prompts (greedy and seeded sampling rows) with the fused
     file, K per run, and with the step path; the tokens must be identical."""
     rt = ModelRuntime(model_path)
     sess = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"])
+
+    def fused_file(*inputs: np.ndarray) -> list[np.ndarray]:
+        return sess.run(list(FUSED_OUTPUTS), dict(zip(FUSED_INPUTS, inputs, strict=True)))
+
     prompts = [rt.vocab.encode(t) for t in ("time traveller", "the machine", "it was", "so")]
     params = [
         SamplingParams(),
@@ -144,34 +136,14 @@ def fused_parity(model_path: Path, fused_path: Path, n: int = 200, k: int = 16) 
         SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=11),
         SamplingParams(temperature=1.5, top_p=0.5, seed=3),
     ]
-    want = _reference_tokens(rt, prompts, params, n)
+    want = [
+        step_generate(rt.step, ids, rt.zero_state(), p, n)[0] for ids, p in zip(prompts, params, strict=True)
+    ]
     checks = []
     for rows, label in (([0], "greedy"), ([0, 1, 2, 3], "greedy and seeded sampling, batched")):
-        logits, states = [], []
-        for i in rows:
-            lg, st = rt.step(np.array([prompts[i]], np.int64), rt.zero_state())
-            logits.append(lg[0, -1])
-            states.append(st[0])
-        logits, state = np.stack(logits), np.stack(states)
-        t = np.array([params[i].temperature for i in rows])
-        tk = np.array([params[i].top_k for i in rows], np.int64)
-        tp = np.array([params[i].top_p for i in rows])
-        seeds = np.array([params[i].seed for i in rows], np.uint64)
-        pos = np.array([len(prompts[i]) for i in rows], np.uint64)
-        got: list[list[int]] = [[] for _ in rows]
-        done = 0
-        while done < n:
-            tok = sample(logits, t, tk, tp, uniforms(seeds, pos + done))
-            kk = min(k, n - done)
-            u = np.stack([uniforms(seeds, pos + done + j) for j in range(1, kk + 1)], axis=1)
-            sampled, step_logits, step_states = sess.run(
-                list(FUSED_OUTPUTS),
-                {"tokens": tok, "state": state, "temperature": t, "top_k": tk, "top_p": tp, "uniforms": u},
-            )
-            for r in range(len(rows)):
-                got[r] += [int(tok[r]), *sampled[: kk - 1, r].tolist()]
-            logits, state = step_logits[kk - 1], step_states[kk - 1]
-            done += kk
+        got, _, _ = fused_generate(
+            rt, [prompts[i] for i in rows], [params[i] for i in rows], n, k, fused_file
+        )
         for r, i in enumerate(rows):
             if got[r] != want[i]:
                 first = next(j for j, (a, b) in enumerate(zip(got[r], want[i], strict=True)) if a != b)
@@ -216,9 +188,13 @@ def write_variants(
             strict = kind == "optimized"
             report = validate(path, checkpoint if strict else None)
             rep.checks += report.checks
-            # Parity with the base model over the validator's chained runs.
-            tol = (1e-4, 1e-5) if strict else (np.inf, np.inf)
+            tol = (1e-4, 1e-5) if strict else FP16_ATOL
             rep.max_diff = compare_runs(ort_step(path), ort_step(model_path), meta, *tol, "the base model")
+            rep.checks.append(
+                f"parity with the base model over the validator's chained runs: max |diff| logits "
+                f"{rep.max_diff[LOGITS]:.2e} (atol {tol[0]:g}), state_out {rep.max_diff[STATE_OUT]:.2e} "
+                f"(atol {tol[1]:g})"
+            )
             rep.perplexity = perplexities(ort_step(path), shape)
             rep.perplexity_change = {k: rep.perplexity[k] / base_ppl[k] - 1 for k in base_ppl}
         elif kind == "decode":

@@ -403,6 +403,3 @@ def fused_graph(base: onnx.ModelProto, w: GRUWeights | None = None) -> onnx.Mode
         "gru_serve_fused",
         base,
     )
-
-
-# -- the runtime --

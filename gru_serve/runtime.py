@@ -29,12 +29,17 @@ from gru_serve.decode_graphs import (
     gru_weights,
 )
 from gru_serve.errors import ModelLoadError
+from gru_serve.sampling import SamplingParams, sample, uniforms
+from gru_serve.scoring import StepFn
 from gru_serve.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# onnxruntime's CUDA provider turns TF32 on by default: 10-bit mantissas in every MatMul, which
+# would put the derived graphs outside the load-time check's bounds and the output off PyTorch's.
+CUDA_OPTIONS = {"use_tf32": "0"}
 
 GRAPH_OPTIMIZATION = {
     "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -69,9 +74,6 @@ def load_metadata(path: Path) -> tuple[ModelMetadata, bytes]:
         raise ModelLoadError(f"model {path}: {e}") from e
 
 
-# -- the weights of a GRU language model, and the graphs derived from them --
-
-
 class ModelRuntime:
     """One model loaded into onnxruntime. `step` runs the contract on numpy arrays; with the
     fast path, steps of seq = 1 run the derived decode graph and `fused` runs K of them."""
@@ -103,8 +105,8 @@ class ModelRuntime:
         so.graph_optimization_level = GRAPH_OPTIMIZATION[options.graph_optimization]
         return so
 
-    def _providers(self) -> list[str]:
-        return [CUDA, CPU] if self.provider == CUDA else [CPU]
+    def _providers(self) -> list:
+        return [(CUDA, CUDA_OPTIONS), CPU] if self.provider == CUDA else [CPU]
 
     def _create_session(self, raw: bytes, options: RuntimeOptions) -> tuple[ort.InferenceSession, str]:
         if options.device not in ("auto", "cuda", "cpu"):
@@ -113,7 +115,7 @@ class ModelRuntime:
         # onnxruntime logs two errors when CUDA libraries are missing; we say it once, below.
         ort.set_default_logger_severity(4)
         want_cuda = options.device != "cpu" and CUDA in ort.get_available_providers()
-        providers = [CUDA, CPU] if want_cuda else [CPU]
+        providers = [(CUDA, CUDA_OPTIONS), CPU] if want_cuda else [CPU]
         try:
             session = ort.InferenceSession(raw, so, providers=providers)
         except Exception as e:
@@ -186,6 +188,13 @@ class ModelRuntime:
     ) -> str:
         """'' when the decode graph computes the exported graph's function (logits within 1e-4,
         state within 1e-5) and the fused graph is bit-identical to chained decode steps."""
+        # Every token id once (up to 1024 of them) through one decode step, so a fault that
+        # touches only some ids of the input table cannot hide from the random sample below.
+        every = np.arange(min(self.metadata.vocab_size, 1024), dtype=np.int64)[:, None]
+        zero = np.zeros((len(every), *self.state_shape), np.float32)
+        want = self.session.run([LOGITS], {INPUT_IDS: every, STATE: zero})[0]
+        if not np.allclose(decode.run([LOGITS], {INPUT_IDS: every, STATE: zero})[0], want, atol=1e-4, rtol=0):
+            return "the derived decode graph's logits differ from the model's"
         rng = np.random.default_rng(0)
         length = 5
         ids = rng.integers(0, self.metadata.vocab_size, (batch, length), dtype=np.int64)
@@ -240,21 +249,6 @@ class ModelRuntime:
     @property
     def device(self) -> str:
         return "cuda" if self.provider == CUDA else "cpu"
-
-    def to_device(self, state: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(state), self.device, 0)
-
-    def bound_step(self, ids: np.ndarray, state: ort.OrtValue) -> tuple[np.ndarray, ort.OrtValue]:
-        """The step with IOBinding: the state stays where the model runs (on the GPU under
-        CUDA); only ids go in and logits come out through host memory."""
-        binding = self._session_for(ids).io_binding()
-        binding.bind_cpu_input(INPUT_IDS, ids)
-        binding.bind_ortvalue_input(STATE, state)
-        binding.bind_output(LOGITS, "cpu")
-        binding.bind_output(STATE_OUT, self.device, 0)
-        self._session_for(ids).run_with_iobinding(binding)
-        logits, state_out = binding.get_outputs()
-        return logits.numpy(), state_out
 
     def decoder(self, state: np.ndarray) -> Decoder:
         """A decode loop for this batch with IOBinding and preallocated buffers."""
@@ -347,3 +341,67 @@ class Decoder:
             np.copyto(self._host[self._cur], state)
         else:
             self._states[self._cur].update_inplace(np.ascontiguousarray(state, np.float32))
+
+
+# Loops for the checks that compare paths (tests, gru-export variants, the GPU check). The
+# scheduler does not use them: a bug here cannot hide the same bug in the server.
+
+
+def chained_run(
+    step: StepFn, ids: np.ndarray, state: np.ndarray, prompt_len: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Prefill ids[:, :prompt_len] in one call, then one token per call, feeding state_out back."""
+    logits, state = step(ids[:, :prompt_len], state)
+    outs = [(logits, state)]
+    for t in range(prompt_len, ids.shape[1]):
+        logits, state = step(ids[:, t : t + 1], state)
+        outs.append((logits, state))
+    return outs
+
+
+def step_generate(
+    step: StepFn, ids: list[int], state: np.ndarray, params: SamplingParams, n: int
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The step path at batch 1: prefill `ids` in one call from `state` [1, L, H], then n
+    tokens, each sampled in numpy with the uniform of its position and fed in a call of its
+    own. Returns the tokens and the logits [V] and state [L, H] after the last one."""
+    logits, state = step(np.array([ids], np.int64), state)
+    logits, out = logits[:, -1], []
+    seed, t = np.array([params.seed], np.uint64), np.array([params.temperature])
+    top_k, top_p = np.array([params.top_k]), np.array([params.top_p])
+    for j in range(n):
+        tok = sample(logits, t, top_k, top_p, uniforms(seed, np.array([len(ids) + j], np.uint64)))
+        out.append(int(tok[0]))
+        logits, state = step(tok[:, None].astype(np.int64), state)
+        logits = logits[:, -1]
+    return out, logits[0], state[0]
+
+
+def fused_generate(
+    rt: ModelRuntime, prompts: list[list[int]], params: list[SamplingParams], n: int, k: int, fused=None
+) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+    """The prompts as one batch (each prefilled alone), n tokens each, k per run of `fused`
+    (rt.fused by default; the same arguments and outputs), the first token of each run sampled
+    in numpy as the scheduler does. Returns the tokens per row and the logits [B, V] and state
+    [B, L, H] after the last ones."""
+    fused = fused or rt.fused
+    firsts = [rt.step(np.array([ids], np.int64), rt.zero_state()) for ids in prompts]
+    logits = np.stack([lg[0, -1] for lg, _ in firsts])
+    state = np.stack([st[0] for _, st in firsts])
+    t = np.array([p.temperature for p in params])
+    top_k = np.array([p.top_k for p in params], np.int64)
+    top_p = np.array([p.top_p for p in params])
+    seeds = np.array([p.seed for p in params], np.uint64)
+    pos = np.array([len(ids) for ids in prompts], np.uint64)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = 0
+    while done < n:
+        tok = sample(logits, t, top_k, top_p, uniforms(seeds, pos + done))
+        kk = min(k, n - done)
+        u = np.stack([uniforms(seeds, pos + done + j) for j in range(1, kk + 1)], axis=1)
+        sampled, step_logits, step_states = fused(tok, state, t, top_k, top_p, u)
+        for r in range(len(prompts)):
+            out[r] += [int(tok[r]), *sampled[: kk - 1, r].tolist()]
+        logits, state = step_logits[kk - 1], step_states[kk - 1]
+        done += kk
+    return out, logits, state

@@ -30,10 +30,6 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
     @classmethod
     def checked(
         cls,

@@ -1,100 +1,132 @@
-"""The GPU check: on a CUDA machine, the CUDA execution provider's parity with the CPU (the
-exported graph, the derived decode step and the fused loop) and the in-process bench, in one
-short run. Without CUDA it says so and returns 0 without running anything."""
+"""The GPU check: on a machine with an NVIDIA GPU, that onnxruntime really runs the model on
+CUDA, the CUDA execution provider's parity with the CPU (the exported graph, the derived decode
+step and the fused loop) and the in-process bench, in one short run. It fails (returns 1) when
+a session asked for CUDA runs on another provider, when the fast path is off on CUDA, or when
+parity fails; only on a machine without an NVIDIA GPU does it print SKIPPED and return 0."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT
 from gru_serve.errors import ModelLoadError
-from gru_serve.runtime import CUDA, ModelRuntime, RuntimeOptions
-from gru_serve.sampling import SamplingParams, sample, uniforms
+from gru_serve.runtime import (
+    CPU,
+    CUDA,
+    CUDA_OPTIONS,
+    ModelRuntime,
+    RuntimeOptions,
+    chained_run,
+    fused_generate,
+    step_generate,
+)
+from gru_serve.sampling import SamplingParams
 from gru_serve.shipped import default_model_path
 
-
-def _chain(rt: ModelRuntime, ids: np.ndarray, prompt: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
-    logits, state = rt.step(ids[:, :prompt], rt.zero_state(ids.shape[0]))
-    out = [(logits, state)]
-    for t in range(prompt, ids.shape[1]):
-        logits, state = rt.step(ids[:, t : t + 1], state)
-        out.append((logits, state))
-    return out
+ATOL = {"logits": 1e-3, "state": 1e-4}
 
 
-def _generate(rt: ModelRuntime, params: list[SamplingParams], n: int, fused_k: int) -> list[list[int]]:
-    """n tokens per row from 'time traveller', by decode steps (fused_k 1) or fused runs."""
-    ids = np.array([rt.vocab.encode("time traveller")] * len(params), np.int64)
-    logits, state = rt.step(ids, rt.zero_state(len(params)))
-    logits = logits[:, -1]
-    t = np.array([p.temperature for p in params])
-    k = np.array([p.top_k for p in params], np.int64)
-    p_ = np.array([p.top_p for p in params])
-    seeds = np.array([p.seed for p in params], np.uint64)
-    pos = np.full(len(params), ids.shape[1], np.uint64)
-    out: list[list[int]] = [[] for _ in params]
-    done = 0
-    while done < n:
-        tok = sample(logits, t, k, p_, uniforms(seeds, pos + done))
-        kk = min(fused_k, n - done)
-        if kk == 1:
-            lg, state = rt.step(tok[:, None].astype(np.int64), state)
-            logits = lg[:, 0]
-            for r in range(len(params)):
-                out[r].append(int(tok[r]))
-        else:
-            u = np.stack([uniforms(seeds, pos + done + j) for j in range(1, kk + 1)], axis=1)
-            sampled, step_logits, step_states = rt.fused(tok, state, t, k, p_, u)
-            for r in range(len(params)):
-                out[r] += [int(tok[r]), *sampled[: kk - 1, r].tolist()]
-            logits, state = step_logits[kk - 1], step_states[kk - 1]
-        done += kk
-    return out
+class CheckFailed(Exception):
+    pass
 
 
-def gpu_check(model: Path | None = None, out: Path | None = None) -> int:
-    model = model or default_model_path()
-    available = ort.get_available_providers()
-    if CUDA not in available:
-        print(
-            f"gpu check: SKIPPED: this onnxruntime build has no CUDA execution provider (providers: "
-            f"{', '.join(available)}); install onnxruntime-gpu on a machine with an NVIDIA GPU"
+def nvidia_gpu_present() -> bool:
+    """Asked of the driver, never of onnxruntime: a CPU-only onnxruntime, or CUDA libraries it
+    cannot load, must fail the check on a GPU machine, not skip it."""
+    if Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia").exists():
+        return True
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _on_cuda(what: str, session: ort.InferenceSession) -> None:
+    # onnxruntime falls back to the CPU provider, with no error, when CUDA does not initialise.
+    first = session.get_providers()[0]
+    if first != CUDA:
+        raise CheckFailed(
+            f"CUDA was asked for, but {what} runs on {first} "
+            f"(onnxruntime providers: {', '.join(ort.get_available_providers())})"
         )
-        return 0
+
+
+def _max_diff(a: list, b: list) -> dict[str, float]:
+    worst = {"logits": 0.0, "state": 0.0}
+    for (al, as_), (bl, bs) in zip(a, b, strict=True):
+        worst["logits"] = max(worst["logits"], float(np.abs(al - bl).max()))
+        worst["state"] = max(worst["state"], float(np.abs(as_ - bs).max()))
+    return worst
+
+
+def _parity(model: Path, report: dict) -> tuple[bool, ModelRuntime]:
+    raw = model.read_bytes()
+    cuda = ort.InferenceSession(raw, providers=[(CUDA, CUDA_OPTIONS), CPU])
+    _on_cuda("the check's session of the exported graph", cuda)
     try:
         gpu = ModelRuntime(model, RuntimeOptions("cuda"))
     except ModelLoadError as e:
-        print(f"gpu check: SKIPPED: {e}")
-        return 0
+        raise CheckFailed(str(e)) from e
+    if not gpu.has_fused:
+        raise CheckFailed(f"the fast path is off on CUDA: {gpu.fast_path_note}")
+    for what in ("session", "decode_session", "fused_session", "fused_single"):
+        _on_cuda(f"the server runtime's {what}", getattr(gpu, what))
     cpu = ModelRuntime(model, RuntimeOptions("cpu"))
-    report: dict = {
-        "providers": available,
-        "fast_path_cuda": gpu.fast_path_note,
-        "fast_path_cpu": cpu.fast_path_note,
-    }
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, gpu.metadata.vocab_size, (7, 216), dtype=np.int64)
-    worst = {"logits": 0.0, "state": 0.0}
-    for (gl, gs), (cl, cs) in zip(_chain(gpu, ids), _chain(cpu, ids), strict=True):
-        worst["logits"] = max(worst["logits"], float(np.abs(gl - cl).max()))
-        worst["state"] = max(worst["state"], float(np.abs(gs - cs).max()))
-    report["cuda_vs_cpu_max_abs_diff"] = worst
-    ok = worst["logits"] <= 1e-3 and worst["state"] <= 1e-4
+    report.update(providers=ort.get_available_providers(), fast_path_cuda=gpu.fast_path_note)
+
+    def plain(session: ort.InferenceSession):
+        return lambda ids, state: tuple(session.run([LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE: state}))
+
+    ids = np.random.default_rng(0).integers(0, gpu.metadata.vocab_size, (7, 216), dtype=np.int64)
+    zero = gpu.zero_state(7)
+    report["exported_cuda_vs_cpu_max_abs_diff"] = _max_diff(
+        chained_run(plain(cuda), ids, zero, 16), chained_run(plain(cpu.session), ids, zero, 16)
+    )
+    # The server's own sessions (decode step and all), with the server's CUDA options.
+    report["server_cuda_vs_cpu_max_abs_diff"] = _max_diff(
+        chained_run(gpu.step, ids, zero, 16), chained_run(cpu.step, ids, zero, 16)
+    )
+    ok = all(
+        report[key][name] <= atol
+        for key in ("exported_cuda_vs_cpu_max_abs_diff", "server_cuda_vs_cpu_max_abs_diff")
+        for name, atol in ATOL.items()
+    )
     params = [
         SamplingParams(),
         SamplingParams(temperature=1.0, seed=7),
         SamplingParams(temperature=0.8, top_k=5, seed=3),
     ]
-    steps = _generate(gpu, params, 120, 1)
-    if gpu.has_fused:
-        fused = _generate(gpu, params, 120, 16)
-        report["cuda_fused_equals_step_path"] = fused == steps
-        ok &= fused == steps
-    report["greedy_cuda_equals_cpu"] = steps[0] == _generate(cpu, params[:1], 120, 1)[0]
+    prompt = gpu.vocab.encode("time traveller")
+    steps = [step_generate(gpu.step, prompt, gpu.zero_state(), p, 120)[0] for p in params]
+    fused = fused_generate(gpu, [prompt] * len(params), params, 120, 16)[0]
+    report["cuda_fused_equals_step_path"] = fused == steps
+    greedy_cpu = step_generate(cpu.step, prompt, cpu.zero_state(), params[0], 120)[0]
+    report["greedy_cuda_equals_cpu"] = steps[0] == greedy_cpu
+    return ok and fused == steps, gpu
+
+
+def gpu_check(model: Path | None = None, out: Path | None = None, assume_gpu: bool = False) -> int:
+    """`assume_gpu` runs the check as if an NVIDIA GPU were present (to test the check where
+    none is)."""
+    model = model or default_model_path()
+    if not (assume_gpu or nvidia_gpu_present()):
+        print(
+            "gpu check: SKIPPED: no NVIDIA GPU on this machine (no /dev/nvidia0 or "
+            "/proc/driver/nvidia, and nvidia-smi -L fails or is absent)"
+        )
+        return 0
+    report: dict = {}
+    try:
+        ok, gpu = _parity(model, report)
+    except CheckFailed as e:
+        print(f"gpu check: FAILED: {e}")
+        return 1
     from gru_serve.bench import inprocess
 
     cfg = inprocess.InProcessConfig(model, tokens=500, batched_tokens=8000, repeats=2, fused_k=(16, 32))
@@ -103,13 +135,17 @@ def gpu_check(model: Path | None = None, out: Path | None = None) -> int:
     report["batch1"] = inprocess.batch1(cfg, exported, gpu)
     report["batched"] = inprocess.batched(cfg, exported, gpu)
     report["bench_seconds"] = time.perf_counter() - t0
-    report["parity_ok"] = bool(ok)
+    report["parity_ok"] = ok
     text = json.dumps(report, indent=1)
     if out:
         out.write_text(text + "\n")
     print(text)
+    diffs = ", ".join(
+        f"{key.split('_')[0]} logits {report[key]['logits']:.2e} state {report[key]['state']:.2e}"
+        for key in ("exported_cuda_vs_cpu_max_abs_diff", "server_cuda_vs_cpu_max_abs_diff")
+    )
     print(
-        f"gpu check: parity {'OK' if ok else 'FAILED'} (CUDA vs CPU max |diff| logits {worst['logits']:.2e}, "
-        f"state {worst['state']:.2e})"
+        f"gpu check: parity {'OK' if ok else 'FAILED'} (CUDA vs CPU max |diff|: {diffs}; "
+        f"fused = step path: {report['cuda_fused_equals_step_path']})"
     )
     return 0 if ok else 1

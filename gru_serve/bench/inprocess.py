@@ -17,8 +17,7 @@ import numpy as np
 
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.sampling import SamplingParams, sample, uniforms
-from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler
-from gru_serve.settings import Settings
+from gru_serve.scheduler import FUSED_TOKENS, DoneEvent, FailedEvent, Job, Scheduler
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,7 @@ class InProcessConfig:
     batched_tokens: int = 20000  # tokens per batched measurement
     batches: tuple[int, ...] = (1, 8, 32, 64, 256)
     fused_k: tuple[int, ...] = (8, 16, 32, 64)
-    server_k: int = Settings.fused_tokens  # the server's K: the fused figure the goals use
+    server_k: int = FUSED_TOKENS  # the server's K: the fused figure the goals use
     repeats: int = 3
     tuning_batches: tuple[int, ...] = (1, 64, 256)
     tuning_levels: tuple[str, ...] = ("off", "basic", "extended", "all")
@@ -227,7 +226,7 @@ def scheduler(cfg: InProcessConfig, fast: ModelRuntime) -> list[dict]:
     """The continuous-batching scheduler without gRPC: `batch` jobs of `scheduler_tokens`
     greedy tokens submitted at once, events collected by a plain callback."""
     rows = []
-    for fused_tokens in (1, Settings.fused_tokens):
+    for fused_tokens in (1, FUSED_TOKENS):
         if fused_tokens > 1 and not fast.has_fused:
             continue
         for b in cfg.scheduler_batches:

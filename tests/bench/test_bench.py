@@ -6,7 +6,6 @@ import json
 import pytest
 
 from gru_serve.bench import report, served
-from gru_serve.bench.gpu import gpu_check
 from gru_serve.cli import main
 
 SECTIONS = ("batch1", "batched", "sampling", "scheduler", "tuning")
@@ -122,9 +121,3 @@ def test_errors_are_counted_by_code():
     ok = served.Record(0.0, [(0.001, 1)], 0.002)
     out = served.summarize([ok, served.Record(0.0, error="UNAVAILABLE")], 1.0, 2, 1, 1)
     assert out["errors"] == 1 and out["error_codes"] == {"UNAVAILABLE": 1} and out["requests"] == 1
-
-
-def test_gpu_check_without_cuda_says_so(capsys):
-    assert gpu_check() == 0
-    out = capsys.readouterr().out
-    assert "SKIPPED" in out or "parity OK" in out

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from gru_serve.client import Client, sampling
-from gru_serve.runtime import ModelRuntime, RuntimeOptions
-from gru_serve.sampling import SamplingParams, sample, uniforms
+from gru_serve.runtime import ModelRuntime, RuntimeOptions, fused_generate, step_generate
+from gru_serve.sampling import SamplingParams
 from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler
 from gru_serve.shipped import shipped_models
 
@@ -26,46 +26,11 @@ PROMPTS = ["time traveller", "the machine", "it was", "so", "we"]
 
 
 def step_path(rt, prompt, params, n):
-    """One decode step per token at batch 1, numpy sampling: tokens, final logits and state."""
-    ids = rt.vocab.encode(prompt)
-    logits, state = rt.step(np.array([ids], np.int64), rt.zero_state())
-    logits, out = logits[:, -1], []
-    for j in range(n):
-        u = uniforms(np.array([params.seed], np.uint64), np.array([len(ids) + j], np.uint64))
-        t = sample(
-            logits, np.array([params.temperature]), np.array([params.top_k]), np.array([params.top_p]), u
-        )
-        out.append(int(t[0]))
-        logits, state = rt.step(t[:, None].astype(np.int64), state)
-        logits = logits[:, -1]
-    return out, logits[0], state[0]
+    return step_generate(rt.step, rt.vocab.encode(prompt), rt.zero_state(), params, n)
 
 
 def fused_path(rt, prompts, params, n, k):
-    """The prompts as one batch, k tokens per fused run (the first of each run sampled in numpy)."""
-    logits, states = [], []
-    for p in prompts:
-        lg, st = rt.step(np.array([rt.vocab.encode(p)], np.int64), rt.zero_state())
-        logits.append(lg[0, -1])
-        states.append(st[0])
-    logits, state = np.stack(logits), np.stack(states)
-    t = np.array([p.temperature for p in params])
-    tk = np.array([p.top_k for p in params], np.int64)
-    tp = np.array([p.top_p for p in params])
-    seeds = np.array([p.seed for p in params], np.uint64)
-    pos = np.array([len(rt.vocab.encode(p)) for p in prompts], np.uint64)
-    out = [[] for _ in prompts]
-    done = 0
-    while done < n:
-        tok = sample(logits, t, tk, tp, uniforms(seeds, pos + done))
-        kk = min(k, n - done)
-        u = np.stack([uniforms(seeds, pos + done + j) for j in range(1, kk + 1)], axis=1)
-        sampled, step_logits, step_states = rt.fused(tok, state, t, tk, tp, u)
-        for r in range(len(prompts)):
-            out[r] += [int(tok[r]), *sampled[: kk - 1, r].tolist()]
-        logits, state = step_logits[kk - 1], step_states[kk - 1]
-        done += kk
-    return out, logits, state
+    return fused_generate(rt, [rt.vocab.encode(p) for p in prompts], params, n, k)
 
 
 @pytest.fixture(scope="module")

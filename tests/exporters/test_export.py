@@ -13,8 +13,8 @@ from torch import nn
 
 from exporters.cli import main
 from exporters.model import Checkpoint, GRULanguageModel, ModelConfig, load_checkpoint
-from exporters.validate import LinearBeforeResetError, ToleranceExceeded, validate
-from gru_serve.contract import ContractError, read_model
+from exporters.validate import ContractMismatch, ToleranceExceeded, validate
+from gru_serve.contract import ContractError, LinearBeforeResetError, read_model
 
 from .conftest import random_state_dict
 
@@ -84,8 +84,9 @@ def test_linear_before_reset_zero_is_rejected_by_name(exported, tmp_path, capsys
             attr.i = 0
     bad = tmp_path / "lbr0.onnx"
     onnx.save(graph, str(bad))
-    with pytest.raises(LinearBeforeResetError, match="linear_before_reset=0"):
+    with pytest.raises(ContractMismatch, match="linear_before_reset=0") as err:
         validate(bad)
+    assert isinstance(err.value.__cause__, LinearBeforeResetError)
     assert main(["validate", str(bad)]) == 1
     assert "PyTorch's GRU applies the reset gate" in capsys.readouterr().err
 

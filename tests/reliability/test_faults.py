@@ -87,10 +87,6 @@ class FailingRuntime:
         self._maybe_fail()
         return self.inner.step(*args)
 
-    def bound_step(self, *args):
-        self._maybe_fail()
-        return self.inner.bound_step(*args)
-
     def fused(self, *args):
         self._maybe_fail()
         return self.inner.fused(*args)

@@ -1,12 +1,17 @@
+import functools
+import json
+import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from gru_serve.client import Client
-from gru_serve.runtime import ModelRuntime
-from gru_serve.sampling import SamplingParams, sample, uniforms
+from gru_serve.runtime import ModelRuntime, step_generate
+from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 from gru_serve.settings import Settings
 from gru_serve.shipped import default_model_path
@@ -50,21 +55,33 @@ def runtime() -> ModelRuntime:
     return ModelRuntime(D2L)
 
 
-def reference_generate(rt: ModelRuntime, prompt: str, n: int, params: SamplingParams | None = None) -> str:
-    """The in-process onnxruntime loop, one step per token at batch 1."""
-    params = params or SamplingParams()
-    ids = rt.vocab.encode(prompt)
-    logits, state = rt.step(np.array([ids], np.int64), rt.zero_state())
-    out = []
-    for i in range(n):
-        u = uniforms(np.array([params.seed], np.uint64), np.array([len(ids) + i], np.uint64))
-        tok = sample(
-            logits[:, -1],
-            np.array([params.temperature]),
-            np.array([params.top_k]),
-            np.array([params.top_p]),
-            u,
-        )
-        out.append(int(tok[0]))
-        logits, state = rt.step(tok[:, None].astype(np.int64), state)
-    return rt.vocab.decode(out)
+@functools.cache
+def _plain_model(path: str) -> tuple[ort.InferenceSession, dict[str, str]]:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session, session.get_modelmeta().custom_metadata_map
+
+
+def reference_generate(
+    rt_or_model_path: ModelRuntime | Path | str, prompt: str, n: int, params: SamplingParams | None = None
+) -> str:
+    """What the model file says the text is, without the server's graphs, vocabulary or loops:
+    the exported graph as written (input_ids, state -> logits, state_out) in a bare onnxruntime
+    CPU session, the prompt prefilled in one call, then one token per call at batch 1; text
+    mapped with the vocabulary and normalisation read from the file's metadata. Only the
+    sampling contract (gru_serve.sampling, tested on its own) is shared with the server. A
+    ModelRuntime stands for its file: its derived graphs are what the tests check."""
+    path = str(getattr(rt_or_model_path, "path", rt_or_model_path))
+    session, meta = _plain_model(path)
+    vocab = json.loads(meta["gru_serve.vocab"])
+    norm = json.loads(meta["gru_serve.normalization"])
+    text = re.sub(norm["pattern"], norm["replacement"], prompt.lower() if norm["lowercase"] else prompt)
+    index = {t: i for i, t in enumerate(vocab)}
+    ids = [index.get(c, index.get("<unk>", 0)) for c in text]
+    state = np.zeros((1, int(meta["gru_serve.num_layers"]), int(meta["gru_serve.hidden_size"])), np.float32)
+
+    def step(ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, state = session.run(["logits", "state_out"], {"input_ids": ids, "state": state})
+        return logits, state
+
+    tokens, _, _ = step_generate(step, ids, state, params or SamplingParams(), n)
+    return "".join(vocab[t] for t in tokens)

@@ -33,12 +33,13 @@ def test_auto_falls_back_to_cpu_with_one_warning(caplog):
         assert "could not initialise CUDA" in warnings[0].getMessage()
 
 
-def test_iobinding_step_equals_plain_step(runtime):
-    ids = np.array([[1, 2, 3], [4, 5, 6]], np.int64)
+def test_iobinding_decoder_equals_plain_step(runtime):
     state = np.random.default_rng(0).normal(size=(2, 1, 256)).astype(np.float32)
-    logits, out = runtime.step(ids, state)
-    blogits, bout = runtime.bound_step(ids, runtime.to_device(state))
-    assert np.array_equal(logits, blogits) and np.array_equal(out, bout.numpy())
+    dec = runtime.decoder(state)
+    for tokens in ([1, 2], [3, 4], [5, 6]):  # three steps: each of the two state buffers in turn
+        logits, state = runtime.step(np.array(tokens, np.int64)[:, None], state)
+        assert np.array_equal(dec.step(np.array(tokens)), logits[:, 0])
+        assert np.array_equal(dec.state(), state)
 
 
 def test_server_with_iobinding_gives_the_same_tokens(client):
