@@ -26,7 +26,7 @@ def sampling(
 
 class StreamLost(grpc.RpcError):
     """A stream reset in transit (RST_STREAM), e.g. by a load balancer whose backend died after
-    the response began: nginx can then only reset the stream, which gRPC reads as INTERNAL. No
+    the response began: Envoy can then only reset the stream, which gRPC reads as INTERNAL. No
     server reported an error, so it is UNAVAILABLE: retry; the session kept its last commit."""
 
     def __init__(self, cause: grpc.RpcError) -> None:

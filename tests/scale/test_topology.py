@@ -1,6 +1,6 @@
-"""docker/compose.yaml without containers: Redis, two `gru-serve serve` processes and nginx
-(grpc_pass, rendered from docker/nginx.conf). Sessions move between replicas, survive a
-SIGKILL mid-stream and a restart of every replica, and the service rides out a Redis outage."""
+"""docker/compose.yaml without containers: Redis, two `gru-serve serve` processes and Envoy
+(rendered from docker/envoy.yaml). Sessions move between replicas, survive a SIGKILL
+mid-stream and a restart of every replica, and the service rides out a Redis outage."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from gru_serve.client import Client, sampling
+from gru_serve.client import Client, StreamLost, sampling
 from gru_serve.runtime import ModelRuntime
 from gru_serve.sampling import SamplingParams
 from tests.serve.conftest import reference_generate
@@ -57,14 +57,14 @@ def generate_when_free(c: Client, sid: str, n: int, params, timeout: float) -> t
 def test_a_conversation_alternating_replicas_gives_the_single_process_output(cluster, runtime, kind):
     ref_params, params = PARAMS[kind]
     expected = reference_generate(runtime, PROMPT, 90, ref_params)
-    logged = len(cluster.nginx.upstreams_used())
-    with Client(cluster.nginx.target) as c:
+    logged = len(cluster.envoy.upstreams_used())
+    with Client(cluster.envoy.target) as c:
         sid = c.create_session(PROMPT).session_id
         parts = [c.generate_text(session_id=sid, max_new_tokens=30, params=params)[0] for _ in range(3)]
         assert c.get_session(sid).tokens_seen == len(PROMPT) + 90
     assert "".join(parts) == expected
-    wait_for(lambda: len(cluster.nginx.upstreams_used()) >= logged + 5, 5, "nginx logs the calls")
-    generate_calls = cluster.nginx.upstreams_used()[logged + 1 : logged + 4]
+    wait_for(lambda: len(cluster.envoy.upstreams_used()) >= logged + 5, 5, "envoy logs the calls")
+    generate_calls = cluster.envoy.upstreams_used()[logged + 1 : logged + 4]
     assert set(generate_calls) == {r.target for r in cluster.replicas}, generate_calls
 
     # And by hand, strictly A, B, A, B: the same text.
@@ -77,21 +77,21 @@ def test_a_conversation_alternating_replicas_gives_the_single_process_output(clu
 
 def test_sessions_survive_a_restart_of_every_replica(cluster, runtime):
     ref_params, params = PARAMS["seeded"]
-    with Client(cluster.nginx.target) as c:
+    with Client(cluster.envoy.target) as c:
         sid = c.create_session(PROMPT).session_id
         first, _ = c.generate_text(session_id=sid, max_new_tokens=30, params=params)
     for r in cluster.replicas:
         assert r.stop() == 0  # SIGTERM: drained, exit 0
     for r in cluster.replicas:
         r.start()
-    with Client(cluster.nginx.target) as c:
+    with Client(cluster.envoy.target) as c:
         assert c.get_session(sid).tokens_seen == len(PROMPT) + 30
         second, _ = c.generate_text(session_id=sid, max_new_tokens=30, params=params)
     assert first + second == reference_generate(runtime, PROMPT, 60, ref_params)
 
 
 def test_redis_down_is_unavailable_and_not_serving_then_recovers_without_restarts(cluster, runtime):
-    with Client(cluster.nginx.target) as c:
+    with Client(cluster.envoy.target) as c:
         sid = c.create_session(PROMPT).session_id
     pids = [r.pid for r in cluster.replicas]
     cluster.redis.stop()
@@ -106,9 +106,14 @@ def test_redis_down_is_unavailable_and_not_serving_then_recovers_without_restart
             wait_for(lambda r=r: health(r.target) == NOT_SERVING, 5, f"{r.name} NOT_SERVING")
             assert health(r.target, "liveness") == SERVING  # alive: no orchestrator restart
             assert healthcheck(r.target) == 1 and healthcheck(r.target, "liveness") == 0
-        with Client(cluster.nginx.target) as c, pytest.raises(grpc.RpcError) as err:
+        # Envoy's health checks take both replicas out; with none left it routes to all of them
+        # anyway (panic mode), so the caller hears the replica's own answer.
+        wait_for(lambda: cluster.envoy.healthy() == set(), 10, "envoy takes both replicas out")
+        assert health(cluster.envoy.target) == NOT_SERVING
+        with Client(cluster.envoy.target) as c, pytest.raises(grpc.RpcError) as err:
             c.create_session(PROMPT)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # through the load balancer too
+        assert f"session store {cluster.redis.url} unreachable" in err.value.details()
     finally:
         cluster.redis.start()  # same port, empty
     for r in cluster.replicas:
@@ -121,11 +126,11 @@ def test_redis_down_is_unavailable_and_not_serving_then_recovers_without_restart
     assert [r.pid for r in cluster.replicas] == pids  # no replica was restarted
 
 
-@pytest.mark.parametrize("via", ["nginx", "direct"])
+@pytest.mark.parametrize("via", ["envoy", "direct"])
 def test_sigkill_mid_stream_keeps_the_committed_session_for_the_other_replica(
     cluster: Topology, runtime, via
 ):
-    target = cluster.nginx.target if via == "nginx" else cluster.replicas[0].target
+    target = cluster.envoy.target if via == "envoy" else cluster.replicas[0].target
     with Client(target) as c:
         sid = c.create_session(PROMPT).session_id
         stream = c.generate(session_id=sid, max_new_tokens=500_000)
@@ -150,12 +155,16 @@ def test_sigkill_mid_stream_keeps_the_committed_session_for_the_other_replica(
         t.start()
         t.join(30)
         assert ended, "the stream did not end after its replica died"
-        code, details = ended[0].code(), ended[0].details()
-        # Direct: the connection drops (UNAVAILABLE). Through nginx, which has already sent the
-        # response headers, the stream is reset (RST_STREAM); the client reports that as
-        # UNAVAILABLE too (gru_serve.client.StreamLost).
-        assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), ended[0]
-        assert via == "direct" or "RST_STREAM" in details
+        lost = ended[0]
+        assert lost.code() == grpc.StatusCode.UNAVAILABLE, lost
+        if via == "direct":  # the connection drops
+            assert not isinstance(lost, StreamLost), lost
+        else:
+            # Envoy has already sent the response headers, so it can only reset the stream:
+            # plain gRPC reads that as INTERNAL, gru_serve.client as UNAVAILABLE (StreamLost).
+            assert isinstance(lost, StreamLost), lost
+            assert lost.cause.code() == grpc.StatusCode.INTERNAL
+            assert "Received RST_STREAM with error code 2" in lost.cause.details()
 
     with Client(survivor.target if via == "direct" else target) as c:
         # Committed state intact: still just the prompt, on the surviving replica.
