@@ -9,6 +9,9 @@ import grpc
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 
+# The request header that carries a session's id, for session-affine load balancing.
+SESSION_HEADER = "x-session-id"
+
 
 def sampling(
     temperature: float | None = None,
@@ -80,11 +83,21 @@ class Client:
         channel: grpc.Channel | None = None,
         token: str = "",
         metadata: Sequence[tuple[str, str]] = (),
+        affinity: bool = True,
     ) -> None:
+        """`affinity`: send each session's id as the `x-session-id` header, which a load
+        balancer hashes on (docker/envoy.yaml), so a session's turns reach the replica that
+        served it last and holds its state."""
         self.channel = channel or grpc.insecure_channel(target)
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
         auth = (("authorization", f"Bearer {token}"),) if token else ()
         self.metadata = (*auth, *metadata)
+        self.affinity = affinity
+
+    def _md(self, session_id: str = "") -> tuple[tuple[str, str], ...]:
+        if session_id and self.affinity:
+            return (*self.metadata, (SESSION_HEADER, session_id))
+        return self.metadata
 
     def close(self) -> None:
         self.channel.close()
@@ -101,13 +114,17 @@ class Client:
         )
 
     def get_session(self, session_id: str) -> pb.Session:
-        return self.stub.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=self.metadata)
+        return self.stub.GetSession(
+            pb.GetSessionRequest(session_id=session_id), metadata=self._md(session_id)
+        )
 
     def delete_session(self, session_id: str) -> None:
-        self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), metadata=self.metadata)
+        self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), metadata=self._md(session_id))
 
     def fork_session(self, session_id: str) -> pb.Session:
-        return self.stub.ForkSession(pb.ForkSessionRequest(session_id=session_id), metadata=self.metadata)
+        return self.stub.ForkSession(
+            pb.ForkSessionRequest(session_id=session_id), metadata=self._md(session_id)
+        )
 
     def generate(
         self,
@@ -129,7 +146,7 @@ class Client:
         )
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens
-        return ResponseStream(self.stub.Generate(req, timeout=timeout, metadata=self.metadata))
+        return ResponseStream(self.stub.Generate(req, timeout=timeout, metadata=self._md(session_id)))
 
     def generate_text(self, prompt: str = "", **kwargs: object) -> tuple[str, pb.Finished]:
         """Generated text and the final message."""
@@ -145,7 +162,7 @@ class Client:
     ) -> pb.ScoreResponse:
         return self.stub.Score(
             pb.ScoreRequest(text=text, session_id=session_id, commit=commit, model=model),
-            metadata=self.metadata,
+            metadata=self._md(session_id),
         )
 
     def model_info(self, model: str = "") -> pb.ModelInfoResponse:

@@ -151,6 +151,19 @@ class _ServiceCollector(Collector):
         yield CounterMetricFamily(
             "gru_serve_session_expiries", "sessions expired after their TTL", value=stats.expirations
         )
+        yield CounterMetricFamily(
+            "gru_serve_session_store_read_bytes",
+            "bytes of sessions read from the shared store (Redis)",
+            value=stats.read_bytes,
+        )
+        cache = CounterMetricFamily(
+            "gru_serve_session_cache_reads",
+            "session reads from the shared store: hit (the local copy was current) or miss",
+            labels=["result"],
+        )
+        cache.add_metric(["hit"], stats.cache_hits)
+        cache.add_metric(["miss"], stats.cache_misses)
+        yield cache
         batch = GaugeMetricFamily(
             "gru_serve_scheduler_batch_size", "streams in the last decode step", labels=["model"]
         )

@@ -19,6 +19,12 @@ Keys (PREFIX defaults to ``gru:``):
   and the scripts touch keys they do not declare, so this needs a single Redis (or a primary
   with replicas), not Redis Cluster.
 
+The local tier (``local_cache`` > 0, the server's --session-cache): a replica keeps copies of
+the sessions it read or wrote last. Reads and leases send the copy's (version, created), and
+Redis answers ``same`` instead of the record when they are current, so a turn on the replica
+that served the previous one moves a few bytes, not the state; Redis's version stays the
+arbiter, so a stale copy is never used.
+
 Every read-modify-write is one Lua script, so it is atomic. A commit checks the version it
 leased (and that no other request holds the lease): of two replicas that worked on one
 version, exactly one commits. Unreachable or slow Redis (socket timeouts 1-1.5 s) raises
@@ -29,6 +35,7 @@ itself when Redis returns (scripts are reloaded when a restarted Redis has lost 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -68,12 +75,28 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: session, gone. -> {'ok', field, value, ...} | {'gone', tombstone or ''}
-GET = """
-local f = redis.call('HGETALL', KEYS[1])
-if #f == 0 then return {'gone', redis.call('GET', KEYS[2]) or ''} end
-return {'ok', unpack(f)}
+# The local tier: a replica that holds a copy of (version, created) sends them; an unchanged
+# session then costs a few bytes instead of its state. `created` tells a session from an earlier
+# one with the same id (a Triton sequence id reused after its end), whose versions restart at 0.
+_SAME = """
+if ARGV[KNOWN] ~= '' then
+  local v = redis.call('HMGET', KEYS[1], 'version', 'created')
+  if v[1] == ARGV[KNOWN] and v[2] == ARGV[KNOWN + 1] then return {'same'} end
+end
 """
+
+# KEYS: session, gone. ARGV: known version, known created (or '', '').
+# -> {'ok', field, value, ...} | {'same'} | {'gone', tombstone or ''}
+GET = (
+    "local KNOWN = 1"
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', redis.call('GET', KEYS[2]) or ''} end
+"""
+    + _SAME
+    + """
+return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
+"""
+)
 
 # KEYS: session, gone, index. ARGV: ttl_ms, gone_ttl_ms, max_sessions, prefix, id, tombstone,
 # then field, value, ... -> {'ok'|'full', expired, evicted}
@@ -113,16 +136,20 @@ return {'ok', expired, evicted}
 """
 )
 
-# KEYS: session, lease, gone, index. ARGV: token, lease_ms, ttl_ms, gone_ttl_ms, id.
-# -> {'ok', field, value, ...} | {'gone', tombstone or ''} | {'busy'}
+# KEYS: session, lease, gone, index. ARGV: token, lease_ms, ttl_ms, gone_ttl_ms, id, known
+# version, known created. -> {'ok', field, value, ...} | {'same'} | {'gone', tombstone or ''} | {'busy'}
 ACQUIRE = (
     _NOW
+    + "local KNOWN = 6"
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', redis.call('GET', KEYS[3]) or ''} end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'busy'} end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 redis.call('ZADD', KEYS[4], string.format('%d', now + tonumber(ARGV[3])), ARGV[5])
+"""
+    + _SAME
+    + """
 return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
 """
 )
@@ -275,6 +302,7 @@ class RedisStore(SessionStore):
         lease_s: float = 3.0,
         prefix: str = "gru:",
         timeout_s: float = 1.5,
+        local_cache: int = 0,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
@@ -314,6 +342,10 @@ class RedisStore(SessionStore):
         self._lost: set[str] = set()  # tokens whose lease ran out while held (logged once)
         self._renewer: asyncio.Task | None = None
         self._holder = f"{socket.gethostname()}:{os.getpid()}"
+        # The local tier: copies of the sessions this replica read or wrote last, LRU. Redis
+        # stays the arbiter: a copy is used only when Redis says its version is current.
+        self._local: collections.OrderedDict[str, SessionRecord] = collections.OrderedDict()
+        self._local_max = local_cache
 
     # -- plumbing --
 
@@ -348,6 +380,29 @@ class RedisStore(SessionStore):
     def _tombstone(self, rec: SessionRecord) -> str:
         return f"expired|{rec.owner}"
 
+    def _known(self, session_id: str) -> list[str]:
+        """(version, created) of the local copy, as stored, or blanks."""
+        rec = self._local.get(session_id)
+        return ["", ""] if rec is None else [str(rec.version), repr(float(rec.created))]
+
+    def _keep(self, rec: SessionRecord) -> SessionRecord:
+        if self._local_max:
+            self._local[rec.session_id] = rec
+            self._local.move_to_end(rec.session_id)
+            while len(self._local) > self._local_max:
+                self._local.popitem(last=False)
+        return rec
+
+    def _record(self, session_id: str, reply: list) -> SessionRecord:
+        """The session from an 'ok' (whole record) or 'same' (the local copy is current) reply."""
+        self.stats.read_bytes += sum(len(x) for x in reply if isinstance(x, bytes))
+        if reply[0] == b"same":
+            self.stats.cache_hits += 1
+            self._local.move_to_end(session_id)
+            return self._local[session_id]
+        self.stats.cache_misses += 1
+        return self._keep(decode(session_id, reply[1:]))
+
     # -- the store --
 
     async def ping(self) -> None:
@@ -374,29 +429,32 @@ class RedisStore(SessionStore):
             raise ResourceExhausted(
                 f"sessions: all {self.max_sessions} sessions are busy; the limit is max_sessions"
             )
+        self._keep(record)
 
     async def get(self, session_id: str) -> SessionRecord:
-        reply = await self._run("get", self._keys(session_id, "s", "gone"), [])
-        if reply[0] != b"ok":
+        reply = await self._run("get", self._keys(session_id, "s", "gone"), self._known(session_id))
+        if reply[0] == b"gone":
+            self._local.pop(session_id, None)
             raise self._gone(session_id, reply[1])
-        return decode(session_id, reply[1:])
+        return self._record(session_id, reply)
 
     async def acquire(self, session_id: str) -> SessionRecord:
         token = f"{self._holder}:{secrets.token_hex(8)}"
         reply = await self._run(
             "acquire",
             self._keys(session_id, "s", "lease", "gone", "index"),
-            [token, self._lease_ms, self._ttl_ms, self._gone_ms, session_id],
+            [token, self._lease_ms, self._ttl_ms, self._gone_ms, session_id, *self._known(session_id)],
         )
         if reply[0] == b"busy":
             raise SessionBusy(session_id)
-        if reply[0] != b"ok":
+        if reply[0] == b"gone":
+            self._local.pop(session_id, None)
             raise self._gone(session_id, reply[1])
         self._held[session_id] = token
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.create_task(self._renew_leases(), name="gru-serve-lease-renewal")
         try:
-            return decode(session_id, reply[1:])
+            return self._record(session_id, reply)
         except BaseException:
             await self.release(session_id)
             raise
@@ -422,8 +480,9 @@ class RedisStore(SessionStore):
         )
         self._held.pop(sid, None)
         if reply[0] != b"ok":
+            self._local.pop(sid, None)
             raise VersionConflict(f"session '{sid}' changed during the request: {reply[1].decode()}")
-        return stored
+        return self._keep(stored)
 
     async def release(self, session_id: str) -> None:
         """Give the lease back. Never raises for an unreachable store: the lease then simply runs
@@ -441,6 +500,7 @@ class RedisStore(SessionStore):
             )
 
     async def delete(self, session_id: str) -> None:
+        self._local.pop(session_id, None)
         reply = await self._run("delete", self._keys(session_id, "s", "lease", "gone", "index"), [session_id])
         if reply[0] == b"busy":
             raise SessionBusy(session_id)

@@ -4,6 +4,7 @@ and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import signal
@@ -135,8 +136,8 @@ class GruServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        interceptor = ServerInterceptor(self.metrics, load_tokens(s))
-        self._server = grpc.aio.server(options=options, interceptors=[interceptor])
+        self.interceptor = ServerInterceptor(self.metrics, load_tokens(s))
+        self._server = grpc.aio.server(options=options, interceptors=[self.interceptor])
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(self.service), self._server
         )
@@ -191,17 +192,21 @@ class GruServer:
             await asyncio.sleep(every_s)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within the
-        grace period; streams still running near its end fail with UNAVAILABLE (a status the
-        client can act on) rather than being cut off."""
+        """Drain: report NOT_SERVING and refuse new calls (UNAVAILABLE, marked as safe to retry
+        elsewhere) with the port still open, so probes and load balancers see the drain rather
+        than a refused connection; let calls in flight finish within the grace period. Streams
+        still running near its end fail with UNAVAILABLE (a status the client can act on)
+        rather than being cut off; then the port closes."""
         grace = self.settings.grace_s if grace is None else grace
         self.inference.ready = False
+        self.interceptor.draining = True
         await self.health.enter_graceful_shutdown()
-        stopping = asyncio.create_task(self._server.stop(grace))
-        done, _ = await asyncio.wait({stopping}, timeout=max(0.0, grace - min(0.5, grace / 2)))
-        if not done:
+        margin = min(0.5, grace / 2)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.interceptor.idle.wait(), timeout=grace - margin)
+        if self.interceptor.in_flight:
             await asyncio.to_thread(self.service.stop)
-        await stopping
+        await self._server.stop(margin)
         for task in self._background:
             task.cancel()
         self.metrics.close()

@@ -52,6 +52,9 @@ class SessionRecord:
 class StoreStats:
     evictions: int = 0
     expirations: int = 0
+    read_bytes: int = 0  # bytes of session data read from a remote store
+    cache_hits: int = 0  # reads a replica's local copy answered (the remote sent only a version)
+    cache_misses: int = 0
 
 
 class SessionStore(abc.ABC):

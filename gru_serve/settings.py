@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     """the least severe log records written"""
     session_store: str = "memory"
     """memory, or redis://HOST:PORT/DB to share sessions between replicas"""
+    session_cache: int = Field(10_000, ge=0)
+    """with the Redis store: sessions this replica keeps a copy of, so a turn on a session it
+    served last reads only the session's version from Redis (0: off, every turn reads the state)"""
     metrics_port: int = Field(0, ge=0, le=65535)
     """serve Prometheus metrics over HTTP on this port (0: off)"""
     tls_cert: str = ""

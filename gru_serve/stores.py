@@ -13,5 +13,7 @@ def build_store(settings: Settings) -> SessionStore:
     if url.startswith(REDIS_SCHEMES):
         from gru_serve.redis_store import RedisStore
 
-        return RedisStore(url, settings.session_ttl_s, settings.max_sessions)
+        return RedisStore(
+            url, settings.session_ttl_s, settings.max_sessions, local_cache=settings.session_cache
+        )
     raise ValueError(f"session_store must be 'memory' or redis://HOST:PORT/DB, got {url!r}")

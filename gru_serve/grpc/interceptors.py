@@ -18,18 +18,27 @@ from gru_serve.metrics import Metrics
 
 log = logging.getLogger("gru_serve.access")
 
+HEALTH = "/grpc.health.v1.Health/"
 # Probes never need a token (they reveal nothing but liveness and readiness).
 OPEN_METHODS = (
-    "/grpc.health.v1.Health/",
+    HEALTH,
     "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady",
 )
+
+# Sent with every call a draining server refuses before doing any work: a load balancer may
+# replay exactly these on another replica (docker/envoy.yaml retries on it).
+REFUSED_HEADER = "x-gru-serve-refused"
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, tokens: frozenset[str] = frozenset()) -> None:
         self.metrics = metrics
         self.tokens = tokens
+        self.draining = False  # set by the server's drain: new calls are refused
+        self.in_flight = 0  # calls being served, health checks aside
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def _refusal(self, method: str, metadata) -> str:
         if not self.tokens or method.startswith(OPEN_METHODS):
@@ -61,17 +70,31 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         behavior = getattr(handler, kind)
 
         peer = ""
+        counted = False
 
         async def begin(context: grpc.aio.ServicerContext) -> float:
-            nonlocal peer
+            nonlocal peer, counted
             peer = context.peer()  # not after the call ends: a finished call's context may be gone
             request_id.set(rid)
+            if self.draining and not method.startswith(HEALTH):
+                await context.send_initial_metadata((("x-request-id", rid), (REFUSED_HEADER, "draining")))
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "the server is draining: retry on another replica"
+                )
             await context.send_initial_metadata((("x-request-id", rid),))
             if refusal:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+            if not method.startswith(HEALTH):
+                counted = True
+                self.in_flight += 1
+                self.idle.clear()
             return time.perf_counter()
 
         def end(context: grpc.aio.ServicerContext, t0: float, error: BaseException | None) -> None:
+            if counted:
+                self.in_flight -= 1
+                if not self.in_flight:
+                    self.idle.set()
             if isinstance(error, asyncio.CancelledError):
                 code = grpc.StatusCode.CANCELLED
             elif error is not None and not isinstance(error, grpc.aio.AbortError):

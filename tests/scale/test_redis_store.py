@@ -4,6 +4,7 @@ shared between store instances (replicas), and Redis failures reported as Unavai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -306,3 +307,44 @@ def test_recovers_by_itself_after_redis_restarts_and_times_out_when_it_hangs(tmp
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_the_local_tier_reads_only_a_version_while_its_copy_is_current(redis_server):
+    async def scenario(a: RedisStore, b: RedisStore) -> None:
+        rec = record()
+        await a.create(rec)
+        full = a.stats.read_bytes
+        got = await a.acquire(rec.session_id)  # a wrote it: its copy is current
+        same(got, rec)
+        assert a.stats.cache_hits == 1 and a.stats.read_bytes - full < 16
+        mine = await a.commit(got.advanced(got.state + 1, got.logits, 3, time.time()))
+        theirs = await b.acquire(rec.session_id)  # b has no copy: the whole record
+        assert b.stats.cache_misses == 1 and b.stats.read_bytes > rec.state.nbytes + rec.logits.nbytes
+        same(theirs, mine)
+        newest = await b.commit(theirs.advanced(theirs.state - 1, theirs.logits, 1, time.time()))
+        # a's copy is one version behind: a reads the record again, and gets b's commit.
+        same(await a.get(rec.session_id), newest)
+        assert a.stats.cache_misses == 1
+        same(await a.get(rec.session_id), newest)
+        assert a.stats.cache_hits == 2
+
+    run(redis_server, scenario, n=2, local_cache=10)
+
+
+def test_the_local_tier_never_mistakes_a_new_session_for_an_old_one_with_its_id(redis_server):
+    """A Triton sequence id reused after its end gives a new session with the same id, whose
+    versions start again at 0: a replica's copy of the old one must not pass for it."""
+
+    async def scenario(a: RedisStore, b: RedisStore) -> None:
+        old = record()
+        await a.create(old)
+        await b.delete(old.session_id)
+        new = dataclasses.replace(
+            record(), session_id=old.session_id, created=old.created + 1, tokens_seen=99
+        )
+        new = dataclasses.replace(new, state=new.state + 5)
+        await b.create(new)
+        same(await a.get(old.session_id), new)
+        assert a.stats.cache_hits == 0
+
+    run(redis_server, scenario, n=2, local_cache=10)

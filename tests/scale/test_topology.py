@@ -1,9 +1,11 @@
-"""docker/compose.yaml without containers: Redis, two `gru-serve serve` processes and Envoy
-(rendered from docker/envoy.yaml). Sessions move between replicas, survive a SIGKILL
-mid-stream and a restart of every replica, and the service rides out a Redis outage."""
+"""docker/compose.yaml without containers: Redis, three `gru-serve serve` processes and Envoy
+(rendered from docker/envoy.yaml). A session's turns stay on one replica (affinity) and move
+when it leaves; sessions survive a SIGKILL mid-stream and a restart of every replica; a
+draining replica leaves Envoy's rotation within seconds; the service rides out a Redis outage."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +15,8 @@ import grpc
 import pytest
 
 from gru_serve.client import Client, StreamLost, sampling
+from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
+from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.runtime import ModelRuntime
 from gru_serve.sampling import SamplingParams
 from tests.serve.conftest import reference_generate
@@ -54,7 +58,9 @@ def generate_when_free(c: Client, sid: str, n: int, params, timeout: float) -> t
 
 
 @pytest.mark.parametrize("kind", PARAMS)
-def test_a_conversation_alternating_replicas_gives_the_single_process_output(cluster, runtime, kind):
+def test_a_conversation_through_envoy_or_alternating_replicas_gives_the_single_process_output(
+    cluster, runtime, kind
+):
     ref_params, params = PARAMS[kind]
     expected = reference_generate(runtime, PROMPT, 90, ref_params)
     logged = len(cluster.envoy.upstreams_used())
@@ -64,15 +70,90 @@ def test_a_conversation_alternating_replicas_gives_the_single_process_output(clu
         assert c.get_session(sid).tokens_seen == len(PROMPT) + 90
     assert "".join(parts) == expected
     wait_for(lambda: len(cluster.envoy.upstreams_used()) >= logged + 5, 5, "envoy logs the calls")
-    generate_calls = cluster.envoy.upstreams_used()[logged + 1 : logged + 4]
-    assert set(generate_calls) == {r.target for r in cluster.replicas}, generate_calls
+    turns = cluster.envoy.upstreams_used()[logged + 1 : logged + 5]
+    assert len(set(turns)) == 1, f"a session's calls go to one replica: {turns}"
 
-    # And by hand, strictly A, B, A, B: the same text.
-    a, b = (Client(r.target) for r in cluster.replicas)
+    # By hand, strictly A, B, A, B: the same text (each replica's local copy goes stale and is
+    # read again from Redis).
+    a, b = (Client(r.target) for r in cluster.replicas[:2])
     with a, b:
         sid = a.create_session(PROMPT).session_id
         parts = [c.generate_text(session_id=sid, max_new_tokens=30, params=params)[0] for c in (b, a, b)]
     assert "".join(parts) == expected
+
+
+def generate_calls(replica) -> float:
+    return replica.metrics().get(
+        'gru_serve_requests_total{code="OK",method="/gru_serve.v1.GenerationService/Generate"}', 0.0
+    )
+
+
+def test_affinity_keeps_a_sessions_turns_on_one_replica_and_a_killed_replicas_sessions_move(cluster, runtime):
+    sessions, turns, n = 50, 10, 8
+    seeds = list(range(sessions))
+    reads = {r.name: r.metrics() for r in cluster.replicas}
+    on_one = 0
+    home: dict[str, object] = {}
+    with Client(cluster.envoy.target) as c:
+        sids = [c.create_session(PROMPT).session_id for _ in seeds]
+        for sid, seed in zip(sids, seeds, strict=True):
+            before = [generate_calls(r) for r in cluster.replicas]
+            for _ in range(turns):
+                c.generate_text(session_id=sid, max_new_tokens=n, params=sampling(0.8, 10, None, seed))
+            counts = [generate_calls(r) - b for r, b in zip(cluster.replicas, before, strict=True)]
+            on_one += max(counts)
+            home[sid] = cluster.replicas[counts.index(max(counts))]
+        share = on_one / (sessions * turns)
+        assert share >= 0.95, f"{share:.1%} of turns on their session's replica"
+        # The local tier answered the turns after each session's first on its replica.
+        after = {r.name: r.metrics() for r in cluster.replicas}
+        hits = sum(
+            after[r.name].get('gru_serve_session_cache_reads_total{result="hit"}', 0)
+            - reads[r.name].get('gru_serve_session_cache_reads_total{result="hit"}', 0)
+            for r in cluster.replicas
+        )
+        assert hits >= sessions * (turns - 1)
+
+        victim = max(cluster.replicas, key=lambda r: sum(home[s] is r for s in sids))
+        moved = [(sid, seed) for sid, seed in zip(sids, seeds, strict=True) if home[sid] is victim]
+        victim.kill()
+        for sid, seed in moved:
+            text, _ = c.generate_text(session_id=sid, max_new_tokens=n, params=sampling(0.8, 10, None, seed))
+            ref = reference_generate(runtime, PROMPT, (turns + 1) * n, SamplingParams(0.8, 10, 1.0, seed))
+            assert text == ref[turns * n :], f"session {sid} did not continue exactly"
+    print(f"affinity: {share:.1%} of {sessions * turns} turns on one replica; {len(moved)} sessions moved")
+
+
+def test_envoy_drops_a_draining_replica_within_2_s_and_takes_it_back_when_it_returns(cluster):
+    victim = cluster.replicas[0]
+    others = {r.target for r in cluster.replicas[1:]}
+    with Client(victim.target) as c:
+        held = c.generate(PROMPT, max_new_tokens=500_000)  # in flight: the replica drains, not exits
+        next(held)
+        t0 = time.monotonic()
+        victim.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: health(victim.target) == NOT_SERVING, 5, "the replica says NOT_SERVING")
+        out = wait_for(lambda: cluster.envoy.healthy() == others, 5, "envoy takes it out", every=0.01)
+        taken_out = time.monotonic() - t0
+        # New sessions through Envoy meanwhile: served, never by the draining replica.
+        logged = len(cluster.envoy.upstreams_used())
+        with Client(cluster.envoy.target) as lb:
+            for _ in range(10):
+                sid = lb.create_session(PROMPT).session_id
+                assert lb.generate_text(session_id=sid, max_new_tokens=5)[1].generated_tokens == 5
+        wait_for(lambda: len(cluster.envoy.upstreams_used()) >= logged + 20, 5, "envoy logs the calls")
+        assert victim.target not in cluster.envoy.upstreams_used()[logged:]
+        with pytest.raises(grpc.RpcError):
+            for _ in held:
+                pass
+    assert victim.proc.wait(timeout=30) == 0
+    assert taken_out <= 2.0, f"envoy routed to a NOT_SERVING replica for {taken_out:.2f} s"
+    victim.start()
+    back = wait_for(lambda: victim.target in cluster.envoy.healthy(), 5, "envoy takes it back", every=0.01)
+    print(
+        f"drain: out of rotation {taken_out:.2f} s after SIGTERM ({out:.2f} s after the replica "
+        f"said NOT_SERVING); back in {back:.2f} s after its restart"
+    )
 
 
 def test_sessions_survive_a_restart_of_every_replica(cluster, runtime):
@@ -174,3 +255,42 @@ def test_sigkill_mid_stream_keeps_the_committed_session_for_the_other_replica(
         assert waited <= LEASE_S + 1, f"the session stayed busy {waited:.1f} s"
         assert text == reference_generate(runtime, PROMPT, 30)
         assert c.get_session(sid).tokens_seen == len(PROMPT) + 30
+
+
+def test_a_raw_grpc_client_through_envoy_sees_internal_when_its_replica_dies_then_continues(cluster, runtime):
+    """Not gru_serve.client: grpcio's generated stub, as any client in any language uses it."""
+    with Client(cluster.envoy.target) as c:
+        sid = c.create_session(PROMPT).session_id
+    header = (("x-session-id", sid),)
+    with grpc.insecure_channel(cluster.envoy.target) as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        stream = stub.Generate(pb.GenerateRequest(session_id=sid, max_new_tokens=500_000), metadata=header)
+        assert next(stream).tokens
+        with cluster.redis.client() as r:
+            holder = r.get(f"gru:lease:{sid}")
+        victim = cluster.replica_of_pid(int(holder.decode().split(":")[-2]))
+        victim.kill()
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stream:
+                pass
+        # Envoy had sent the response headers, so it can only reset the stream.
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "RST_STREAM" in err.value.details()
+        # A retried call is served by another replica; the session is as last committed, and
+        # continues exactly once the dead holder's lease has run out.
+        assert stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=header).tokens_seen == len(
+            PROMPT
+        )
+        t0 = time.monotonic()
+        while True:
+            try:
+                replies = list(
+                    stub.Generate(pb.GenerateRequest(session_id=sid, max_new_tokens=30), metadata=header)
+                )
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.ABORTED and time.monotonic() - t0 < LEASE_S + 5, e
+            time.sleep(0.05)
+    assert time.monotonic() - t0 <= LEASE_S + 1
+    text = "".join(t.text for m in replies for t in m.tokens)
+    assert text == reference_generate(runtime, PROMPT, 30)

@@ -7,9 +7,13 @@ import sys
 import threading
 from collections.abc import Iterator
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gru_serve.client import Client
+from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
+from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.server import ready_target
 
 from .conftest import D2L, reference_generate
@@ -99,6 +103,32 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(runtime):
     t.join()
     assert got["finished"].generated_tokens == 3000
     assert got["text"] == reference_generate(runtime, "time traveller", 3000)
+
+
+def test_a_draining_server_keeps_its_port_answers_not_serving_and_refuses_new_calls_as_retryable():
+    proc, target = start("--grace-s", "3", "--max-new-tokens", "1000000")
+    health = health_pb2_grpc.HealthStub
+    with Client(target) as c:
+        held = c.generate("time traveller", max_new_tokens=1_000_000)
+        next(held)  # in flight; unread, so gRPC's flow control keeps it so
+        proc.send_signal(signal.SIGTERM)
+        statuses = []
+        while not statuses or statuses[-1] != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert len(statuses) < 500, "health never turned NOT_SERVING"
+            with grpc.insecure_channel(target) as ch:  # a new connection each time
+                statuses.append(health(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status)
+        with grpc.insecure_channel(target) as ch:
+            call = pb_grpc.GenerationServiceStub(ch).Generate(pb.GenerateRequest(prompt="time"), timeout=5)
+            with pytest.raises(grpc.RpcError) as err:
+                list(call)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
+            assert ("x-gru-serve-refused", "draining") in call.initial_metadata()
+        # The stream in flight ends with a status a client can act on when the grace runs out.
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in held:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert proc.wait(timeout=30) == 0
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/model.onnx", os.devnull])
