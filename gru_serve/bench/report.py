@@ -176,7 +176,27 @@ def goals(results: dict) -> list[dict]:
                 ),
             }
         )
+    out.append(_scaleout_goal(results.get("scaleout") or {}))
     return out
+
+
+def _scaleout_goal(so: dict) -> dict:
+    rows = {r["key"]: r for r in so.get("rows", [])}
+    local, single = rows.get("affinity_local"), rows.get("single")
+    ratio = local.get("p50_ratio") if local else None
+    note = so.get("skipped") or so.get("error") or ""
+    if ratio is not None and single:
+        note = (
+            f"continue-call p50 {local['latency_ms']['p50']:.2f} ms vs {single['latency_ms']['p50']:.2f} ms "
+            f"(a {so['config']['tokens']}-token greedy turn on an existing session)"
+        )
+    return _goal(
+        "scale-out: 3 replicas, affinity + local tier: continue-call p50 / one process's",
+        ratio,
+        so.get("goal_ratio", 1.3),
+        higher=False,
+        note=note,
+    )
 
 
 # -- terminal --
@@ -275,6 +295,18 @@ def print_tables(results: dict, console: Console) -> None:
                 str(lv["errors"]),
             )
         console.print(t)
+    so = results.get("scaleout") or {}
+    if so.get("rows"):
+        t = Table(title="Scale-out: continue-call latency (x: / single process)", title_justify="left")
+        # The Markdown table less turns and mean, with short headers, to fit 80 columns.
+        keep = (0, 2, 3, 5, 6, 7, 8, 9)
+        for col in ("configuration", "p50 ms", "p99 ms", "x p50", "x p99", "same", "Redis B", "read B"):
+            t.add_column(col, justify="left" if col == "configuration" else "right")
+        for row in _scaleout_rows(so):
+            t.add_row(*[row[i] for i in keep])
+        console.print(t)
+    elif so:
+        console.print(f"Scale-out skipped: {so.get('skipped') or so.get('error')}")
     t = Table(title="Goals (ratios from this run)", title_justify="left")
     for col in ("goal", "value", "target", "met"):
         t.add_column(col, justify="left" if col == "goal" else "right")
@@ -285,6 +317,42 @@ def print_tables(results: dict, console: Console) -> None:
         met = {True: "[green]met[/]", False: "[red]missed[/]", None: "-"}[g["met"]]
         t.add_row(g["goal"], _fmt(g["value"], ".2f"), target, met)
     console.print(t)
+
+
+_SCALEOUT_COLUMNS = (
+    "configuration",
+    "turns",
+    "p50 ms",
+    "p99 ms",
+    "mean ms",
+    "p50 / single",
+    "p99 / single",
+    "same replica",
+    "Redis bytes/turn",
+    "store read bytes/turn",
+)
+
+
+def _scaleout_rows(so: dict) -> list[list[str]]:
+    out = []
+    for r in so["rows"]:
+        lat = r["latency_ms"]
+        same = r.get("same_replica")
+        out.append(
+            [
+                r["what"],
+                str(r["turns"]),
+                f"{lat['p50']:.2f}",
+                f"{lat['p99']:.2f}",
+                f"{lat['mean']:.2f}",
+                _fmt(r.get("p50_ratio"), ".2f"),
+                _fmt(r.get("p99_ratio"), ".2f"),
+                "-" if same is None else f"{same:.0%}",
+                _fmt(r.get("redis_out_bytes_per_turn")),
+                _fmt(r.get("store_read_bytes_per_turn")),
+            ]
+        )
+    return out
 
 
 # -- plots --
@@ -655,6 +723,46 @@ def markdown(results: dict, plot_files: dict[str, str], plot_prefix: str = "") -
                     ],
                     rows,
                 ),
+                "",
+            ]
+    so = results.get("scaleout") or {}
+    if so.get("skipped"):
+        lines += ["## Scale-out", "", f"Skipped: {so['skipped']}", ""]
+    elif so:
+        c = so["config"]
+        lines += [
+            "## Scale-out",
+            "",
+            so["method"],
+            "",
+            f"S = {c['sessions']} sessions, T = {c['turns']} turns each, N = {c['tokens']} tokens per turn; "
+            f"{c['replicas']} replicas.",
+            "",
+        ]
+        if so.get("rows"):
+            lines += [_md_table(list(_SCALEOUT_COLUMNS), _scaleout_rows(so)), ""]
+        if so.get("error"):
+            lines += [f"Stopped early: {so['error']}", ""]
+        g = _scaleout_goal(so)
+        if g["value"] is not None:
+            verdict = "within" if g["met"] else "**not within**"
+            lines += [
+                f"Affinity + local tier: {g['value']:.2f}x the single process at p50, {verdict} the "
+                f"{g['target']:g}x goal.",
+                "",
+            ]
+        rows = {r["key"]: r for r in so.get("rows", [])}
+        on, off = rows.get("affinity_local"), rows.get("affinity_only")
+        if on and off and on.get("redis_out_bytes_per_turn") is not None:
+            read = (
+                f"; the stores' own count (`gru_serve_session_store_read_bytes_total`): "
+                f"{_fmt(on.get('store_read_bytes_per_turn'))} vs {_fmt(off.get('store_read_bytes_per_turn'))}"
+                if on.get("store_read_bytes_per_turn") is not None
+                else "; the replicas do not export a store-read metric, so only Redis's INFO figure is given"
+            )
+            lines += [
+                f"Bytes Redis sent per turn, with affinity: {on['redis_out_bytes_per_turn']:,.0f} with the "
+                f"local tier, {off['redis_out_bytes_per_turn']:,.0f} without it{read}.",
                 "",
             ]
     return "\n".join(lines).rstrip() + "\n"

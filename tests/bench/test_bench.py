@@ -21,6 +21,7 @@ def tiny(tmp_path_factory):
         "--no-torch",
         "--no-served",
         "--no-variants",
+        "--no-scaleout",
         "-o",
         str(out / "b"),
         "--markdown",
@@ -121,3 +122,45 @@ def test_errors_are_counted_by_code():
     ok = served.Record(0.0, [(0.001, 1)], 0.002)
     out = served.summarize([ok, served.Record(0.0, error="UNAVAILABLE")], 1.0, 2, 1, 1)
     assert out["errors"] == 1 and out["error_codes"] == {"UNAVAILABLE": 1} and out["requests"] == 1
+
+
+def _scaleout(single_p50, local_p50):
+    lat = lambda p50: {"p50": p50, "p90": p50, "p99": 2 * p50, "mean": p50, "max": 2 * p50}  # noqa: E731
+    rows = [
+        {"key": "single", "what": "single", "turns": 8, "latency_ms": lat(single_p50)},
+        {"key": "affinity_local", "what": "on", "turns": 8, "latency_ms": lat(local_p50),
+         "redis_out_bytes_per_turn": 40.0, "store_read_bytes_per_turn": 8.0, "same_replica": 1.0},
+        {"key": "affinity_only", "what": "off", "turns": 8, "latency_ms": lat(local_p50),
+         "redis_out_bytes_per_turn": 3000.0, "store_read_bytes_per_turn": 2700.0, "same_replica": 1.0},
+    ]  # fmt: skip
+    for r in rows:
+        r["p50_ratio"] = r["latency_ms"]["p50"] / single_p50
+        r["p99_ratio"] = r["latency_ms"]["p99"] / (2 * single_p50)
+    config = {"sessions": 4, "turns": 2, "tokens": 30, "replicas": 3}
+    return {"method": "how", "config": config, "goal_ratio": 1.3, "rows": rows}
+
+
+def test_scaleout_goal_and_markdown(tiny):
+    out, _ = tiny
+    results = json.loads((out / "results.json").read_text())
+    assert report.goals(results)[-1]["met"] is None  # --no-scaleout: not measured
+    results["scaleout"] = _scaleout(2.0, 2.4)
+    g = report.goals(results)[-1]
+    assert g["value"] == pytest.approx(1.2) and g["met"] is True
+    text = report.markdown(results, {})
+    assert "## Scale-out" in text and "1.20x the single process at p50, within the 1.3x goal" in text
+    assert "40 with the local tier, 3,000 without it" in text
+    results["scaleout"] = _scaleout(2.0, 3.0)
+    assert report.goals(results)[-1]["met"] is False
+    results["scaleout"] = {"skipped": "redis-server not found"}
+    assert "Skipped: redis-server not found" in report.markdown(results, {})
+
+
+def test_scaleout_skips_without_the_servers(monkeypatch):
+    from gru_serve.bench import scaleout, topology
+
+    def missing(name):
+        raise topology.MissingBinary(f"{name} not found")
+
+    monkeypatch.setattr(topology, "installed_binary", missing)
+    assert scaleout.run(scaleout.mode_config("tiny")) == {"skipped": "redis-server not found"}
