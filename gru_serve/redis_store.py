@@ -380,6 +380,9 @@ class RedisStore(SessionStore):
     def _tombstone(self, rec: SessionRecord) -> str:
         return f"expired|{rec.owner}"
 
+    def cached(self, session_id: str) -> SessionRecord | None:
+        return self._local.get(session_id)
+
     def _known(self, session_id: str) -> list[str]:
         """(version, created) of the local copy, as stored, or blanks."""
         rec = self._local.get(session_id)

@@ -203,6 +203,15 @@ class GenerationService:
         else's look the same, so a token learns nothing about sessions it does not own."""
         self._check_session_id(session_id)
         not_yours = PermissionDenied(f"session '{session_id}' is not available to this token")
+        known = self.store.cached(session_id) if lease else None
+        if known is not None and known.owner == owner:
+            # This replica's copy says the caller owns it (a session's owner never changes):
+            # lease at once, one round trip to a shared store instead of two.
+            rec = await self.store.acquire(session_id)
+            if rec.owner == owner:
+                return rec
+            await self.store.release(session_id)
+            raise not_yours
         try:
             rec = await self.store.get(session_id)
         except NotFound as e:

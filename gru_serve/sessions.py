@@ -93,6 +93,11 @@ class SessionStore(abc.ABC):
     async def close(self) -> None:
         return None
 
+    def cached(self, session_id: str) -> SessionRecord | None:
+        """A copy of the session this process holds without asking the store, if any (it may be
+        stale: only for decisions the store's own answer confirms)."""
+        return None
+
     async def ping(self) -> None:
         """Raise gru_serve.errors.Unavailable when the store cannot serve (health follows it)."""
         return None
