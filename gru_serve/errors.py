@@ -41,8 +41,13 @@ class VersionConflict(Aborted):
     pass
 
 
-class WrongModel(GruServeError):
-    """The session belongs to another model (FAILED_PRECONDITION)."""
+class FailedPrecondition(GruServeError):
+    """The request is well formed, but the server or the session is not set up to serve it
+    (a setting that is off, another model's state)."""
+
+
+class WrongModel(FailedPrecondition):
+    """The session (or snapshot) belongs to another model."""
 
 
 class ResourceExhausted(GruServeError):

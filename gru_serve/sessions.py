@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import secrets
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,6 +29,48 @@ def new_session_id() -> str:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """The session as a committed request left it: what a rewind returns to."""
+
+    turn: int  # 0: the session's creation; each committed request adds one
+    tokens_seen: int
+    state: np.ndarray
+    logits: np.ndarray | None
+    committed: float  # wall-clock time
+
+
+_CHECKPOINT_HEAD = struct.Struct("<IQd?")  # turn, tokens_seen, committed, has logits
+
+
+def pack_checkpoints(checkpoints: tuple[Checkpoint, ...]) -> bytes:
+    """Checkpoints as bytes for a store: per checkpoint a fixed header, then the raw float32
+    state and logits. Shapes are the record's own (every checkpoint of a session shares them)."""
+    out = bytearray()
+    for c in checkpoints:
+        out += _CHECKPOINT_HEAD.pack(c.turn, c.tokens_seen, c.committed, c.logits is not None)
+        out += np.ascontiguousarray(c.state, "<f4").tobytes()
+        if c.logits is not None:
+            out += np.ascontiguousarray(c.logits, "<f4").tobytes()
+    return bytes(out)
+
+
+def unpack_checkpoints(data: bytes, state_shape: tuple[int, ...], vocab: int) -> tuple[Checkpoint, ...]:
+    out, at = [], 0
+    state_bytes, logits_bytes = 4 * int(np.prod(state_shape)), 4 * vocab
+    while at < len(data):
+        turn, seen, committed, has_logits = _CHECKPOINT_HEAD.unpack_from(data, at)
+        at += _CHECKPOINT_HEAD.size
+        state = np.frombuffer(data, "<f4", state_bytes // 4, at).reshape(state_shape).astype(np.float32)
+        at += state_bytes
+        logits = None
+        if has_logits:
+            logits = np.frombuffer(data, "<f4", vocab, at).astype(np.float32)
+            at += logits_bytes
+        out.append(Checkpoint(turn, seen, state, logits, committed))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class SessionRecord:
     session_id: str
     model: str
@@ -39,13 +82,26 @@ class SessionRecord:
     created: float
     last_used: float
     version: int = 0
+    checkpoints: tuple[Checkpoint, ...] = ()  # oldest first, at most max_checkpoints
+
+    @property
+    def turn(self) -> int:
+        return self.checkpoints[-1].turn if self.checkpoints else 0
+
+    def checkpointed(self, now: float, keep: int) -> SessionRecord:
+        """The record with a checkpoint of its present state as the next turn (turn 0 for a
+        new session), keeping the newest `keep` (0: none)."""
+        turn = self.turn + 1 if self.checkpoints else 0
+        mark = Checkpoint(turn, self.tokens_seen, self.state, self.logits, now)
+        return replace(self, checkpoints=(*self.checkpoints, mark)[-keep:] if keep else ())
 
     def advanced(
-        self, state: np.ndarray, logits: np.ndarray | None, consumed: int, now: float
+        self, state: np.ndarray, logits: np.ndarray | None, consumed: int, now: float, keep: int = 0
     ) -> SessionRecord:
+        """After a request that consumed `consumed` tokens: the new state, and a checkpoint of it."""
         return replace(
             self, state=state, logits=logits, tokens_seen=self.tokens_seen + consumed, last_used=now
-        )
+        ).checkpointed(now, keep)
 
 
 @dataclass

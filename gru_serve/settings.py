@@ -12,8 +12,13 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Setting
 
 ENV_PREFIX = "GRU_SERVE_"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+SQLITE_SCHEME = "sqlite:///"
 # Settings that hold several values get a singular, repeatable flag.
-REPEATABLE_FLAGS = {"models": ("--model", "[NAME=]PATH"), "auth_tokens": ("--auth-token", "TOKEN")}
+REPEATABLE_FLAGS = {
+    "models": ("--model", "[NAME=]PATH"),
+    "auth_tokens": ("--auth-token", "TOKEN"),
+    "snapshot_keys": ("--snapshot-key", "KEY"),
+}
 
 # Comma-separated in the environment (GRU_SERVE_MODELS=a,b), not pydantic-settings' JSON.
 Csv = Annotated[tuple[str, ...], NoDecode]
@@ -63,7 +68,16 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """the least severe log records written"""
     session_store: str = "memory"
-    """memory, or redis://HOST:PORT/DB to share sessions between replicas"""
+    """memory; redis://HOST:PORT/DB to share sessions between replicas; sqlite:///PATH to keep
+    them on disk across restarts of one server"""
+    idle_to_disk_s: float = Field(300.0, ge=0)
+    """with the sqlite store: seconds a session stays in memory after its last use before only
+    the disk holds it (0: only the disk)"""
+    max_checkpoints: int = Field(8, ge=0)
+    """checkpoints (turns) a session keeps for RewindSession, the newest (0: no rewind)"""
+    prefix_cache_mb: float = Field(64.0, ge=0)
+    """memory for the states after shared prompt prefixes, reused instead of prefilling them
+    again (0: off)"""
     session_cache: int = Field(10_000, ge=0)
     """with the Redis store: sessions this replica keeps a copy of, so a turn on a session it
     served last reads only the session's version from Redis (0: off, every turn reads the state)"""
@@ -79,10 +93,15 @@ class Settings(BaseSettings):
     """accepted bearer tokens; sessions belong to their token (empty, and no file: auth off)"""
     auth_tokens_file: str = ""
     """file with one accepted bearer token per line"""
+    snapshot_keys: Csv = Field((), repr=False)
+    """keys that sign and verify session snapshots (HMAC-SHA256): the first signs, every one
+    verifies, so keys rotate; none (and no file): ExportSession is refused"""
+    snapshot_key_file: str = ""
+    """file with one snapshot key per line, read as --snapshot-key in order"""
     max_streams_per_token: int = Field(256, ge=1)
     """concurrent streams one token may hold"""
 
-    @field_validator("models", "auth_tokens", mode="before")
+    @field_validator("models", "auth_tokens", "snapshot_keys", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         return tuple(p for p in v.split(",") if p) if isinstance(v, str) else v
@@ -95,8 +114,10 @@ class Settings(BaseSettings):
     @field_validator("session_store")
     @classmethod
     def _store(cls, v: str) -> str:
-        if v != "memory" and not v.startswith(REDIS_SCHEMES):
-            raise ValueError("must be 'memory' or redis://HOST:PORT/DB (or rediss://, unix://)")
+        if v != "memory" and not v.startswith((*REDIS_SCHEMES, SQLITE_SCHEME)):
+            raise ValueError(
+                "must be 'memory', redis://HOST:PORT/DB (or rediss://, unix://) or sqlite:///PATH"
+            )
         return v
 
     @model_validator(mode="after")
@@ -129,7 +150,11 @@ class Settings(BaseSettings):
 
     def describe(self) -> str:
         """The settings for the log, bearer tokens masked."""
-        shown = {**self.model_dump(), "auth_tokens": tuple("***" for _ in self.auth_tokens)}
+        shown = {
+            **self.model_dump(),
+            "auth_tokens": tuple("***" for _ in self.auth_tokens),
+            "snapshot_keys": tuple("***" for _ in self.snapshot_keys),
+        }
         return " ".join(f"{k}={v!r}" for k, v in shown.items())
 
 

@@ -22,20 +22,62 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "model", "tokens_seen", "created", "last_used", "expires")
+    __slots__ = ("session_id", "model", "tokens_seen", "created", "last_used", "expires", "turns")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SEEN_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     tokens_seen: int
     created: _timestamp_pb2.Timestamp
     last_used: _timestamp_pb2.Timestamp
     expires: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., tokens_seen: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    turns: _containers.RepeatedCompositeFieldContainer[Turn]
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., tokens_seen: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
+
+class Turn(_message.Message):
+    __slots__ = ("turn", "tokens_seen", "committed")
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    turn: int
+    tokens_seen: int
+    committed: _timestamp_pb2.Timestamp
+    def __init__(self, turn: _Optional[int] = ..., tokens_seen: _Optional[int] = ..., committed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ExportSessionResponse(_message.Message):
+    __slots__ = ("snapshot", "model", "tokens_seen")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    snapshot: bytes
+    model: str
+    tokens_seen: int
+    def __init__(self, snapshot: _Optional[bytes] = ..., model: _Optional[str] = ..., tokens_seen: _Optional[int] = ...) -> None: ...
+
+class ImportSessionRequest(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: bytes
+    def __init__(self, snapshot: _Optional[bytes] = ...) -> None: ...
+
+class RewindSessionRequest(_message.Message):
+    __slots__ = ("session_id", "turn")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    turn: int
+    def __init__(self, session_id: _Optional[str] = ..., turn: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("text", "model")
@@ -82,35 +124,45 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt", "max_new_tokens", "sampling", "return_logprobs", "model")
+    __slots__ = ("session_id", "prompt", "max_new_tokens", "sampling", "return_logprobs", "model", "snapshot", "n", "commit", "best_of")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    BEST_OF_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt: str
     max_new_tokens: int
     sampling: SamplingParams
     return_logprobs: bool
     model: str
-    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+    snapshot: bytes
+    n: int
+    commit: int
+    best_of: bool
+    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., model: _Optional[str] = ..., snapshot: _Optional[bytes] = ..., n: _Optional[int] = ..., commit: _Optional[int] = ..., best_of: _Optional[bool] = ...) -> None: ...
 
 class Token(_message.Message):
-    __slots__ = ("text", "id", "index", "logprob")
+    __slots__ = ("text", "id", "index", "logprob", "choice")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
     text: str
     id: int
     index: int
     logprob: float
-    def __init__(self, text: _Optional[str] = ..., id: _Optional[int] = ..., index: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+    choice: int
+    def __init__(self, text: _Optional[str] = ..., id: _Optional[int] = ..., index: _Optional[int] = ..., logprob: _Optional[float] = ..., choice: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("reason", "prompt_tokens", "generated_tokens", "time_to_first_token_s", "total_time_s", "normalized_prompt", "session_id", "tokens_seen", "stop", "seed")
+    __slots__ = ("reason", "prompt_tokens", "generated_tokens", "time_to_first_token_s", "total_time_s", "normalized_prompt", "session_id", "tokens_seen", "stop", "seed", "snapshot", "choice", "committed", "logprob_sum", "turn")
     REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +173,11 @@ class Finished(_message.Message):
     TOKENS_SEEN_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_SUM_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
@@ -131,7 +188,12 @@ class Finished(_message.Message):
     tokens_seen: int
     stop: str
     seed: int
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., normalized_prompt: _Optional[str] = ..., session_id: _Optional[str] = ..., tokens_seen: _Optional[int] = ..., stop: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    snapshot: bytes
+    choice: int
+    committed: bool
+    logprob_sum: float
+    turn: int
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., normalized_prompt: _Optional[str] = ..., session_id: _Optional[str] = ..., tokens_seen: _Optional[int] = ..., stop: _Optional[str] = ..., seed: _Optional[int] = ..., snapshot: _Optional[bytes] = ..., choice: _Optional[int] = ..., committed: _Optional[bool] = ..., logprob_sum: _Optional[float] = ..., turn: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("tokens", "finished")
@@ -142,7 +204,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
 
 class ConverseRequest(_message.Message):
-    __slots__ = ("session_id", "model", "text", "max_new_tokens", "sampling", "return_logprobs", "cancel")
+    __slots__ = ("session_id", "model", "text", "max_new_tokens", "sampling", "return_logprobs", "cancel", "snapshot")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +212,7 @@ class ConverseRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     text: str
@@ -157,7 +220,8 @@ class ConverseRequest(_message.Message):
     sampling: SamplingParams
     return_logprobs: bool
     cancel: bool
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., cancel: _Optional[bool] = ...) -> None: ...
+    snapshot: bytes
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., cancel: _Optional[bool] = ..., snapshot: _Optional[bytes] = ...) -> None: ...
 
 class ConverseResponse(_message.Message):
     __slots__ = ("session", "tokens", "finished")

@@ -74,6 +74,21 @@ class GenerationServiceStub:
                 request_serializer=gru__serve_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=gru__serve_dot_v1_dot_generation__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/gru_serve.v1.GenerationService/ExportSession',
+                request_serializer=gru__serve_dot_v1_dot_generation__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=gru__serve_dot_v1_dot_generation__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/gru_serve.v1.GenerationService/ImportSession',
+                request_serializer=gru__serve_dot_v1_dot_generation__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=gru__serve_dot_v1_dot_generation__pb2.Session.FromString,
+                _registered_method=True)
+        self.RewindSession = channel.unary_unary(
+                '/gru_serve.v1.GenerationService/RewindSession',
+                request_serializer=gru__serve_dot_v1_dot_generation__pb2.RewindSessionRequest.SerializeToString,
+                response_deserializer=gru__serve_dot_v1_dot_generation__pb2.Session.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -132,6 +147,28 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSession(self, request, context):
+        """A signed, self-describing copy of a session (its state, logits and counts): import it on
+        any server that holds the key, or send it back with Generate (stateless mode).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """A new session from a snapshot signed with one of this server's keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RewindSession(self, request, context):
+        """Return a session to the checkpoint of an earlier turn (no prompt is run again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +211,21 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=gru__serve_dot_v1_dot_generation__pb2.ModelInfoRequest.FromString,
                     response_serializer=gru__serve_dot_v1_dot_generation__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=gru__serve_dot_v1_dot_generation__pb2.ExportSessionRequest.FromString,
+                    response_serializer=gru__serve_dot_v1_dot_generation__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=gru__serve_dot_v1_dot_generation__pb2.ImportSessionRequest.FromString,
+                    response_serializer=gru__serve_dot_v1_dot_generation__pb2.Session.SerializeToString,
+            ),
+            'RewindSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewindSession,
+                    request_deserializer=gru__serve_dot_v1_dot_generation__pb2.RewindSessionRequest.FromString,
+                    response_serializer=gru__serve_dot_v1_dot_generation__pb2.Session.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +444,87 @@ class GenerationService:
             '/gru_serve.v1.GenerationService/ModelInfo',
             gru__serve_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
             gru__serve_dot_v1_dot_generation__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gru_serve.v1.GenerationService/ExportSession',
+            gru__serve_dot_v1_dot_generation__pb2.ExportSessionRequest.SerializeToString,
+            gru__serve_dot_v1_dot_generation__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gru_serve.v1.GenerationService/ImportSession',
+            gru__serve_dot_v1_dot_generation__pb2.ImportSessionRequest.SerializeToString,
+            gru__serve_dot_v1_dot_generation__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewindSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gru_serve.v1.GenerationService/RewindSession',
+            gru__serve_dot_v1_dot_generation__pb2.RewindSessionRequest.SerializeToString,
+            gru__serve_dot_v1_dot_generation__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
