@@ -64,19 +64,84 @@ def _client(args: argparse.Namespace):
     return Client(args.target, make_channel(args.target, ca), token=args.token)
 
 
+def _read_snapshot(path: str) -> bytes:
+    from pathlib import Path
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise SystemExit(f"gru-serve: error: snapshot {path}: {e.strerror}") from None
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Whole or not at all: a reader never sees half a snapshot, and a failure keeps the old one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def cmd_generate_choices(args: argparse.Namespace) -> int:
+    """Fan-out: each choice's text on its own line once the stream ends."""
+    from gru_serve.client import sampling
+
+    if args.snapshot:
+        print("gru-serve: error: --snapshot does not go with -n, --commit or --best-of", file=sys.stderr)
+        return 2
+    params = sampling(args.temperature, args.top_k, args.top_p, args.seed, args.stop or ())
+    texts: list[list[str]] = [[] for _ in range(max(args.n, 1))]
+    finished = {}
+    with _client(args) as c:
+        stream = c.generate(
+            args.prompt,
+            args.session,
+            args.max_tokens,
+            params,
+            args.logprobs,
+            args.model,
+            n=args.n,
+            commit=args.commit,
+            best_of=args.best_of,
+        )
+        for msg in stream:
+            for t in msg.tokens:
+                texts[t.choice].append(f"{t.text}[{t.logprob:.2f}]" if args.logprobs else t.text)
+            if msg.HasField("finished"):
+                finished[msg.finished.choice] = msg.finished
+    for i, text in enumerate(texts):
+        f = finished.get(i)
+        mark = ", committed" if f is not None and f.committed else ""
+        print(f"[choice {i}{mark}] {''.join(text)}")
+        if f is not None and args.verbose:
+            print(
+                f"[choice {i}: {f.generated_tokens} tokens, logprob sum {f.logprob_sum:.2f}, seed {f.seed}; "
+                f"session tokens {f.tokens_seen}]",
+                file=sys.stderr,
+            )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from gru_serve.client import sampling
 
+    if args.n > 1 or args.commit is not None or args.best_of:
+        return cmd_generate_choices(args)
     params = sampling(args.temperature, args.top_k, args.top_p, args.seed, args.stop or ())
+    snapshot = _read_snapshot(args.snapshot) if args.snapshot else b""
     with _client(args) as c:
         finished = None
-        for msg in c.generate(args.prompt, args.session, args.max_tokens, params, args.logprobs, args.model):
+        stream = c.generate(
+            args.prompt, args.session, args.max_tokens, params, args.logprobs, args.model, snapshot=snapshot
+        )
+        for msg in stream:
             for t in msg.tokens:
                 sys.stdout.write(f"{t.text}[{t.logprob:.2f}]" if args.logprobs else t.text)
             sys.stdout.flush()
             if msg.HasField("finished"):
                 finished = msg.finished
     print()
+    if finished is not None and finished.snapshot:
+        _write_atomically(args.snapshot, finished.snapshot)
     if finished is not None and args.verbose:
         print(
             f"[{finished.generated_tokens} tokens, first after "
@@ -93,6 +158,20 @@ def _print_session(s) -> None:
         f"created     {s.created.ToJsonString()}\nlast_used   {s.last_used.ToJsonString()}\n"
         f"expires     {s.expires.ToJsonString()}"
     )
+    if s.turns:
+        print(f"turns       {s.turns[0].turn}..{s.turns[-1].turn} (rewind to any of them)")
+
+
+def _print_turns(s) -> None:
+    print(f"{'turn':>6}  {'tokens_seen':>11}  committed")
+    for t in s.turns:
+        print(f"{t.turn:>6}  {t.tokens_seen:>11}  {t.committed.ToJsonString()}")
+
+
+def _turn(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a turn is a whole number >= 0, not {text!r}")
+    return int(text)
 
 
 def cmd_session(args: argparse.Namespace) -> int:
@@ -102,9 +181,27 @@ def cmd_session(args: argparse.Namespace) -> int:
             print(s.session_id) if args.quiet else _print_session(s)
         elif args.action == "show":
             _print_session(c.get_session(args.arg))
+        elif args.action in ("export", "import") and not args.arg:
+            what = "ID -o FILE" if args.action == "export" else "FILE"
+            print(f"gru-serve: error: session {args.action} needs {what}", file=sys.stderr)
+            return 2
+        elif args.action == "export":
+            if not args.output:
+                print("gru-serve: error: session export needs -o FILE", file=sys.stderr)
+                return 2
+            _write_atomically(args.output, c.export_session(args.arg))
+        elif args.action == "import":
+            print(c.import_session(_read_snapshot(args.arg)).session_id)
         elif args.action == "delete":
             c.delete_session(args.arg)
             print(f"deleted {args.arg}")
+        elif args.action == "turns":
+            _print_turns(c.get_session(args.arg))
+        elif args.action == "rewind":
+            if args.turn is None:
+                print("gru-serve: error: session rewind needs ID and TURN", file=sys.stderr)
+                return 2
+            _print_session(c.rewind_session(args.arg, args.turn))
         else:
             s = c.fork_session(args.arg)
             print(s.session_id) if args.quiet else _print_session(s)
@@ -166,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = client_parser("generate", "stream a generation, printing tokens as they arrive")
     g.add_argument("prompt", nargs="?", default="", help="text to append before generating")
     g.add_argument("--session", default="", help="continue this session (default: a one-off)")
+    g.add_argument(
+        "--snapshot",
+        metavar="FILE",
+        help="continue from this snapshot (`session export`) instead of a session; the new one replaces it",
+    )
     g.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (server default 64)")
     g.add_argument("--temperature", type=float, help="0 or unset: greedy")
     g.add_argument("--top-k", type=int)
@@ -173,13 +275,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="makes sampling reproducible")
     g.add_argument("--stop", action="append", help="stop after this string, repeatable")
     g.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
+    g.add_argument(
+        "-n",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sample N continuations of the same state together (choice i with seed + i), "
+        "printed one per line at the end",
+    )
+    keep = g.add_mutually_exclusive_group()
+    keep.add_argument(
+        "--commit", type=int, metavar="I", help="with -n and --session: the session keeps choice I"
+    )
+    keep.add_argument(
+        "--best-of",
+        action="store_true",
+        help="with -n and --session: the session keeps the choice with the highest total log-probability",
+    )
     g.add_argument("-v", "--verbose", action="store_true", help="print timing at the end")
     g.set_defaults(func=cmd_generate)
 
-    se = client_parser("session", "create, show, delete or fork a session")
-    se.add_argument("action", choices=["create", "show", "delete", "fork"])
-    se.add_argument("arg", nargs="?", help="create: initial text; others: the session id")
+    se = client_parser(
+        "session", "create, show, delete, fork, rewind, export or import a session, or list its turns"
+    )
+    se.add_argument(
+        "action", choices=["create", "show", "delete", "fork", "turns", "rewind", "export", "import"]
+    )
+    se.add_argument(
+        "arg", nargs="?", help="create: initial text; import: a snapshot file; others: the session id"
+    )
+    se.add_argument(
+        "turn",
+        nargs="?",
+        type=_turn,
+        metavar="TURN",
+        help="rewind: the turn to return to (`session turns ID` lists them)",
+    )
     se.add_argument("-q", "--quiet", action="store_true", help="print only the new session id")
+    se.add_argument("-o", "--output", metavar="FILE", help="export: write the snapshot to FILE")
     se.set_defaults(func=cmd_session)
 
     sc = client_parser("score", "perplexity of a text")

@@ -126,6 +126,21 @@ class Client:
             pb.ForkSessionRequest(session_id=session_id), metadata=self._md(session_id)
         )
 
+    def export_session(self, session_id: str) -> bytes:
+        """The session as a signed snapshot, for import_session or generate(snapshot=...)."""
+        return self.stub.ExportSession(
+            pb.ExportSessionRequest(session_id=session_id), metadata=self._md(session_id)
+        ).snapshot
+
+    def import_session(self, snapshot: bytes) -> pb.Session:
+        return self.stub.ImportSession(pb.ImportSessionRequest(snapshot=snapshot), metadata=self.metadata)
+
+    def rewind_session(self, session_id: str, turn: int) -> pb.Session:
+        """Return the session to an earlier turn (Session.turns lists those it keeps)."""
+        return self.stub.RewindSession(
+            pb.RewindSessionRequest(session_id=session_id, turn=turn), metadata=self._md(session_id)
+        )
+
     def generate(
         self,
         prompt: str = "",
@@ -135,17 +150,27 @@ class Client:
         logprobs: bool = False,
         model: str = "",
         timeout: float | None = None,
+        snapshot: bytes = b"",
+        n: int = 0,
+        commit: int | None = None,
+        best_of: bool = False,
     ) -> ResponseStream:
-        """The response stream: iterate it, cancel it with .cancel()."""
+        """The response stream: iterate it, cancel it with .cancel(). With `snapshot` (stateless
+        mode) the final message carries the snapshot to continue from."""
         req = pb.GenerateRequest(
             session_id=session_id,
             prompt=prompt,
             sampling=params or pb.SamplingParams(),
             return_logprobs=logprobs,
             model=model,
+            snapshot=snapshot,
+            n=n,
+            best_of=best_of,
         )
         if max_new_tokens is not None:
             req.max_new_tokens = max_new_tokens
+        if commit is not None:
+            req.commit = commit
         return ResponseStream(self.stub.Generate(req, timeout=timeout, metadata=self._md(session_id)))
 
     def generate_text(self, prompt: str = "", **kwargs: object) -> tuple[str, pb.Finished]:
@@ -156,6 +181,19 @@ class Client:
             if msg.HasField("finished"):
                 finished = msg.finished
         return "".join(text), finished
+
+    def generate_choices(
+        self, prompt: str = "", n: int = 2, **kwargs: object
+    ) -> tuple[list[str], list[pb.Finished]]:
+        """Fan-out: each choice's generated text and final message, by choice."""
+        texts: list[list[str]] = [[] for _ in range(max(n, 1))]
+        finished = [pb.Finished() for _ in texts]
+        for msg in self.generate(prompt, n=n, **kwargs):  # type: ignore[arg-type]
+            for t in msg.tokens:
+                texts[t.choice].append(t.text)
+            if msg.HasField("finished"):
+                finished[msg.finished.choice] = msg.finished
+        return ["".join(t) for t in texts], finished
 
     def score(
         self, text: str, session_id: str = "", commit: bool = False, model: str = ""

@@ -153,12 +153,12 @@ class _ServiceCollector(Collector):
         )
         yield CounterMetricFamily(
             "gru_serve_session_store_read_bytes",
-            "bytes of sessions read from the shared store (Redis)",
+            "bytes of sessions read from the store's disk or remote tier (SQLite, Redis)",
             value=stats.read_bytes,
         )
         cache = CounterMetricFamily(
             "gru_serve_session_cache_reads",
-            "session reads from the shared store: hit (the local copy was current) or miss",
+            "session reads: hit (this process's copy was current) or miss (read from disk or Redis)",
             labels=["result"],
         )
         cache.add_metric(["hit"], stats.cache_hits)
@@ -178,6 +178,24 @@ class _ServiceCollector(Collector):
             queue.add_metric([name], sched.queue_depth)
             provider.add_metric([name, s.runtimes[name].provider], 1)
         yield from (batch, queue, provider)
+        pc = s.prefix_cache
+        lookups = CounterMetricFamily(
+            "gru_serve_prefix_cache_lookups",
+            "zero-state prompts of at least one block looked up in the prefix cache: hit (a cached "
+            "prefix was reused) or miss",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], pc.hits)
+        lookups.add_metric(["miss"], pc.misses)
+        yield lookups
+        yield GaugeMetricFamily(
+            "gru_serve_prefix_cache_bytes", "bytes held by this replica's prefix cache", value=pc.bytes
+        )
+        yield CounterMetricFamily(
+            "gru_serve_prefix_cache_tokens_saved",
+            "prompt tokens not prefilled because their state came from the prefix cache",
+            value=pc.tokens_saved,
+        )
         # Leak detectors: both return to their idle values when the server is idle.
         yield GaugeMetricFamily(
             "gru_serve_event_loop_tasks",

@@ -5,14 +5,19 @@ Keys (PREFIX defaults to ``gru:``):
 - ``PREFIX s:{id}``      a hash: the record. ``fmt`` (format version), ``model``, ``hash`` (model
   hash), ``owner``, ``tokens_seen``, ``created``, ``last_used`` (repr floats, exact),
   ``version``, ``state`` and ``logits`` as raw little-endian float32 bytes with their shapes
-  (``logits`` absent: None). Written whole, in one Lua script, so no reader ever sees half a
-  session. Its Redis expiry is the session TTL.
+  (``logits`` absent: None), ``checkpoints`` (sessions.pack_checkpoints; absent: none, so the
+  field is an addition within format 1: older records read as sessions without turns).
+  Written whole, in one Lua script, so no reader ever sees half a session. Its Redis expiry is
+  the session TTL.
 - ``PREFIX lease:{id}``  the lease of the request working on the session (SET NX PX, a random
   token): busy is busy on every replica. The holder renews it every third of its TTL; when the
   holder dies it runs out after at most ``lease_s`` and the session is free again.
 - ``PREFIX gone:{id}``   a tombstone, ``expired|OWNER`` or ``evicted|OWNER``, written with every
   create and commit and living a day longer than the session: a missing session with a
   tombstone has expired (or was evicted), one without is unknown. Delete removes both.
+- ``PREFIX pfx:{key}``   a prefix state (gru_serve.prefix_cache): the raw float32 state then
+  logits after a zero-state prompt's first whole blocks, keyed by their hash chain; written by
+  the replica that prefilled them, read by any on a local miss; expires after the session TTL.
 - ``PREFIX sessions``    a sorted set of ids scored by their expiry deadline (ms, Redis clock):
   the session count and, at ``max_sessions``, the least recently used idle session to evict.
   The limit is best effort: replicas creating at the same instant may overshoot it briefly,
@@ -62,7 +67,7 @@ from gru_serve.errors import (
     VersionConflict,
     WrongModel,
 )
-from gru_serve.sessions import SessionRecord, SessionStore, StoreStats
+from gru_serve.sessions import SessionRecord, SessionStore, StoreStats, pack_checkpoints, unpack_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +251,8 @@ def encode(rec: SessionRecord) -> list[bytes | str]:
         logits = np.ascontiguousarray(rec.logits, dtype=DTYPE)
         fields["logits_shape"] = ",".join(map(str, logits.shape))
         fields["logits"] = logits.tobytes()
+    if rec.checkpoints:
+        fields["checkpoints"] = pack_checkpoints(rec.checkpoints)
     return [x for kv in fields.items() for x in kv]
 
 
@@ -263,17 +270,23 @@ def decode(session_id: str, flat: list[bytes]) -> SessionRecord:
             f"reads format {FORMAT.decode()} (run one gru-serve version against a store)"
         )
     logits = _array(f[b"logits"], f[b"logits_shape"]) if b"logits" in f else None
+    state = _array(f[b"state"], f[b"state_shape"])
+    # Checkpoints share the record's shapes; one with logits implies a record with logits (text
+    # seen stays seen: rewinding to before the first text drops every later checkpoint).
+    vocab = 0 if logits is None else logits.shape[-1]
+    checkpoints = unpack_checkpoints(f.get(b"checkpoints", b""), state.shape, vocab)
     return SessionRecord(
         session_id=session_id,
         model=f[b"model"].decode(),
         model_hash=f[b"hash"].decode(),
         owner=f[b"owner"].decode(),
-        state=_array(f[b"state"], f[b"state_shape"]),
+        state=state,
         logits=logits,
         tokens_seen=int(f[b"tokens_seen"]),
         created=float(f[b"created"]),
         last_used=float(f[b"last_used"]),
         version=int(f[b"version"]),
+        checkpoints=checkpoints,
     )
 
 
@@ -514,6 +527,18 @@ class RedisStore(SessionStore):
         n, expired = await self._run("count", self._keys("", "index"), [])
         self.stats.expirations += int(expired)
         return int(n)
+
+    # -- prefix states shared between replicas (gru_serve.prefix_cache) --
+
+    async def get_prefix_blocks(self, keys: list[str]) -> list[bytes | None]:
+        names = [f"{self.prefix}pfx:{k}" for k in keys]
+        return await self._guard(self._redis.mget(names))
+
+    async def put_prefix_blocks(self, blocks: dict[str, bytes]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for key, data in blocks.items():
+            pipe.set(f"{self.prefix}pfx:{key}", data, px=self._ttl_ms)
+        await self._guard(pipe.execute())
 
     async def close(self) -> None:
         if self._renewer is not None:

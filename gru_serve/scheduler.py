@@ -13,10 +13,12 @@ gru_serve.sampling), hands the tokens out at once, then runs the model for the w
 
 Both paths give the same tokens, bit for bit: the fused loop runs the same kernels as the
 decode step and draws the same counter-based uniforms. Jobs join between rounds (the
-prompts waiting then are prefilled in one call per prompt length, seq = that length) and
-leave when they finish or are cancelled, so the batch grows and shrinks. The batch's state
-and logits live in arrays that are rebuilt only when its members change. Admission is first
-come, first served and every active job advances every round: nothing starves.
+prompts waiting then are prefilled in one call per prompt length, seq = that length; a prompt
+read from the zero state goes in chunks of gru_serve.prefix_cache.BLOCK tokens, one call per
+chunk length, so that its prefix states can be cached and reused bit for bit) and leave
+when they finish or are cancelled, so the batch grows and shrinks. The batch's state and
+logits live in arrays that are rebuilt only when its members change. Admission is first come,
+first served and every active job advances every round: nothing starves.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gru_serve.errors import GruServeError, Internal, ResourceExhausted, Unavailable
+from gru_serve.prefix_cache import BLOCK
 from gru_serve.runtime import Decoder, ModelRuntime
 from gru_serve.sampling import MAX_STOP_CHARS, SamplingParams, sample, uniforms
 from gru_serve.scoring import token_logprobs
@@ -104,6 +107,13 @@ class Job:
     tail: str = ""  # the last characters generated, for stop strings
     first_token_at: float | None = None
     stop_hit: str = field(default="")
+    # A prompt read from the zero state is prefilled in BLOCK-token chunks from its first token
+    # (gru_serve.prefix_cache), whether or not a prefix came from the cache, so that a cached
+    # state is bit for bit what the skipped chunks would have made.
+    chunked: bool = False
+    offset: int = 0  # prompt tokens consumed so far (a cached prefix, then each chunk)
+    # With the prefix cache on: (block index, state, logits) after each whole block prefilled.
+    blocks: list[tuple[int, np.ndarray, np.ndarray]] | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -246,29 +256,40 @@ class Scheduler:
             job.emit(FailedEvent(Internal(f"generation failed (incident {incident})")))
 
     def _prefill(self, jobs: list[Job]) -> list[Job]:
-        """Consume the newcomers' prompts, one call for all prompts of a length; returns the
-        jobs that go on to generate, having finished those that generate nothing."""
-        by_length: dict[int, list[Job]] = collections.defaultdict(list)
-        for job in jobs:
-            by_length[len(job.prompt)].append(job)
+        """Consume the newcomers' prompts, one call for all next chunks of a length (a chunked
+        prompt's next BLOCK tokens, any other prompt whole); returns the jobs that go on to
+        generate, having finished those that generate nothing."""
         ready = []
-        for length, group in by_length.items():
-            if length:
-                self.prefill_runs += 1
-                try:
-                    logits, state = self.runtime.step(
-                        np.stack([j.prompt for j in group]), np.stack([j.state for j in group])
-                    )
-                except Exception as e:
-                    self._fail(group, e)
-                    continue
-                for i, job in enumerate(group):
-                    job.logits, job.state = logits[i, -1], state[i]
-            for job in group:
-                if job.max_new_tokens == 0:
-                    self._finish(job, "length")
-                else:
-                    ready.append(job)
+        while jobs:
+            by_length: dict[int, list[Job]] = collections.defaultdict(list)
+            for job in jobs:
+                rest = len(job.prompt) - job.offset
+                by_length[min(rest, BLOCK) if job.chunked else rest].append(job)
+            jobs = []
+            for length, group in by_length.items():
+                if length:
+                    self.prefill_runs += 1
+                    try:
+                        logits, state = self.runtime.step(
+                            np.stack([j.prompt[j.offset : j.offset + length] for j in group]),
+                            np.stack([j.state for j in group]),
+                        )
+                    except Exception as e:
+                        self._fail(group, e)
+                        continue
+                    for i, job in enumerate(group):
+                        job.logits, job.state = logits[i, -1], state[i]
+                        job.offset += length
+                        if job.blocks is not None and job.offset % BLOCK == 0:
+                            job.blocks.append((job.offset // BLOCK - 1, job.state.copy(), job.logits.copy()))
+                for job in group:
+                    if job.offset < len(job.prompt):
+                        if not job.cancelled:
+                            jobs.append(job)
+                    elif job.max_new_tokens == 0:
+                        self._finish(job, "length")
+                    else:
+                        ready.append(job)
         return ready
 
     def _finish(self, job: Job, reason: str) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,19 +24,29 @@ from gru_serve.errors import (
     ResourceExhausted,
     SessionExpired,
     SessionNotFound,
+    Unavailable,
     WrongModel,
 )
 from gru_serve.metrics import Metrics
+from gru_serve.prefix_cache import BLOCK, Entry, PrefixCache, SharedBlocks, block_keys
 from gru_serve.runtime import ModelRuntime
 from gru_serve.sampling import SamplingParams
 from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler, Tokens
 from gru_serve.scoring import perplexity, stream_logprobs
 from gru_serve.sessions import SessionRecord, SessionStore, new_session_id
 from gru_serve.settings import Settings
+from gru_serve.snapshots import Snapshot, load_keys, open_, require_keys, seal
 
 log = logging.getLogger(__name__)
 
 MAX_SESSION_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class TurnInfo:
+    turn: int
+    tokens_seen: int
+    committed: float
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class SessionInfo:
     created: float
     last_used: float
     expires: float
+    turns: tuple[TurnInfo, ...] = ()  # the checkpoints a rewind can return to, oldest first
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     return_logprobs: bool = False
     model: str = ""
+    snapshot: bytes = b""  # stateless mode: continue from this instead of a session
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,8 @@ class Finished:
     tokens_seen: int
     stop: str
     seed: int
+    turn: int = 0  # the session's turn after the request (0 for a one-off)
+    snapshot: bytes = b""  # stateless mode: the snapshot after the request
 
 
 @dataclass
@@ -85,6 +100,7 @@ class Progress:
     generated_tokens: int = 0
     first_token_at: float | None = None
     tokens_seen: int = 0  # the session's count before the request: a cancel leaves it so
+    turn: int = 0  # likewise the session's turn
 
     def cancelled(self) -> Finished:
         now = time.perf_counter()
@@ -100,6 +116,7 @@ class Progress:
             self.tokens_seen,
             "",
             self.seed,
+            self.turn,
         )
 
 
@@ -122,6 +139,49 @@ class ModelInfo:
     model_hash: str
     provider: str
     perplexity: dict[str, float]
+
+
+MAX_CHOICES = 16  # fan-out: most continuations one Generate samples
+
+
+@dataclass(frozen=True)
+class ChoiceFinished(Finished):
+    """The end of one fan-out choice."""
+
+    committed: bool = False  # the session kept this choice
+    logprob_sum: float = 0.0  # total log-probability of its generated tokens
+
+
+async def _merged(
+    streams: list[AsyncIterator[Tokens | DoneEvent]],
+) -> AsyncIterator[tuple[int, Tokens | DoneEvent]]:
+    """The events of several streams as they come, each with its stream's index; the first
+    error ends it. One task per stream, so a stream with nothing ready never holds the others."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, events: AsyncIterator[Tokens | DoneEvent]) -> None:
+        try:
+            async for ev in events:
+                queue.put_nowait((i, ev))
+            queue.put_nowait((i, end))
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, ev = await queue.get()
+            if ev is end:
+                running -= 1
+            elif isinstance(ev, Exception):
+                raise ev
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()  # each stream's own cleanup then cancels its job
 
 
 class GenerationService:
@@ -156,6 +216,11 @@ class GenerationService:
         self.active_streams = 0
         self.streams_by_owner: collections.Counter[str] = collections.Counter()
         self.metrics = metrics or Metrics()
+        self.snapshot_keys = load_keys(settings)
+        self.prefix_cache = PrefixCache(int(settings.prefix_cache_mb * 2**20))
+        # With the Redis store, replicas share prefix states through it as well.
+        self.shared_prefix = store if self.prefix_cache.on and isinstance(store, SharedBlocks) else None
+        self._sharing: set[asyncio.Task] = set()
 
     def start(self) -> None:
         for s in self.schedulers.values():
@@ -193,8 +258,10 @@ class GenerationService:
         return rt.vocab.encode(text)
 
     def _info(self, rec: SessionRecord) -> SessionInfo:
+        turns = tuple(TurnInfo(c.turn, c.tokens_seen, c.committed) for c in rec.checkpoints)
+        expires = self.store.expires(rec)
         return SessionInfo(
-            rec.session_id, rec.model, rec.tokens_seen, rec.created, rec.last_used, self.store.expires(rec)
+            rec.session_id, rec.model, rec.tokens_seen, rec.created, rec.last_used, expires, turns
         )
 
     async def _owned(self, session_id: str, owner: str, lease: bool) -> SessionRecord:
@@ -239,6 +306,30 @@ class GenerationService:
             session_id, rt.name, rt.model_hash, owner, np.zeros(rt.state_shape, np.float32), None, 0, now, now
         )
 
+    def _seal(self, rec: SessionRecord) -> bytes:
+        snap = Snapshot(rec.model, rec.model_hash, rec.tokens_seen, rec.state, rec.logits, rec.created)
+        return seal(snap, self.snapshot_keys, self.clock())
+
+    def _unseal(self, blob: bytes, model: str, owner: str, session_id: str = "") -> SessionRecord:
+        """The record in a snapshot, for the served model it names (by hash: a copy of a model
+        served under another name is the same model)."""
+        snap = open_(blob, self.snapshot_keys)
+        if model:
+            candidates = [self.runtime(model)]
+        else:
+            candidates = sorted(self.runtimes.values(), key=lambda r: r.name != snap.model)
+        rt = next((r for r in candidates if r.model_hash == snap.model_hash), None)
+        if rt is None:
+            served = ", ".join(f"{r.name!r} (hash {r.model_hash[:12]})" for r in candidates)
+            raise WrongModel(
+                f"snapshot: made by model {snap.model!r} (hash {snap.model_hash[:12]}), not by {served}"
+            )
+        now = self.clock()
+        state, logits = snap.state, snap.logits
+        return SessionRecord(
+            session_id, rt.name, rt.model_hash, owner, state, logits, snap.tokens_seen, snap.created, now
+        )
+
     # -- sessions --
 
     async def create_session(self, text: str = "", model: str = "", owner: str = "") -> SessionInfo:
@@ -249,6 +340,7 @@ class GenerationService:
             async for ev in self._events(rt, rec, ids, 0, SamplingParams(), False):  # a prefill only
                 if isinstance(ev, DoneEvent):
                     rec = rec.advanced(ev.state, ev.logits, len(ids), self.clock())
+        rec = rec.checkpointed(self.clock(), self.settings.max_checkpoints)  # turn 0: as created
         await self.store.create(rec)
         return self._info(rec)
 
@@ -273,6 +365,51 @@ class GenerationService:
             now,
             now,
         )
+        # A fork's history starts at the fork: the source's present state is its turn 0.
+        rec = rec.checkpointed(now, self.settings.max_checkpoints)
+        await self.store.create(rec)
+        return self._info(rec)
+
+    async def rewind_session(self, session_id: str, turn: int, owner: str = "") -> SessionInfo:
+        """Return the session to the checkpoint of `turn` (nothing is run again). The turns after
+        it are forgotten, so the next commit is turn + 1, and the same seed draws the same
+        tokens as the first time (sampling is seeded by position, which the checkpoint keeps)."""
+        rec = await self._owned(session_id, owner, lease=True)
+        leased = session_id
+        try:
+            kept = rec.checkpoints
+            at = next((i for i, c in enumerate(kept) if c.turn == turn), None)
+            if at is None:
+                has = f"turns {kept[0].turn}..{kept[-1].turn}" if kept else "no turns"
+                raise InvalidArgument(f"turn: session '{session_id}' keeps {has}, not turn {turn}")
+            mark = kept[at]
+            rec = await self.store.commit(
+                replace(
+                    rec,
+                    state=mark.state,
+                    logits=mark.logits,
+                    tokens_seen=mark.tokens_seen,
+                    last_used=self.clock(),
+                    checkpoints=kept[: at + 1],
+                )
+            )
+            leased = ""
+        finally:
+            if leased:
+                await self.store.release(leased)
+        return self._info(rec)
+
+    async def export_session(self, session_id: str, owner: str = "") -> tuple[bytes, SessionInfo]:
+        """A signed snapshot of the session as last committed, and the session."""
+        require_keys(self.snapshot_keys)  # refused before the session is looked at
+        rec = await self._owned(session_id, owner, lease=False)
+        return self._seal(rec), self._info(rec)
+
+    async def import_session(self, blob: bytes, owner: str = "") -> SessionInfo:
+        """A new session, the caller's, from a snapshot signed with one of this server's keys."""
+        rec = self._unseal(blob, "", owner, new_session_id())
+        # Like a fork: the imported state is the new session's turn 0.
+        rec = rec.checkpointed(self.clock(), self.settings.max_checkpoints)
         await self.store.create(rec)
         return self._info(rec)
 
@@ -303,9 +440,18 @@ class GenerationService:
             logprobs,
             emit,
         )
+        keys: list[str] = []
+        if ids and rec.tokens_seen == 0 and rec.logits is None and not rec.state.any():
+            job.chunked = True  # with the cache off too: both must run the same chunks
+            if self.prefix_cache.on:
+                keys = block_keys(rt.model_hash, ids)
+                job.blocks = []
+                await self._reuse_prefix(rt, job, keys)
         self.schedulers[rt.name].submit(job)
         try:
             ev = await queue.get()
+            if job.blocks:  # complete once any event is out: the prefill is over
+                self._keep_prefix(job.blocks, keys)
             while True:
                 if isinstance(ev, FailedEvent):
                     raise ev.error
@@ -327,6 +473,50 @@ class GenerationService:
         finally:
             job.cancel()
 
+    async def _reuse_prefix(self, rt: ModelRuntime, job: Job, keys: list[str]) -> None:
+        """Start the job after the longest cached prefix of its prompt: this replica's, or a
+        longer one from the shared tier."""
+        if not keys:
+            return  # under one block: nothing to look up, and not counted
+        cache = self.prefix_cache
+        n, entry = cache.longest(keys)
+        if n < len(keys) and self.shared_prefix is not None:
+            try:
+                found = await self.shared_prefix.get_prefix_blocks(keys[n:])
+            except Unavailable as e:
+                # Readiness already reports an unreachable store; the request goes on without it.
+                log.debug("prefix cache: shared tier not read: %s", e)
+                found = []
+            for i in reversed(range(len(found))):
+                got = Entry.from_bytes(found[i], rt.state_shape, len(rt.vocab)) if found[i] else None
+                if got is not None:
+                    n, entry = n + i + 1, got
+                    cache.put(keys[n - 1], got)
+                    break
+        cache.count(n)
+        if entry is not None:
+            job.offset = n * BLOCK
+            job.state, job.logits = entry.state.copy(), entry.logits.copy()
+
+    def _keep_prefix(self, blocks: list[tuple[int, np.ndarray, np.ndarray]], keys: list[str]) -> None:
+        """Cache the block states a prefill made; share them in the background (the request
+        does not wait for Redis)."""
+        entries = {keys[i]: Entry(state, logits) for i, state, logits in blocks}
+        for key, entry in entries.items():
+            self.prefix_cache.put(key, entry)
+        if self.shared_prefix is not None:
+            data = {key: entry.to_bytes() for key, entry in entries.items()}
+            task = asyncio.create_task(self._share_prefix(self.shared_prefix, data))
+            self._sharing.add(task)
+            task.add_done_callback(self._sharing.discard)
+
+    @staticmethod
+    async def _share_prefix(shared: SharedBlocks, data: dict[str, bytes]) -> None:
+        try:
+            await shared.put_prefix_blocks(data)
+        except Unavailable as e:
+            log.debug("prefix cache: shared tier not written: %s", e)
+
     async def generate(
         self, req: GenerateRequest, owner: str = "", progress: Progress | None = None
     ) -> AsyncIterator[Tokens | Finished]:
@@ -338,6 +528,71 @@ class GenerationService:
         max_new = s.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
         if not 0 <= max_new <= s.max_new_tokens:
             raise InvalidArgument(f"max_new_tokens must be in [0, {s.max_new_tokens}], got {max_new}")
+        if req.session_id and req.snapshot:
+            raise InvalidArgument("session_id and snapshot: give one or the other, not both")
+        leased = ""
+        last_sent: float | None = None
+        with self._stream_slot(owner):
+            try:
+                if req.session_id:
+                    rec = await self._owned(req.session_id, owner, lease=True)
+                    leased = req.session_id
+                    rt = self._session_runtime(rec, req.model)
+                elif req.snapshot:  # stateless: nothing stored, nothing leased
+                    rec = self._unseal(req.snapshot, req.model, owner)
+                    rt = self.runtimes[rec.model]
+                else:
+                    rt = self.runtime(req.model)
+                    rec = self._fresh(rt, owner)
+                ids = self._encode(rt, req.prompt, "prompt")
+                p.prompt_tokens, p.normalized_prompt = len(ids), rt.vocab.decode(ids)
+                p.tokens_seen, p.turn = rec.tokens_seen, rec.turn
+                if not ids and rec.logits is None and max_new > 0:
+                    raise InvalidArgument(
+                        "prompt is empty and the session has seen no text yet: "
+                        "give a prompt of at least 1 character"
+                    )
+                async for ev in self._events(rt, rec, ids, max_new, req.sampling, req.return_logprobs):
+                    if not isinstance(ev, DoneEvent):
+                        now = time.perf_counter()
+                        gap = None if last_sent is None else now - last_sent
+                        if gap is None:
+                            self.metrics.observe_first_token(rt.name, now - t0)
+                            p.first_token_at = now
+                        self.metrics.observe_tokens(rt.name, len(ev), gap)
+                        p.generated_tokens += len(ev)
+                        last_sent = now
+                        yield ev
+                        continue
+                    new = rec.advanced(
+                        ev.state, ev.logits, len(ids) + ev.generated, self.clock(), s.max_checkpoints
+                    )
+                    if leased:
+                        new = await self.store.commit(new)
+                        leased = ""
+                    ttft = (ev.first_token_at - t0) if ev.first_token_at else 0.0
+                    yield Finished(
+                        ev.reason,
+                        len(ids),
+                        ev.generated,
+                        ttft,
+                        time.perf_counter() - t0,
+                        p.normalized_prompt,
+                        req.session_id,
+                        new.tokens_seen,
+                        ev.stop,
+                        req.sampling.seed,
+                        new.turn,
+                        self._seal(new) if req.snapshot else b"",
+                    )
+            finally:
+                if leased:
+                    await self.store.release(leased)
+
+    @contextlib.contextmanager
+    def _stream_slot(self, owner: str) -> Iterator[None]:
+        """Count a request against max_streams and max_streams_per_token while it runs."""
+        s = self.settings
         if self.active_streams >= s.max_streams:
             raise ResourceExhausted(f"too many concurrent streams (the limit is max_streams={s.max_streams})")
         if owner and self.streams_by_owner[owner] >= s.max_streams_per_token:
@@ -347,60 +602,120 @@ class GenerationService:
             )
         self.active_streams += 1
         self.streams_by_owner[owner] += 1
-        leased = ""
-        last_sent: float | None = None
         try:
-            if req.session_id:
-                rec = await self._owned(req.session_id, owner, lease=True)
-                leased = req.session_id
-                rt = self._session_runtime(rec, req.model)
-            else:
-                rt = self.runtime(req.model)
-                rec = self._fresh(rt, owner)
-            ids = self._encode(rt, req.prompt, "prompt")
-            p.prompt_tokens, p.normalized_prompt = len(ids), rt.vocab.decode(ids)
-            p.tokens_seen = rec.tokens_seen
-            if not ids and rec.logits is None and max_new > 0:
-                raise InvalidArgument(
-                    "prompt is empty and the session has seen no text yet: "
-                    "give a prompt of at least 1 character"
-                )
-            async for ev in self._events(rt, rec, ids, max_new, req.sampling, req.return_logprobs):
-                if not isinstance(ev, DoneEvent):
-                    now = time.perf_counter()
-                    gap = None if last_sent is None else now - last_sent
-                    if gap is None:
-                        self.metrics.observe_first_token(rt.name, now - t0)
-                        p.first_token_at = now
-                    self.metrics.observe_tokens(rt.name, len(ev), gap)
-                    p.generated_tokens += len(ev)
-                    last_sent = now
-                    yield ev
-                    continue
-                new = rec.advanced(ev.state, ev.logits, len(ids) + ev.generated, self.clock())
-                if leased:
-                    new = await self.store.commit(new)
-                    leased = ""
-                ttft = (ev.first_token_at - t0) if ev.first_token_at else 0.0
-                yield Finished(
-                    ev.reason,
-                    len(ids),
-                    ev.generated,
-                    ttft,
-                    time.perf_counter() - t0,
-                    p.normalized_prompt,
-                    req.session_id,
-                    new.tokens_seen,
-                    ev.stop,
-                    req.sampling.seed,
-                )
+            yield
         finally:
             self.active_streams -= 1
             self.streams_by_owner[owner] -= 1
             if not self.streams_by_owner[owner]:
                 del self.streams_by_owner[owner]
-            if leased:
-                await self.store.release(leased)
+
+    async def fan_out(
+        self, req: GenerateRequest, n: int, commit: int | None = None, best_of: bool = False, owner: str = ""
+    ) -> AsyncIterator[tuple[int, Tokens | ChoiceFinished]]:
+        """n continuations of one state, batched together, choice i sampled with seed + i, so
+        each equals a fork of the session generating with that seed. Yields (choice, chunk) as
+        chunks come, then, once every choice has ended and the kept one is committed, each
+        choice's ChoiceFinished in choice order. The session keeps choice `commit`, or with
+        `best_of` the one with the highest total log-probability, or else nothing. The request
+        counts once against max_streams."""
+        n = max(n, 1)
+        if n > MAX_CHOICES:
+            raise InvalidArgument(f"n must be in [0, {MAX_CHOICES}], got {n}")
+        if commit is not None and commit >= n:
+            raise InvalidArgument(f"commit must be in [0, n) = [0, {n}), got {commit}")
+        if commit is not None and best_of:
+            raise InvalidArgument("best_of: give commit or best_of, not both")
+        if (commit is not None or best_of) and not req.session_id:
+            raise InvalidArgument("commit and best_of need a session_id (the session that keeps a choice)")
+        if req.snapshot:
+            raise InvalidArgument("snapshot: fan-out (n > 1) runs on a session or a one-off state")
+        s = self.settings
+        max_new = s.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+        if not 0 <= max_new <= s.max_new_tokens:
+            raise InvalidArgument(f"max_new_tokens must be in [0, {s.max_new_tokens}], got {max_new}")
+        t0 = time.perf_counter()
+        with self._stream_slot(owner):
+            leased = ""
+            try:
+                if req.session_id:
+                    rec = await self._owned(req.session_id, owner, lease=True)
+                    leased = req.session_id
+                    rt = self._session_runtime(rec, req.model)
+                else:
+                    rt = self.runtime(req.model)
+                    rec = self._fresh(rt, owner)
+                ids = self._encode(rt, req.prompt, "prompt")
+                if not ids and rec.logits is None and max_new > 0:
+                    raise InvalidArgument(
+                        "prompt is empty and the session has seen no text yet: "
+                        "give a prompt of at least 1 character"
+                    )
+                # The prompt is consumed once; every choice starts where it leaves the state, at
+                # the same session position, so choice i draws what a fork would with seed + i.
+                start = rec
+                if ids:
+                    async for ev in self._events(rt, rec, ids, 0, SamplingParams(), False):
+                        seen = rec.tokens_seen + len(ids)
+                        start = replace(rec, state=ev.state, logits=ev.logits, tokens_seen=seen)
+                seeds = [(req.sampling.seed + i) % (1 << 64) for i in range(n)]
+                # Log-probabilities are always computed: best_of and logprob_sum need them.
+                streams = [
+                    self._events(rt, start, [], max_new, replace(req.sampling, seed=seed), True)
+                    for seed in seeds
+                ]
+                sums = [0.0] * n
+                ends: dict[int, DoneEvent] = {}
+                last_sent: float | None = None
+                async with contextlib.aclosing(_merged(streams)) as events:
+                    async for i, ev in events:
+                        if isinstance(ev, DoneEvent):
+                            ends[i] = ev
+                            continue
+                        now = time.perf_counter()
+                        gap = None if last_sent is None else now - last_sent
+                        if gap is None:
+                            self.metrics.observe_first_token(rt.name, now - t0)
+                        self.metrics.observe_tokens(rt.name, len(ev), gap)
+                        last_sent = now
+                        sums[i] += sum(ev.logprobs or ())
+                        if not req.return_logprobs:
+                            ev.logprobs = None
+                        yield i, ev
+                if commit is None and best_of:
+                    commit = max(range(n), key=sums.__getitem__)
+                after = rec  # the session as this request leaves it
+                if commit is not None:  # only with a session: checked above
+                    kept = ends[commit]
+                    new = rec.advanced(
+                        kept.state, kept.logits, len(ids) + kept.generated, self.clock(), s.max_checkpoints
+                    )
+                    after = await self.store.commit(new)
+                    leased = ""
+                now = time.perf_counter()
+                for i in range(n):
+                    ev = ends[i]
+                    # A one-off's "session" is the choice's own state, as in generate.
+                    seen = after.tokens_seen if req.session_id else len(ids) + ev.generated
+                    fin = ChoiceFinished(
+                        ev.reason,
+                        len(ids),
+                        ev.generated,
+                        (ev.first_token_at - t0) if ev.first_token_at else 0.0,
+                        now - t0,
+                        rt.vocab.decode(ids),
+                        req.session_id,
+                        seen,
+                        ev.stop,
+                        seeds[i],
+                        after.turn,
+                        committed=i == commit,
+                        logprob_sum=sums[i],
+                    )
+                    yield i, fin
+            finally:
+                if leased:
+                    await self.store.release(leased)
 
     # -- scoring and info --
 
@@ -430,7 +745,8 @@ class GenerationService:
             scored = ids if rec.logits is not None else ids[1:]
             tokens_seen = rec.tokens_seen
             if leased:
-                new = await self.store.commit(rec.advanced(state[0], last, len(ids), self.clock()))
+                keep = self.settings.max_checkpoints
+                new = await self.store.commit(rec.advanced(state[0], last, len(ids), self.clock(), keep))
                 leased = ""
                 tokens_seen = new.tokens_seen
             return ScoreResult(

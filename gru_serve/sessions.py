@@ -96,12 +96,20 @@ class SessionRecord:
         return replace(self, checkpoints=(*self.checkpoints, mark)[-keep:] if keep else ())
 
     def advanced(
-        self, state: np.ndarray, logits: np.ndarray | None, consumed: int, now: float, keep: int = 0
+        self,
+        state: np.ndarray,
+        logits: np.ndarray | None,
+        consumed: int,
+        now: float,
+        keep: int | None = None,
     ) -> SessionRecord:
-        """After a request that consumed `consumed` tokens: the new state, and a checkpoint of it."""
-        return replace(
+        """After a request that consumed `consumed` tokens: the new state and, with `keep`, a
+        checkpoint of it as the next turn (the newest `keep` kept). Without `keep` the turns
+        stay as they are."""
+        new = replace(
             self, state=state, logits=logits, tokens_seen=self.tokens_seen + consumed, last_used=now
-        ).checkpointed(now, keep)
+        )
+        return new if keep is None else new.checkpointed(now, keep)
 
 
 @dataclass

@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     """the least severe log records written"""
     session_store: str = "memory"
     """memory; redis://HOST:PORT/DB to share sessions between replicas; sqlite:///PATH to keep
-    them on disk across restarts of one server"""
+    them on disk across restarts of one server (a relative PATH; sqlite:////abs/path for an
+    absolute one)"""
     idle_to_disk_s: float = Field(300.0, ge=0)
     """with the sqlite store: seconds a session stays in memory after its last use before only
     the disk holds it (0: only the disk)"""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gru_serve.sessions import MemoryStore, SessionStore
-from gru_serve.settings import REDIS_SCHEMES, Settings
+from gru_serve.settings import REDIS_SCHEMES, SQLITE_SCHEME, Settings
 
 
 def build_store(settings: Settings) -> SessionStore:
@@ -16,4 +16,13 @@ def build_store(settings: Settings) -> SessionStore:
         return RedisStore(
             url, settings.session_ttl_s, settings.max_sessions, local_cache=settings.session_cache
         )
-    raise ValueError(f"session_store must be 'memory' or redis://HOST:PORT/DB, got {url!r}")
+    if url.startswith(SQLITE_SCHEME):
+        from gru_serve.sqlite_store import SQLiteStore
+
+        return SQLiteStore(
+            url.removeprefix(SQLITE_SCHEME),
+            settings.session_ttl_s,
+            settings.max_sessions,
+            settings.idle_to_disk_s,
+        )
+    raise ValueError(f"session_store must be 'memory', redis://HOST:PORT/DB or sqlite:///PATH, got {url!r}")

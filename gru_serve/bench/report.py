@@ -307,6 +307,17 @@ def print_tables(results: dict, console: Console) -> None:
         console.print(t)
     elif so:
         console.print(f"Scale-out skipped: {so.get('skipped') or so.get('error')}")
+    pc = results.get("prefix_cache") or {}
+    if pc.get("rows"):
+        t = Table(title="Prefix cache: requests sharing a prompt prefix", title_justify="left")
+        for col in _PREFIX_COLUMNS:
+            t.add_column(col, justify="left" if col == "server" else "right")
+        for row in _prefix_rows(pc):
+            t.add_row(*row)
+        console.print(t)
+        console.print(_prefix_summary(pc))
+    elif pc:
+        console.print(f"Prefix cache skipped: {pc.get('skipped') or pc.get('error')}")
     t = Table(title="Goals (ratios from this run)", title_justify="left")
     for col in ("goal", "value", "target", "met"):
         t.add_column(col, justify="left" if col == "goal" else "right")
@@ -353,6 +364,40 @@ def _scaleout_rows(so: dict) -> list[list[str]]:
             ]
         )
     return out
+
+
+_PREFIX_COLUMNS = ("server", "TTFT p50 ms", "p90", "p99", "mean", "server TTFT p50 ms", "hits", "misses")
+
+
+def _prefix_rows(pc: dict) -> list[list[str]]:
+    out = []
+    for r in pc["rows"]:
+        t = r["ttft_ms"]
+        out.append(
+            [
+                r["what"],
+                *(f"{t[q]:.2f}" for q in ("p50", "p90", "p99", "mean")),
+                _fmt((r.get("server_ttft_ms") or {}).get("p50"), ".2f"),
+                str(r["hit"]),
+                str(r["miss"]),
+            ]
+        )
+    return out
+
+
+def _prefix_summary(pc: dict) -> str:
+    rows = {r["key"]: r for r in pc["rows"]}
+    on, off = rows.get("cache"), rows.get("no_cache")
+    if not (on and off and pc.get("ttft_p50_ratio")):
+        return f"Stopped early: {pc.get('error', 'a server did not run')}"
+    hits, want = on["hit"], pc["expected_hits"]
+    return (
+        f"Time to first token p50: {pc['ttft_p50_ratio']:.2f}x lower with the prefix cache "
+        f"({on['ttft_ms']['p50']:.2f} ms vs {off['ttft_ms']['p50']:.2f} ms without); outputs "
+        f"{'identical, bit for bit,' if pc['identical'] else '**different**'} on the two servers; "
+        f"{hits} hits and {on['miss']} miss(es) ({'as' if hits == want else '**not** as'} the design "
+        f"implies: {want}, every request but the first)."
+    )
 
 
 # -- plots --
@@ -765,4 +810,21 @@ def markdown(results: dict, plot_files: dict[str, str], plot_prefix: str = "") -
                 f"local tier, {off['redis_out_bytes_per_turn']:,.0f} without it{read}.",
                 "",
             ]
+    pc = results.get("prefix_cache") or {}
+    if pc.get("skipped"):
+        lines += ["## Prefix cache", "", f"Skipped: {pc['skipped']}", ""]
+    elif pc:
+        c = pc["config"]
+        lines += [
+            "## Prefix cache",
+            "",
+            pc["method"],
+            "",
+            f"R = {c['requests']} requests, P = {c['prefix_chars']:,} characters, "
+            f"N = {c['tokens']} tokens each.",
+            "",
+        ]
+        if pc.get("rows"):
+            lines += [_md_table(list(_PREFIX_COLUMNS), _prefix_rows(pc)), ""]
+        lines += [_prefix_summary(pc), ""]
     return "\n".join(lines).rstrip() + "\n"

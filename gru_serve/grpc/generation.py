@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -15,7 +16,14 @@ from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.grpc.status import grpc_errors
 from gru_serve.sampling import SamplingParams
 from gru_serve.scheduler import Tokens
-from gru_serve.service import Finished, GenerateRequest, GenerationService, Progress, SessionInfo
+from gru_serve.service import (
+    ChoiceFinished,
+    Finished,
+    GenerateRequest,
+    GenerationService,
+    Progress,
+    SessionInfo,
+)
 
 FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,
@@ -38,6 +46,10 @@ def session_pb(info: SessionInfo) -> pb.Session:
         created=timestamp(info.created),
         last_used=timestamp(info.last_used),
         expires=timestamp(info.expires),
+        turns=[
+            pb.Turn(turn=t.turn, tokens_seen=t.tokens_seen, committed=timestamp(t.committed))
+            for t in info.turns
+        ],
     )
 
 
@@ -71,7 +83,21 @@ def finished_pb(f: Finished) -> pb.Finished:
         tokens_seen=f.tokens_seen,
         stop=f.stop,
         seed=f.seed,
+        snapshot=f.snapshot,
+        turn=f.turn,
     )
+
+
+def choice_pb(choice: int, ev: Tokens | ChoiceFinished) -> pb.GenerateResponse:
+    """A fan-out event as a response message, marked with its choice."""
+    if isinstance(ev, Tokens):
+        tokens = tokens_pb(ev)
+        for t in tokens:
+            t.choice = choice
+        return pb.GenerateResponse(tokens=tokens)
+    fin = finished_pb(ev)
+    fin.choice, fin.committed, fin.logprob_sum = choice, ev.committed, ev.logprob_sum
+    return pb.GenerateResponse(finished=fin)
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
@@ -95,6 +121,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.Session:
         return session_pb(await self.service.fork_session(request.session_id, owner_of(context)))
 
+    @grpc_errors
+    async def RewindSession(self, request: pb.RewindSessionRequest, context) -> pb.Session:
+        info = await self.service.rewind_session(request.session_id, request.turn, owner_of(context))
+        return session_pb(info)
+
+    @grpc_errors
+    async def ExportSession(self, request: pb.ExportSessionRequest, context) -> pb.ExportSessionResponse:
+        blob, info = await self.service.export_session(request.session_id, owner_of(context))
+        return pb.ExportSessionResponse(snapshot=blob, model=info.model, tokens_seen=info.tokens_seen)
+
+    @grpc_errors
+    async def ImportSession(self, request: pb.ImportSessionRequest, context) -> pb.Session:
+        return session_pb(await self.service.import_session(request.snapshot, owner_of(context)))
+
     def _request(
         self,
         session_id: str,
@@ -103,8 +143,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         sampling: pb.SamplingParams,
         logprobs: bool,
         model: str,
+        snapshot: bytes = b"",
     ) -> GenerateRequest:
-        return GenerateRequest(session_id, prompt, max_new, sampling_params(sampling), logprobs, model)
+        return GenerateRequest(
+            session_id, prompt, max_new, sampling_params(sampling), logprobs, model, snapshot
+        )
 
     async def _stream(
         self, req: GenerateRequest, owner: str, progress: Progress | None = None
@@ -122,7 +165,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             request.sampling,
             request.return_logprobs,
             request.model,
+            request.snapshot,
         )
+        if request.n > 1 or request.HasField("commit") or request.best_of:
+            commit = request.commit if request.HasField("commit") else None
+            fan_out = self.service.fan_out(req, request.n, commit, request.best_of, owner_of(context))
+            async with contextlib.aclosing(fan_out) as events:
+                async for choice, ev in events:
+                    yield choice_pb(choice, ev)
+            return
         async for ev in self._stream(req, owner_of(context)):
             if isinstance(ev, Tokens):
                 yield pb.GenerateResponse(tokens=tokens_pb(ev))
@@ -136,23 +187,28 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         owner = owner_of(context)
         out: asyncio.Queue = asyncio.Queue()
         session_id = ""
+        snapshot, model = b"", ""  # stateless mode: the snapshot after the last turn, its model
         turn: asyncio.Task | None = None
 
         async def run_turn(req: GenerateRequest) -> None:
+            nonlocal snapshot
             progress = Progress()
             try:
                 async for ev in self._stream(req, owner, progress):
                     if isinstance(ev, Tokens):
                         await out.put(pb.ConverseResponse(tokens=tokens_pb(ev)))
                     else:
+                        snapshot = ev.snapshot or snapshot
                         await out.put(pb.ConverseResponse(finished=finished_pb(ev)))
             except asyncio.CancelledError:
-                await out.put(pb.ConverseResponse(finished=finished_pb(progress.cancelled())))
+                # A cancelled turn leaves the state as it was: so does its snapshot.
+                f = dataclasses.replace(progress.cancelled(), snapshot=req.snapshot)
+                await out.put(pb.ConverseResponse(finished=finished_pb(f)))
             except Exception as e:  # reported as the stream's status
                 await out.put(e)
 
         async def read() -> None:
-            nonlocal session_id, turn
+            nonlocal session_id, snapshot, model, turn
             async for msg in request_iterator:
                 if msg.cancel:
                     if turn and not turn.done():
@@ -160,17 +216,26 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     continue
                 if turn and not turn.done():
                     await turn  # turns run one after another, in order
-                if not session_id:
-                    if msg.session_id:
-                        info = await self.service.get_session(msg.session_id, owner)
+                if not (session_id or snapshot):
+                    if msg.snapshot and msg.session_id:
+                        raise InvalidArgument("session_id and snapshot: give one or the other, not both")
+                    if msg.snapshot:  # stateless: no session, so no session message
+                        snapshot, model = msg.snapshot, msg.model
                     else:
-                        info = await self.service.create_session("", msg.model, owner)
-                    session_id = info.session_id
-                    await out.put(pb.ConverseResponse(session=session_pb(info)))
+                        if msg.session_id:
+                            info = await self.service.get_session(msg.session_id, owner)
+                        else:
+                            info = await self.service.create_session("", msg.model, owner)
+                        session_id = info.session_id
+                        await out.put(pb.ConverseResponse(session=session_pb(info)))
+                elif msg.snapshot:
+                    raise InvalidArgument("snapshot: only the first message of a Converse stream carries one")
                 elif msg.session_id and msg.session_id != session_id:
                     raise InvalidArgument("session_id: a Converse stream stays on its first session")
                 max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else 0
-                req = self._request(session_id, msg.text, max_new, msg.sampling, msg.return_logprobs, "")
+                req = self._request(
+                    session_id, msg.text, max_new, msg.sampling, msg.return_logprobs, model, snapshot
+                )
                 turn = asyncio.create_task(run_turn(req))
             if turn:
                 await turn

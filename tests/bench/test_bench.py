@@ -22,6 +22,7 @@ def tiny(tmp_path_factory):
         "--no-served",
         "--no-variants",
         "--no-scaleout",
+        "--no-prefix",
         "-o",
         str(out / "b"),
         "--markdown",

@@ -348,3 +348,33 @@ def test_the_local_tier_never_mistakes_a_new_session_for_an_old_one_with_its_id(
         assert a.stats.cache_hits == 0
 
     run(redis_server, scenario, n=2, local_cache=10)
+
+
+def test_checkpoints_round_trip_and_a_record_without_them_still_reads(redis_server):
+    def marks(rec: SessionRecord) -> list[tuple]:
+        return [
+            (c.turn, c.tokens_seen, c.committed, c.state.tobytes(), c.logits is None or c.logits.tobytes())
+            for c in rec.checkpoints
+        ]
+
+    async def scenario(a: RedisStore, b: RedisStore) -> None:
+        plain = record()
+        await a.create(plain)
+        assert (await b.get(plain.session_id)).checkpoints == ()
+
+        rec = record(logits=False).checkpointed(1_700_000_000.5, 3)  # turn 0: no text, no logits
+        rec = rec.advanced(rec.state + 1, np.arange(28, dtype=np.float32), 5, 1_700_000_001.25, 3)
+        await a.create(rec)
+        got = await b.acquire(rec.session_id)
+        assert [c.turn for c in got.checkpoints] == [0, 1] and got.checkpoints[0].logits is None
+        assert marks(got) == marks(rec)
+        for n in (2, 3):  # the newest 3 stay
+            got = await b.commit(got.advanced(got.state - n, got.logits + n, n, 1_700_000_002.0 + n, 3))
+            got = await b.acquire(rec.session_id)
+        await b.release(rec.session_id)
+        again = await a.get(rec.session_id)
+        assert [c.turn for c in again.checkpoints] == [1, 2, 3]
+        assert marks(again) == marks(got)
+        again.checkpoints[0].state[0, 0] = 1.0  # writable copies, not views of Redis' bytes
+
+    run(redis_server, scenario, 2)

@@ -1,0 +1,137 @@
+"""Session snapshots: a session's whole memory as a signed, self-describing blob.
+
+Layout (little-endian): magic, format version (u16), header length (u32), body length (u32),
+a JSON header (model, model hash, tokens seen, shapes, times, key id, tokenizer state), the
+body (the state, then the logits if any, as float32), then HMAC-SHA256 over everything before
+it. The lengths sit in the fixed prefix so that a blob is checked for truncation and then for
+its signature before any of it is parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gru_serve.errors import FailedPrecondition, InvalidArgument, ModelLoadError
+from gru_serve.settings import Settings
+
+MAGIC = b"GRUSNAP\0"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sHII")  # magic, version, header bytes, body bytes
+_MAC_BYTES = hashlib.sha256().digest_size
+MAX_HEADER_BYTES = 64 * 1024
+NO_KEY = (
+    "snapshots need a key: start the server with --snapshot-key or --snapshot-key-file "
+    "(GRU_SERVE_SNAPSHOT_KEYS)"
+)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    model: str
+    model_hash: str
+    tokens_seen: int
+    state: np.ndarray  # [layers, hidden] float32
+    logits: np.ndarray | None  # [vocab] float32; None before any text
+    created: float  # when the session was created
+    exported: float = 0.0  # when the blob was sealed (set by seal)
+    key_id: str = ""  # which key signed it (set by seal)
+    tokenizer: object = None  # a tokenizer's own state, for models that have one (none yet)
+
+
+def key_id(key: bytes) -> str:
+    """Names a key in a blob without revealing it."""
+    return hashlib.sha256(key).hexdigest()[:8]
+
+
+def load_keys(settings: Settings) -> tuple[bytes, ...]:
+    """The keys from the flags/env, then the file's (one per line); the first signs."""
+    keys = list(settings.snapshot_keys)
+    if settings.snapshot_key_file:
+        try:
+            text = Path(settings.snapshot_key_file).read_text()
+        except OSError as e:
+            raise ModelLoadError(f"snapshot_key_file {settings.snapshot_key_file}: {e.strerror}") from e
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return tuple(dict.fromkeys(k.encode() for k in keys))
+
+
+def require_keys(keys: tuple[bytes, ...]) -> None:
+    if not keys:
+        raise FailedPrecondition(NO_KEY)
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def seal(snap: Snapshot, keys: tuple[bytes, ...], now: float | None = None) -> bytes:
+    require_keys(keys)
+    state = np.ascontiguousarray(snap.state, "<f4")
+    logits = None if snap.logits is None else np.ascontiguousarray(snap.logits, "<f4")
+    body = state.tobytes() + (b"" if logits is None else logits.tobytes())
+    header = json.dumps(
+        {
+            "model": snap.model,
+            "model_hash": snap.model_hash,
+            "tokens_seen": snap.tokens_seen,
+            "dtype": "float32-le",
+            "state_shape": list(state.shape),
+            "logits": None if logits is None else len(logits),
+            "created": snap.created,
+            "exported": time.time() if now is None else now,
+            "key_id": key_id(keys[0]),
+            "tokenizer": snap.tokenizer,
+        },
+        separators=(",", ":"),
+    ).encode()
+    data = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), len(body)) + header + body
+    return data + _mac(keys[0], data)
+
+
+def open_(blob: bytes, keys: tuple[bytes, ...]) -> Snapshot:
+    """The snapshot in a blob signed with one of `keys`; InvalidArgument saying what is wrong."""
+    require_keys(keys)
+    if not blob:
+        raise InvalidArgument("snapshot: empty")
+    if blob[: len(MAGIC)] != MAGIC[: len(blob)]:
+        raise InvalidArgument("snapshot: not a gru-serve snapshot (bad magic)")
+    if len(blob) < _PREFIX.size:
+        raise InvalidArgument(f"snapshot: truncated: {len(blob)} bytes, shorter than its fixed header")
+    _, version, header_len, body_len = _PREFIX.unpack_from(blob)
+    if version != FORMAT_VERSION:
+        raise InvalidArgument(f"snapshot: format version {version}; this server reads {FORMAT_VERSION}")
+    if header_len > MAX_HEADER_BYTES:
+        raise InvalidArgument(f"snapshot: header of {header_len} bytes; at most {MAX_HEADER_BYTES}")
+    size = _PREFIX.size + header_len + body_len + _MAC_BYTES
+    if len(blob) < size:
+        raise InvalidArgument(f"snapshot: truncated: {len(blob)} bytes of {size}")
+    if len(blob) > size:
+        raise InvalidArgument(f"snapshot: {len(blob) - size} bytes after its end (not one whole snapshot)")
+    data, mac = blob[:-_MAC_BYTES], blob[-_MAC_BYTES:]
+    if not any(hmac.compare_digest(_mac(k, data), mac) for k in keys):
+        raise InvalidArgument("snapshot: signature matches none of this server's keys")
+    # Signed by a key of ours, so written by seal: what follows trusts the header.
+    h = json.loads(data[_PREFIX.size : _PREFIX.size + header_len])
+    body = np.frombuffer(data, "<f4", offset=_PREFIX.size + header_len).astype(np.float32)
+    n_state = int(np.prod(h["state_shape"]))
+    if len(body) != n_state + (h["logits"] or 0):
+        raise InvalidArgument("snapshot: its body does not match the shapes in its header")
+    return Snapshot(
+        h["model"],
+        h["model_hash"],
+        h["tokens_seen"],
+        body[:n_state].reshape(h["state_shape"]),
+        None if h["logits"] is None else body[n_state:],
+        h["created"],
+        h["exported"],
+        h["key_id"],
+        h.get("tokenizer"),
+    )
