@@ -29,7 +29,7 @@ from gru_serve.metrics import Metrics
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.service import GenerationService
 from gru_serve.sessions import SessionStore
-from gru_serve.settings import Settings
+from gru_serve.settings import Settings, read_secrets
 from gru_serve.shipped import shipped_models
 from gru_serve.stores import build_store
 
@@ -78,14 +78,7 @@ def load_runtimes(settings: Settings) -> dict[str, ModelRuntime]:
 
 def load_tokens(settings: Settings) -> frozenset[str]:
     """Accepted bearer tokens (flags/env and file); empty means authentication is off."""
-    tokens = set(settings.auth_tokens)
-    if settings.auth_tokens_file:
-        try:
-            text = Path(settings.auth_tokens_file).read_text()
-        except OSError as e:
-            raise ModelLoadError(f"auth_tokens_file {settings.auth_tokens_file}: {e.strerror}") from e
-        tokens |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
-    return frozenset(tokens)
+    return frozenset(read_secrets(settings.auth_tokens, settings.auth_tokens_file, "auth_tokens_file"))
 
 
 def _read(path: str, name: str) -> bytes:

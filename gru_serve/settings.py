@@ -5,10 +5,13 @@ help text `gru-serve serve --help` shows."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+
+from gru_serve.errors import ModelLoadError
 
 ENV_PREFIX = "GRU_SERVE_"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -202,3 +205,15 @@ def problem(e: ValidationError) -> str:
         must = why or f"must be {allowed(name) or err['msg']}"
         out.append(f"{flag(name)} ({env_var(name)}) {must}, got {err['input']!r}")
     return "; ".join(out)
+
+
+def read_secrets(values: tuple[str, ...], path: str, setting: str) -> list[str]:
+    """Secrets given inline (flags, env), then those of a file, one per line ('#' comments)."""
+    out = list(values)
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ModelLoadError(f"{setting} {path}: {e.strerror}") from e
+        out += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return out

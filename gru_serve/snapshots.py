@@ -15,12 +15,11 @@ import json
 import struct
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from gru_serve.errors import FailedPrecondition, InvalidArgument, ModelLoadError
-from gru_serve.settings import Settings
+from gru_serve.errors import FailedPrecondition, InvalidArgument
+from gru_serve.settings import Settings, read_secrets
 
 MAGIC = b"GRUSNAP\0"
 FORMAT_VERSION = 1
@@ -53,13 +52,7 @@ def key_id(key: bytes) -> str:
 
 def load_keys(settings: Settings) -> tuple[bytes, ...]:
     """The keys from the flags/env, then the file's (one per line); the first signs."""
-    keys = list(settings.snapshot_keys)
-    if settings.snapshot_key_file:
-        try:
-            text = Path(settings.snapshot_key_file).read_text()
-        except OSError as e:
-            raise ModelLoadError(f"snapshot_key_file {settings.snapshot_key_file}: {e.strerror}") from e
-        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    keys = read_secrets(settings.snapshot_keys, settings.snapshot_key_file, "snapshot_key_file")
     return tuple(dict.fromkeys(k.encode() for k in keys))
 
 
