@@ -170,14 +170,26 @@ class _ServiceCollector(Collector):
         queue = GaugeMetricFamily(
             "gru_serve_scheduler_queue_depth", "requests waiting for a batch slot", labels=["model"]
         )
+        paused = GaugeMetricFamily(
+            "gru_serve_scheduler_paused_streams",
+            "streams out of the batch because their clients are not reading (backpressure)",
+            labels=["model"],
+        )
+        pauses = CounterMetricFamily(
+            "gru_serve_scheduler_pauses",
+            "times a stream left the batch because its client fell behind (backpressure)",
+            labels=["model"],
+        )
         provider = GaugeMetricFamily(
             "gru_serve_execution_provider", "onnxruntime provider in use (1)", labels=["model", "provider"]
         )
         for name, sched in s.schedulers.items():
             batch.add_metric([name], sched.last_batch_size)
             queue.add_metric([name], sched.queue_depth)
+            paused.add_metric([name], sched.paused)
+            pauses.add_metric([name], sched.pauses)
             provider.add_metric([name, s.runtimes[name].provider], 1)
-        yield from (batch, queue, provider)
+        yield from (batch, queue, paused, pauses, provider)
         pc = s.prefix_cache
         lookups = CounterMetricFamily(
             "gru_serve_prefix_cache_lookups",

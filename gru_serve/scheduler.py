@@ -19,6 +19,13 @@ chunk length, so that its prefix states can be cached and reused bit for bit) an
 when they finish or are cancelled, so the batch grows and shrinks. The batch's state and
 logits live in arrays that are rebuilt only when its members change. Admission is first come,
 first served and every active job advances every round: nothing starves.
+
+Backpressure: a job whose consumer falls behind is marked `paused` (by its emit callback, on
+this thread; gru_serve.service decides when). Between rounds a paused job leaves the batch,
+its state and pending logits written back to the job, and no longer holds a batch slot; once
+resumed (`Scheduler.resume`, from any thread) it rejoins ahead of the waiting prompts as slots
+allow, from exactly where it stopped. Sampling draws by (seed, position), so its tokens are
+those of an uninterrupted run. A job paused during a fused round gets that round's tokens.
 """
 
 from __future__ import annotations
@@ -114,6 +121,9 @@ class Job:
     offset: int = 0  # prompt tokens consumed so far (a cached prefix, then each chunk)
     # With the prefix cache on: (block index, state, logits) after each whole block prefilled.
     blocks: list[tuple[int, np.ndarray, np.ndarray]] | None = None
+    # Its consumer is behind: set by its emit callback (on the scheduler thread), cleared through
+    # Scheduler.resume. A paused job sits out the rounds with its state kept on the job.
+    paused: bool = False
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -174,6 +184,7 @@ class Scheduler:
         self.max_queue = max_queue
         self._pending: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
+        self._paused: list[Job] = []  # out of the batch until resumed; state and logits on the job
         self._batch: _Batch | None = None
         self._step_cost: dict[int, float] = {}  # batch size -> seconds per fused step (EMA)
         self._cond = threading.Condition()
@@ -188,6 +199,7 @@ class Scheduler:
         self.tokens = 0
         self.fused_tokens_generated = 0
         self.prefill_runs = 0
+        self.pauses = 0  # times a job left the batch paused
 
     def start(self) -> None:
         self._thread.start()
@@ -207,6 +219,22 @@ class Scheduler:
     def active(self) -> int:
         return len(self._active)
 
+    @property
+    def paused(self) -> int:
+        """Jobs out of the batch because their consumers are behind."""
+        return len(self._paused)
+
+    @property
+    def paused_jobs(self) -> list[Job]:
+        return list(self._paused)
+
+    def resume(self, job: Job) -> None:
+        """Let a paused job run again (any thread); it rejoins the batch at the next round. Also
+        wakes the thread for a paused job that was cancelled, so that it is let go at once."""
+        with self._cond:
+            job.paused = False
+            self._cond.notify()
+
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping:
@@ -222,15 +250,25 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._stopping and not self._pending and not self._active:
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                admitted = []
-                while self._pending and len(self._active) + len(admitted) < self.max_batch_size:
-                    admitted.append(self._pending.popleft())
+            admitted: list[Job] = []
             try:
+                self._park()
+                with self._cond:
+                    while not (self._stopping or self._pending or self._active or self._waking()):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    # Resumed jobs rejoin first (they came first), then newcomers, as slots allow.
+                    resumed, kept = [], []
+                    for job in self._paused:
+                        if job.cancelled:
+                            continue
+                        room = len(self._active) + len(resumed) < self.max_batch_size
+                        (resumed if room and not job.paused else kept).append(job)
+                    self._paused = kept
+                    self._active += resumed
+                    while self._pending and len(self._active) + len(admitted) < self.max_batch_size:
+                        admitted.append(self._pending.popleft())
                 self._active += self._prefill([j for j in admitted if not j.cancelled])
                 self._active = [j for j in self._active if not j.cancelled]
                 if self._active:
@@ -242,11 +280,36 @@ class Scheduler:
                 self._fail([j for j in touched if not j.ended], e)
                 self._active, self._batch = [], None
         with self._cond:
-            leftovers = list(self._pending) + self._active
+            leftovers = list(self._pending) + self._active + self._paused
             self._pending.clear()
-            self._active = []
+            self._active, self._paused = [], []
         for job in leftovers:
             job.emit(FailedEvent(Unavailable("the server shut down before the request finished")))
+
+    def _waking(self) -> bool:
+        """A paused job was resumed or cancelled (read under the lock)."""
+        return any(not j.paused or j.cancelled for j in self._paused)
+
+    def _park(self) -> None:
+        """Take the active jobs now paused out of the batch, each with its row of the batch's
+        state and logits (the arrays are rebuilt without it at the next round)."""
+        if not any(j.paused for j in self._active):
+            return
+        batch = self._batch
+        rows = {id(j): i for i, j in enumerate(batch.jobs)} if batch is not None else {}
+        state = batch.state() if batch is not None else None  # may fetch it from the decoder
+        still, parked = [], []
+        for job in self._active:
+            if not job.paused or job.cancelled:
+                still.append(job)
+                continue
+            i = rows.get(id(job))
+            if i is not None:  # else it never ran in a batch: its state is on it already
+                job.state, job.logits = state[i].copy(), batch.logits[i].copy()
+            parked.append(job)
+        self._active = still
+        self._paused += parked
+        self.pauses += len(parked)
 
     def _fail(self, jobs: list[Job], exc: BaseException) -> None:
         incident = uuid.uuid4().hex[:12]

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,44 @@ from gru_serve.snapshots import Snapshot, load_keys, open_, require_keys, seal
 log = logging.getLogger(__name__)
 
 MAX_SESSION_ID_CHARS = 128
+
+# Backpressure: the most generated tokens a stream may have waiting for its consumer before its
+# job is paused (it leaves the batch with its state kept and resumes once the consumer takes
+# them). 256 is four full chunks at the default fused_tokens (64): about four rounds of slack,
+# so an event loop a round or two behind under load never pauses a reader that keeps up, while
+# an unread stream holds a few KiB. On the step path (one token a chunk) it is 256 rounds.
+BACKLOG_TOKENS = 256
+
+
+class _Backlog:
+    """A stream's tokens emitted by the scheduler thread less those its consumer (on the event
+    loop) has taken. At BACKLOG_TOKENS the job is paused; when the consumer takes tokens and the
+    backlog falls below that, it is resumed. One lock orders the two sides, so a job is never
+    left paused with nothing waiting. (Lock order: this one, then the scheduler's; the scheduler
+    thread calls emit without holding its own.)"""
+
+    __slots__ = ("job", "lock", "scheduler", "sent", "taken")
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.job: Job | None = None
+        self.scheduler = scheduler
+        self.lock = threading.Lock()
+        self.sent = 0
+        self.taken = 0
+
+    def emitted(self, n: int) -> None:
+        """On the scheduler thread, as a chunk of n tokens goes out."""
+        with self.lock:
+            self.sent += n
+            if self.sent - self.taken >= BACKLOG_TOKENS:
+                self.job.paused = True
+
+    def took(self, n: int) -> None:
+        """On the event loop, as the consumer takes n tokens from the queue."""
+        with self.lock:  # held while resuming, so that a pause that follows is not undone
+            self.taken += n
+            if self.job.paused and self.sent - self.taken < BACKLOG_TOKENS:
+                self.scheduler.resume(self.job)
 
 
 @dataclass(frozen=True)
@@ -156,17 +195,19 @@ async def _merged(
     streams: list[AsyncIterator[Tokens | DoneEvent]],
 ) -> AsyncIterator[tuple[int, Tokens | DoneEvent]]:
     """The events of several streams as they come, each with its stream's index; the first
-    error ends it. One task per stream, so a stream with nothing ready never holds the others."""
-    queue: asyncio.Queue = asyncio.Queue()
+    error ends it. One task per stream, so a stream with nothing ready never holds the others.
+    The queue is bounded, so a reader that stops stops the pumps, and backpressure pauses the
+    streams' jobs as it does a single stream's."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
     end = object()
 
     async def pump(i: int, events: AsyncIterator[Tokens | DoneEvent]) -> None:
         try:
             async for ev in events:
-                queue.put_nowait((i, ev))
-            queue.put_nowait((i, end))
+                await queue.put((i, ev))
+            await queue.put((i, end))
         except Exception as e:
-            queue.put_nowait((i, e))
+            await queue.put((i, e))
 
     tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
     try:
@@ -425,9 +466,13 @@ class GenerationService:
         logprobs: bool,
     ) -> AsyncIterator[Tokens | DoneEvent]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()  # bounded by the backlog: see _Backlog
+        scheduler = self.schedulers[rt.name]
+        backlog = _Backlog(scheduler)
 
         def emit(ev: object) -> None:
+            if isinstance(ev, Tokens):
+                backlog.emitted(len(ev))
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
         job = Job(
@@ -440,6 +485,7 @@ class GenerationService:
             logprobs,
             emit,
         )
+        backlog.job = job
         keys: list[str] = []
         if ids and rec.tokens_seen == 0 and rec.logits is None and not rec.state.any():
             job.chunked = True  # with the cache off too: both must run the same chunks
@@ -447,7 +493,7 @@ class GenerationService:
                 keys = block_keys(rt.model_hash, ids)
                 job.blocks = []
                 await self._reuse_prefix(rt, job, keys)
-        self.schedulers[rt.name].submit(job)
+        scheduler.submit(job)
         try:
             ev = await queue.get()
             if job.blocks:  # complete once any event is out: the prefill is over
@@ -467,11 +513,15 @@ class GenerationService:
                         tokens.extend(more)
                     else:
                         ev = more
+                # Taken: a paused job resumes now, and runs while this message is being sent.
+                backlog.took(len(tokens))
                 yield tokens
                 if ev is None:
                     ev = await queue.get()
         finally:
             job.cancel()
+            if job.paused:
+                scheduler.resume(job)  # a paused job is let go at once
 
     async def _reuse_prefix(self, rt: ModelRuntime, job: Job, keys: list[str]) -> None:
         """Start the job after the longest cached prefix of its prompt: this replica's, or a

@@ -186,20 +186,33 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[pb.ConverseResponse]:
         owner = owner_of(context)
         out: asyncio.Queue = asyncio.Queue()
+        taken = asyncio.Event()  # set each time the response side takes a message from `out`
         session_id = ""
         snapshot, model = b"", ""  # stateless mode: the snapshot after the last turn, its model
         turn: asyncio.Task | None = None
+
+        async def send_tokens(msg: pb.ConverseResponse) -> None:
+            """Queue a turn's tokens, then wait while more than two messages wait unsent: a
+            client that stops reading stops the turn's stream, so backpressure pauses its job.
+            Queued first, so a turn cancelled while it waits has lost nothing it counted."""
+            out.put_nowait(msg)
+            while out.qsize() > 2:
+                taken.clear()
+                await taken.wait()
 
         async def run_turn(req: GenerateRequest) -> None:
             nonlocal snapshot
             progress = Progress()
             try:
-                async for ev in self._stream(req, owner, progress):
-                    if isinstance(ev, Tokens):
-                        await out.put(pb.ConverseResponse(tokens=tokens_pb(ev)))
-                    else:
-                        snapshot = ev.snapshot or snapshot
-                        await out.put(pb.ConverseResponse(finished=finished_pb(ev)))
+                # Closed here, not when collected: a turn cancelled while it waits in
+                # send_tokens lets go of its job and lease before it reports Finished.
+                async with contextlib.aclosing(self._stream(req, owner, progress)) as events:
+                    async for ev in events:
+                        if isinstance(ev, Tokens):
+                            await send_tokens(pb.ConverseResponse(tokens=tokens_pb(ev)))
+                        else:
+                            snapshot = ev.snapshot or snapshot
+                            await out.put(pb.ConverseResponse(finished=finished_pb(ev)))
             except asyncio.CancelledError:
                 # A cancelled turn leaves the state as it was: so does its snapshot.
                 f = dataclasses.replace(progress.cancelled(), snapshot=req.snapshot)
@@ -250,6 +263,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         reader = asyncio.create_task(read_safely())
         try:
             while (item := await out.get()) is not None:
+                taken.set()
                 if isinstance(item, Exception):
                     raise item
                 yield item

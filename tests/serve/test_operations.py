@@ -80,6 +80,7 @@ def test_metrics_endpoint_shows_histograms_after_a_run():
         "gru_serve_session_expiries_total",
         f"gru_serve_scheduler_batch_size{{{model}}}",
         f"gru_serve_scheduler_queue_depth{{{model}}}",
+        f"gru_serve_scheduler_paused_streams{{{model}}}",
         "gru_serve_active_sessions",
     ):
         assert name in values
