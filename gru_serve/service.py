@@ -567,6 +567,45 @@ class GenerationService:
         except Unavailable as e:
             log.debug("prefix cache: shared tier not written: %s", e)
 
+    def _max_new(self, req: GenerateRequest) -> int:
+        s = self.settings
+        max_new = s.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+        if not 0 <= max_new <= s.max_new_tokens:
+            raise InvalidArgument(f"max_new_tokens must be in [0, {s.max_new_tokens}], got {max_new}")
+        return max_new
+
+    async def _request_state(self, req: GenerateRequest, owner: str) -> tuple[SessionRecord, ModelRuntime]:
+        """Where a request starts: its session (leased: the caller commits or releases it), a
+        snapshot (stateless: nothing leased), or a fresh state."""
+        if req.session_id:
+            rec = await self._owned(req.session_id, owner, lease=True)
+            try:
+                return rec, self._session_runtime(rec, req.model)
+            except BaseException:
+                await self.store.release(req.session_id)
+                raise
+        if req.snapshot:
+            rec = self._unseal(req.snapshot, req.model, owner)
+            return rec, self.runtimes[rec.model]
+        rt = self.runtime(req.model)
+        return self._fresh(rt, owner), rt
+
+    def _prompt_ids(self, rt: ModelRuntime, rec: SessionRecord, prompt: str, max_new: int) -> list[int]:
+        ids = self._encode(rt, prompt, "prompt")
+        if not ids and rec.logits is None and max_new > 0:
+            raise InvalidArgument(
+                "prompt is empty and the session has seen no text yet: give a prompt of at least 1 character"
+            )
+        return ids
+
+    def _observe(self, model: str, n: int, t0: float, last_sent: float | None) -> float:
+        """Metrics for n tokens sent now (the first message's time is the TTFT); now."""
+        now = time.perf_counter()
+        if last_sent is None:
+            self.metrics.observe_first_token(model, now - t0)
+        self.metrics.observe_tokens(model, n, None if last_sent is None else now - last_sent)
+        return now
+
     async def generate(
         self, req: GenerateRequest, owner: str = "", progress: Progress | None = None
     ) -> AsyncIterator[Tokens | Finished]:
@@ -575,43 +614,23 @@ class GenerationService:
         p.session_id, p.seed = req.session_id, req.sampling.seed
         t0 = p.started
         s = self.settings
-        max_new = s.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
-        if not 0 <= max_new <= s.max_new_tokens:
-            raise InvalidArgument(f"max_new_tokens must be in [0, {s.max_new_tokens}], got {max_new}")
+        max_new = self._max_new(req)
         if req.session_id and req.snapshot:
             raise InvalidArgument("session_id and snapshot: give one or the other, not both")
         leased = ""
         last_sent: float | None = None
         with self._stream_slot(owner):
             try:
-                if req.session_id:
-                    rec = await self._owned(req.session_id, owner, lease=True)
-                    leased = req.session_id
-                    rt = self._session_runtime(rec, req.model)
-                elif req.snapshot:  # stateless: nothing stored, nothing leased
-                    rec = self._unseal(req.snapshot, req.model, owner)
-                    rt = self.runtimes[rec.model]
-                else:
-                    rt = self.runtime(req.model)
-                    rec = self._fresh(rt, owner)
-                ids = self._encode(rt, req.prompt, "prompt")
+                rec, rt = await self._request_state(req, owner)
+                leased = req.session_id
+                ids = self._prompt_ids(rt, rec, req.prompt, max_new)
                 p.prompt_tokens, p.normalized_prompt = len(ids), rt.vocab.decode(ids)
                 p.tokens_seen, p.turn = rec.tokens_seen, rec.turn
-                if not ids and rec.logits is None and max_new > 0:
-                    raise InvalidArgument(
-                        "prompt is empty and the session has seen no text yet: "
-                        "give a prompt of at least 1 character"
-                    )
                 async for ev in self._events(rt, rec, ids, max_new, req.sampling, req.return_logprobs):
                     if not isinstance(ev, DoneEvent):
-                        now = time.perf_counter()
-                        gap = None if last_sent is None else now - last_sent
-                        if gap is None:
-                            self.metrics.observe_first_token(rt.name, now - t0)
-                            p.first_token_at = now
-                        self.metrics.observe_tokens(rt.name, len(ev), gap)
+                        last_sent = self._observe(rt.name, len(ev), t0, last_sent)
+                        p.first_token_at = p.first_token_at or last_sent
                         p.generated_tokens += len(ev)
-                        last_sent = now
                         yield ev
                         continue
                     new = rec.advanced(
@@ -681,26 +700,14 @@ class GenerationService:
         if req.snapshot:
             raise InvalidArgument("snapshot: fan-out (n > 1) runs on a session or a one-off state")
         s = self.settings
-        max_new = s.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
-        if not 0 <= max_new <= s.max_new_tokens:
-            raise InvalidArgument(f"max_new_tokens must be in [0, {s.max_new_tokens}], got {max_new}")
+        max_new = self._max_new(req)
         t0 = time.perf_counter()
         with self._stream_slot(owner):
             leased = ""
             try:
-                if req.session_id:
-                    rec = await self._owned(req.session_id, owner, lease=True)
-                    leased = req.session_id
-                    rt = self._session_runtime(rec, req.model)
-                else:
-                    rt = self.runtime(req.model)
-                    rec = self._fresh(rt, owner)
-                ids = self._encode(rt, req.prompt, "prompt")
-                if not ids and rec.logits is None and max_new > 0:
-                    raise InvalidArgument(
-                        "prompt is empty and the session has seen no text yet: "
-                        "give a prompt of at least 1 character"
-                    )
+                rec, rt = await self._request_state(req, owner)
+                leased = req.session_id
+                ids = self._prompt_ids(rt, rec, req.prompt, max_new)
                 # The prompt is consumed once; every choice starts where it leaves the state, at
                 # the same session position, so choice i draws what a fork would with seed + i.
                 start = rec
@@ -722,12 +729,7 @@ class GenerationService:
                         if isinstance(ev, DoneEvent):
                             ends[i] = ev
                             continue
-                        now = time.perf_counter()
-                        gap = None if last_sent is None else now - last_sent
-                        if gap is None:
-                            self.metrics.observe_first_token(rt.name, now - t0)
-                        self.metrics.observe_tokens(rt.name, len(ev), gap)
-                        last_sent = now
+                        last_sent = self._observe(rt.name, len(ev), t0, last_sent)
                         sums[i] += sum(ev.logprobs or ())
                         if not req.return_logprobs:
                             ev.logprobs = None
@@ -742,7 +744,7 @@ class GenerationService:
                     )
                     after = await self.store.commit(new)
                     leased = ""
-                now = time.perf_counter()
+                now, normalized = time.perf_counter(), rt.vocab.decode(ids)
                 for i in range(n):
                     ev = ends[i]
                     # A one-off's "session" is the choice's own state, as in generate.
@@ -753,7 +755,7 @@ class GenerationService:
                         ev.generated,
                         (ev.first_token_at - t0) if ev.first_token_at else 0.0,
                         now - t0,
-                        rt.vocab.decode(ids),
+                        normalized,
                         req.session_id,
                         seen,
                         ev.stop,
