@@ -23,7 +23,7 @@ def run(args: list[str], capture: bool = False) -> str:
 
 
 def main() -> int:
-    serve = ["serve", "--port", "0", "--log-level", "WARNING"]
+    serve = ["serve", "--port", "0", "--http-port", "0", "--log-level", "WARNING"]
     show(serve)
     server = subprocess.Popen([*CLI, *serve], stdout=subprocess.PIPE, text=True)
     try:

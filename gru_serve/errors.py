@@ -1,7 +1,12 @@
-"""One error hierarchy for the serving runtime. Each class names its kind of failure; the
-gRPC layer maps kinds to status codes in one table (gru_serve.grpc.status)."""
+"""One error hierarchy for the serving runtime, and the one table that gives each kind of
+failure its status on every transport (the gRPC code name and the HTTP status)."""
 
 from __future__ import annotations
+
+import logging
+import uuid
+
+log = logging.getLogger(__name__)
 
 
 class GruServeError(Exception):
@@ -72,3 +77,37 @@ class Internal(GruServeError):
 
 class ModelLoadError(GruServeError):
     """A model file cannot be served; raised at start-up, never to a client."""
+
+
+# Kind -> (gRPC status code name, HTTP status). The most specific class in an error's MRO wins;
+# anything else is INTERNAL / 500. HTTP follows gRPC's own mapping (google.rpc.Code).
+STATUS: dict[type[GruServeError], tuple[str, int]] = {
+    InvalidArgument: ("INVALID_ARGUMENT", 400),
+    NotFound: ("NOT_FOUND", 404),
+    Aborted: ("ABORTED", 409),
+    FailedPrecondition: ("FAILED_PRECONDITION", 400),
+    ResourceExhausted: ("RESOURCE_EXHAUSTED", 429),
+    Unauthenticated: ("UNAUTHENTICATED", 401),
+    PermissionDenied: ("PERMISSION_DENIED", 403),
+    Unavailable: ("UNAVAILABLE", 503),
+    Internal: ("INTERNAL", 500),
+}
+INTERNAL_STATUS = ("INTERNAL", 500)
+
+
+def status_of(error: BaseException) -> tuple[str, int]:
+    """The (gRPC code name, HTTP status) of an error."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return INTERNAL_STATUS
+
+
+def public(error: BaseException) -> tuple[str, int, str]:
+    """What a client is told of an error: its gRPC code name, HTTP status and message. A bug's
+    details stay in the log under an incident id that the message carries."""
+    if isinstance(error, GruServeError):
+        return (*status_of(error), str(error))
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error, incident %s", incident, exc_info=error)
+    return (*INTERNAL_STATUS, f"internal error (incident {incident})")

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import re
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -25,6 +26,9 @@ from gru_serve.grpc.generated.inference import grpc_service_pb2, grpc_service_pb
 from gru_serve.grpc.generation import GenerationServicer
 from gru_serve.grpc.inference import InferenceServicer
 from gru_serve.grpc.interceptors import ServerInterceptor
+from gru_serve.http.app import HttpFront
+from gru_serve.http.server import HttpServer
+from gru_serve.http.server import bind as bind_http
 from gru_serve.metrics import Metrics
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.service import GenerationService
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # A server's first line on stdout once it serves (gru-serve's, and the benchmark's baseline's).
 READY_LINE = "{name} listening on {host}:{port}"
+# The next line, when the HTTP front end is on.
+HTTP_READY_LINE = "{name} http listening on {host}:{port}"
 
 
 def ready_target(line: str) -> str | None:
@@ -111,9 +117,11 @@ class GruServer:
     settings: Settings
     store: SessionStore | None = None
     clock: Callable[[], float] | None = None
+    http_socket: socket.socket | None = None  # serve HTTP on this bound socket (tests)
     service: GenerationService = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
     port: int = field(init=False, default=0)
+    http_port: int = field(init=False, default=0)  # 0: HTTP is off
     metrics_port: int = field(init=False, default=0)
 
     async def start(self) -> int:
@@ -147,7 +155,13 @@ class GruServer:
         ]
         reflection.enable_server_reflection(names, self._server)
         self.port = listen(self._server, s)
+        self.http: HttpServer | None = None
+        if s.http_port or self.http_socket is not None:
+            front = HttpFront(self.service, self.inference, self.metrics, self.interceptor, s.max_body_bytes)
+            self.http = HttpServer(front, s, self.http_socket)
         await self._server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         # "" and the service follow the session store (readiness); LIVENESS only says the
         # process answers, so an orchestrator does not restart replicas while Redis is down.
         self._store_health = ("", *names[:2])
@@ -161,7 +175,9 @@ class GruServer:
             asyncio.create_task(self._watch_store()),
         ]
         providers = ", ".join(f"{n} on {rt.provider}" for n, rt in runtimes.items())
-        log.info("listening on %s:%d; models: %s", s.host, self.port, providers)
+        log.info(
+            "listening on %s:%d (HTTP %s); models: %s", s.host, self.port, self.http_port or "off", providers
+        )
         return self.port
 
     async def _watch_store(self, every_s: float = 1.0) -> None:
@@ -199,6 +215,8 @@ class GruServer:
             await asyncio.wait_for(self.interceptor.idle.wait(), timeout=grace - margin)
         if self.interceptor.in_flight:
             await asyncio.to_thread(self.service.stop)
+        if self.http is not None:
+            await self.http.stop()
         await self._server.stop(margin)
         for task in self._background:
             task.cancel()
@@ -219,6 +237,8 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(READY_LINE.format(name="gru-serve", host=settings.host, port=server.port), flush=True)
+    if server.http_port:
+        print(HTTP_READY_LINE.format(name="gru-serve", host=settings.host, port=server.http_port), flush=True)
     await stop.wait()
     log.info("shutting down (grace %.1f s)", settings.grace_s)
     await server.stop()
@@ -230,9 +250,15 @@ class ThreadedServer:
     """A server on its own event loop in a background thread (tests, benchmarks)."""
 
     def __init__(
-        self, settings: Settings, store: SessionStore | None = None, clock: Callable[[], float] | None = None
+        self,
+        settings: Settings,
+        store: SessionStore | None = None,
+        clock: Callable[[], float] | None = None,
+        http: bool = False,
     ) -> None:
-        self.server = GruServer(settings, store, clock)
+        """http: serve the HTTP front end too, on an ephemeral port (http_target)."""
+        sock = bind_http(settings.host, 0) if http else None
+        self.server = GruServer(settings, store, clock, sock)
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -256,6 +282,10 @@ class ThreadedServer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def http_target(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
 
     @property
     def service(self) -> GenerationService:

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     session_cache: int = Field(10_000, ge=0)
     """with the Redis store: sessions this replica keeps a copy of, so a turn on a session it
     served last reads only the session's version from Redis (0: off, every turn reads the state)"""
+    http_port: int = Field(8000, ge=0, le=65535)
+    """serve the HTTP front end on this port: OpenAI-compatible completions, the inference
+    protocol over REST and the playground at / (0: off)"""
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """largest HTTP request body accepted (413 beyond it)"""
     metrics_port: int = Field(0, ge=0, le=65535)
     """serve Prometheus metrics over HTTP on this port (0: off)"""
     tls_cert: str = ""

@@ -100,6 +100,8 @@ def ours_argv(model: Path, extra: list[str] | None = None) -> list[str]:
         "serve",
         "--port",
         "0",
+        "--http-port",
+        "0",
         "--model",
         str(model),
         "--log-level",

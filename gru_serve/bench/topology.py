@@ -148,6 +148,8 @@ class Replica:
                 "serve",
                 "--port",
                 str(self.port),
+                "--http-port",
+                "0",
                 "--model",
                 str(D2L),
                 "--session-store",

@@ -1,25 +1,14 @@
-"""Bearer-token authentication: who is calling, and the interceptor that refuses strangers."""
+"""Who is calling over gRPC: the bearer token in a call's metadata (gru_serve.auth decides)."""
 
 from __future__ import annotations
 
-import hashlib
-
 import grpc
+
+from gru_serve.auth import bearer, principal_of_token
 
 
 def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
-    for key, value in metadata or ():
-        if key == "authorization":
-            text = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = text.partition(" ")
-            if scheme.lower() == "bearer":
-                return token.strip()
-    return ""
-
-
-def principal_of_token(token: str) -> str:
-    """Sessions record a hash of their token, never the token itself."""
-    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
+    return next((bearer(value) for key, value in metadata or () if key == "authorization"), "")
 
 
 def owner_of(context: grpc.aio.ServicerContext) -> str:

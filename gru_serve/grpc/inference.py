@@ -188,7 +188,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
-        ep = self.endpoint(request.name, request.version)
+        return self.model_metadata(self.endpoint(request.name, request.version))
+
+    def model_metadata(self, ep: Endpoint) -> pb.ModelMetadataResponse:
         tensor = pb.ModelMetadataResponse.TensorMetadata
         if ep.generate:
             inputs = [tensor(name=PROMPT, datatype="BYTES", shape=[1])]
@@ -251,7 +253,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context
     ) -> pb.ModelStatisticsResponse:
-        names = [self.endpoint(request.name, request.version).name] if request.name else list(self.endpoints)
+        return self.statistics(request.name, request.version)
+
+    def statistics(self, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+        """One model's statistics, or every model's when name is empty."""
+        names = [self.endpoint(name, version).name] if name else list(self.endpoints)
         return pb.ModelStatisticsResponse(model_stats=[self.stats[n].pb(n) for n in names])
 
     # -- inference --
@@ -329,9 +335,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 finish = self._finish(ev)
         return response(request, ep, self._tokens(tokens), finish)
 
-    async def _generate_stream(
+    async def generate_stream(
         self, ep: Endpoint, request: pb.ModelInferRequest, owner: str
     ) -> AsyncIterator[pb.ModelInferResponse]:
+        """A generation request's responses as they come (Triton's decoupled streaming)."""
         empty_final = flag(request, EMPTY_FINAL)
         async for ev in self._generation(ep, request, owner):
             if isinstance(ev, Tokens):
@@ -341,8 +348,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        return await self.infer(request, owner_of(context))
+
+    async def infer(self, request: pb.ModelInferRequest, owner: str) -> pb.ModelInferResponse:
+        """One unary request (either endpoint kind), whatever the transport."""
         ep = self.endpoint(request.model_name, request.model_version)
-        owner = owner_of(context)
         if ep.generate:
             return await self._generate_unary(ep, request, owner)
         return await self._infer(ep, request, owner)
@@ -374,7 +384,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 ep = self.endpoint(request.model_name, request.model_version)
                 if ep.generate:
-                    async for resp in self._generate_stream(ep, request, owner):
+                    async for resp in self.generate_stream(ep, request, owner):
                         await st.out.put(pb.ModelStreamInferResponse(infer_response=resp))
                     return
                 resp = await self._infer(ep, request, owner)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
 import logging
 import time
@@ -12,6 +11,7 @@ from collections.abc import Callable
 
 import grpc
 
+from gru_serve.auth import refusal
 from gru_serve.grpc.auth import bearer_token
 from gru_serve.logs import request_id
 from gru_serve.metrics import Metrics
@@ -40,16 +40,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self.idle = asyncio.Event()
         self.idle.set()
 
+    def enter(self) -> None:
+        """A call (of any transport) begins: a drain waits for it."""
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.idle.set()
+
     def _refusal(self, method: str, metadata) -> str:
-        if not self.tokens or method.startswith(OPEN_METHODS):
+        if method.startswith(OPEN_METHODS):
             return ""
-        token = bearer_token(metadata)
-        if not token:
-            return "missing credentials: send 'authorization: Bearer <token>'"
-        # Compare against every token so timing does not tell which prefix matched.
-        if not any([hmac.compare_digest(token, t) for t in self.tokens]):
-            return "invalid bearer token"
-        return ""
+        return refusal(bearer_token(metadata), self.tokens)
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -86,15 +90,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
             if not method.startswith(HEALTH):
                 counted = True
-                self.in_flight += 1
-                self.idle.clear()
+                self.enter()
             return time.perf_counter()
 
         def end(context: grpc.aio.ServicerContext, t0: float, error: BaseException | None) -> None:
             if counted:
-                self.in_flight -= 1
-                if not self.in_flight:
-                    self.idle.set()
+                self.leave()
             if isinstance(error, asyncio.CancelledError):
                 code = grpc.StatusCode.CANCELLED
             elif error is not None and not isinstance(error, grpc.aio.AbortError):

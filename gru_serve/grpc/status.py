@@ -1,12 +1,11 @@
-"""The one table from error kinds to gRPC status codes, and the decorator that applies it to
-unary and streaming handlers alike."""
+"""gru_serve.errors' status table applied to gRPC: the decorator that turns errors into
+statuses for unary and streaming handlers alike."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -16,32 +15,13 @@ from gru_serve import errors
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[type[errors.GruServeError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.Aborted: grpc.StatusCode.ABORTED,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.Internal: grpc.StatusCode.INTERNAL,
-}
-
-
 def status_of(error: errors.GruServeError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[errors.status_of(error)[0]]
 
 
 def _mapped(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(error, errors.GruServeError):
-        return status_of(error), str(error)
-    incident = uuid.uuid4().hex[:12]
-    log.error("internal error, incident %s", incident, exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident})"
+    code, _, message = errors.public(error)
+    return grpc.StatusCode[code], message
 
 
 def grpc_errors(handler: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,17 +10,14 @@ import json
 import logging
 import math
 import struct
-import uuid
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
 from gru_serve import errors
 from gru_serve.contract import INPUT_IDS, LOGITS
 from gru_serve.errors import InvalidArgument
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
-from gru_serve.grpc.status import status_of
 from gru_serve.runtime import ModelRuntime
 from gru_serve.sampling import SamplingParams
 from gru_serve.sequences import Sequence
@@ -290,8 +287,5 @@ def sampling_of(request: pb.ModelInferRequest) -> tuple[int | None, SamplingPara
 
 
 def error_message(e: BaseException) -> str:
-    if isinstance(e, errors.GruServeError):
-        return f"[{status_of(e).name}] {e}"
-    incident = uuid.uuid4().hex[:12]
-    log.error("internal error, incident %s", incident, exc_info=e)
-    return f"[{grpc.StatusCode.INTERNAL.name}] internal error (incident {incident})"
+    code, _, message = errors.public(e)
+    return f"[{code}] {message}"

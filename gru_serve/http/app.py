@@ -1,0 +1,235 @@
+"""The HTTP application: routes from each API module, and what every request goes through
+(request id, authentication, drain, body limit, access log, metrics, the error table)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gru_serve import errors
+from gru_serve.auth import bearer, principal_of_token, refusal
+from gru_serve.errors import InvalidArgument
+from gru_serve.logs import request_id
+
+if TYPE_CHECKING:
+    from gru_serve.grpc.inference import InferenceServicer
+    from gru_serve.grpc.interceptors import ServerInterceptor
+    from gru_serve.metrics import Metrics
+    from gru_serve.service import GenerationService
+
+log = logging.getLogger("gru_serve.access")
+M = TypeVar("M", bound=BaseModel)
+
+# Probes and the playground page itself need no token (the page sends the one typed into it).
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/", "/playground.js", "/playground.css")
+REFUSED_HEADER = "x-gru-serve-refused"  # as on gRPC: a drain refused this before any work
+
+
+@dataclass
+class HttpFront:
+    """What the HTTP routes share with gRPC: one engine, one sessions store, one inference
+    protocol core, one auth and drain gate."""
+
+    service: GenerationService
+    inference: InferenceServicer
+    metrics: Metrics
+    gate: ServerInterceptor  # accepted tokens, draining, in-flight count (shared with gRPC)
+    max_body_bytes: int
+
+
+def owner(request: Request) -> str:
+    """The principal that owns what this request creates ('' when anonymous)."""
+    return principal_of_token(bearer(request.headers.get("authorization")))
+
+
+def openai_style(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_body(path: str, code: str, status: int, message: str) -> dict[str, Any]:
+    """OpenAI's error shape under /v1 (what the openai client reads); Triton's elsewhere."""
+    if openai_style(path):
+        return {"error": {"message": message, "type": code.lower(), "code": code, "param": None}}
+    return {"error": message}
+
+
+def error_response(request: Request, error: BaseException) -> JSONResponse:
+    code, status, message = errors.public(error)
+    return JSONResponse(error_body(request.url.path, code, status, message), status_code=status)
+
+
+def sse_error(path: str, error: BaseException) -> str:
+    """An error inside an event stream (the status line has gone out): one `error` event."""
+    code, status, message = errors.public(error)
+    return sse_event(error_body(path, code, status, message))
+
+
+def sse_event(data: dict[str, Any] | str) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n"
+
+
+def event_stream(path: str, events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events. An error after the first event is sent as an event; when the client
+    goes away Starlette cancels the iterator, whose cleanup releases the session unchanged."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except Exception as e:
+            yield sse_error(path, e)
+
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The JSON body as `model`; malformed JSON, a wrong type or an unknown field is
+    InvalidArgument naming the field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidArgument(f"{field}: {first['msg']}") from e
+
+
+class BodyTooLarge(errors.GruServeError):
+    pass
+
+
+class Front:
+    """ASGI middleware for every HTTP request: request id, authentication, drain refusal,
+    body limit, in-flight count, access log and metrics."""
+
+    def __init__(self, app: Callable, front: HttpFront) -> None:
+        self.app = app
+        self.front = front
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        front, gate = self.front, self.front.gate
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = (headers.get("x-request-id") or uuid.uuid4().hex)[:64]
+        request_id.set(rid)
+        path, method = scope["path"], scope["method"]
+        t0 = time.perf_counter()
+        status = 0  # no response started yet
+
+        async def send_logged(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        async def reply(code: str, http: int, text: str, extra: tuple = ()) -> None:
+            body = json.dumps(error_body(path, code, http, text)).encode()
+            hdrs = [(b"content-type", b"application/json"), *extra]
+            await send_logged({"type": "http.response.start", "status": http, "headers": hdrs})
+            await send_logged({"type": "http.response.body", "body": body})
+
+        limit = front.max_body_bytes
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(f"the request body is over max_body_bytes={limit}")
+            return message
+
+        counted = False
+        try:
+            why = "" if path in OPEN_PATHS else refusal(bearer(headers.get("authorization")), gate.tokens)
+            declared = headers.get("content-length", "")
+            if gate.draining and not path.startswith("/v2/health"):
+                await reply(
+                    "UNAVAILABLE",
+                    503,
+                    "the server is draining: retry on another replica",
+                    ((REFUSED_HEADER.encode(), b"draining"),),
+                )
+            elif why:
+                await reply("UNAUTHENTICATED", 401, why, ((b"www-authenticate", b"Bearer"),))
+            elif declared.isdigit() and int(declared) > limit:
+                await reply("RESOURCE_EXHAUSTED", 413, f"the request body is over max_body_bytes={limit}")
+            else:
+                counted = True
+                gate.enter()
+                try:
+                    await self.app(scope, limited_receive, send_logged)
+                except BodyTooLarge as e:
+                    await reply("RESOURCE_EXHAUSTED", 413, str(e))
+                except Exception as e:
+                    # Starlette has answered with the error table (and re-raises); a failure
+                    # before any response gets its answer here.
+                    if not status:
+                        await reply(*errors.public(e))
+        finally:
+            if counted:
+                gate.leave()
+            seconds = time.perf_counter() - t0
+            name = f"{method} {path}"
+            front.metrics.requests.labels(name, str(status or 500)).inc()
+            front.metrics.request_seconds.labels(name).observe(seconds)
+            log.info(
+                "http",
+                extra={
+                    "method": name,
+                    "code": status or 500,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "peer": "{}:{}".format(*scope["client"]) if scope.get("client") else "",
+                },
+            )
+
+
+def build_app(front: HttpFront) -> Callable:
+    from gru_serve.http import inference_api, openai_api, playground, repository_api, sessions_api
+
+    routes = [
+        *openai_api.routes(front),
+        *sessions_api.routes(front),
+        *repository_api.routes(front),  # before /v2/models/{name}: it has /v2/models/stats
+        *inference_api.routes(front),
+        *playground.routes(front),
+    ]
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        return error_response(request, exc)
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        code = "NOT_FOUND" if exc.status_code == 404 else "INVALID_ARGUMENT"
+        message = (
+            f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else exc.detail
+        )
+        body = error_body(request.url.path, code, exc.status_code, message)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    # GruServeError is answered in place; any other exception also reaches the server error
+    # middleware, which answers with the same handler (an incident id) and re-raises to Front.
+    handlers = {errors.GruServeError: on_error, HTTPException: on_http_error, Exception: on_error}
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    return Front(app, front)
