@@ -7,9 +7,26 @@ MODELS := gru_serve/models
 FULL_RECIPE := --hidden-size 384 --num-layers 2 --dropout 0.5 --optimizer adam --lr 0.003 --epochs 24 \
 	--num-steps 64 --max-tokens 0 --holdout 0.1 --eval-every 2
 
-.PHONY: install demo test lint models protos reliability bench clean
+.PHONY: install browser demo test lint models protos reliability bench clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The playground test drives a real Chromium (Debian's package; Playwright downloads nothing).
+# Installing it needs root or password-less sudo; without either this says how, and the test
+# fails saying the same. GRU_SERVE_CHROMIUM: use another Chromium binary.
+CHROMIUM := $(or $(GRU_SERVE_CHROMIUM),/usr/bin/chromium)
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make browser: no $(CHROMIUM) and no apt-get: install Chromium, set GRU_SERVE_CHROMIUM=/path/to/it" >&2; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO=sudo; \
+		else echo "make browser: no $(CHROMIUM); run 'sudo apt-get install -y chromium' (needs root)" >&2; exit 0; fi; \
+		echo "make browser: installing Chromium (apt-get install -y chromium)"; \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+			|| echo "make browser: apt-get install -y chromium failed; the playground test will fail" >&2; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +37,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m gru_serve.demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

@@ -183,12 +183,15 @@ class _ServiceCollector(Collector):
         provider = GaugeMetricFamily(
             "gru_serve_execution_provider", "onnxruntime provider in use (1)", labels=["model", "provider"]
         )
+        # The service replaces its schedulers dict when a model is loaded or unloaded (never
+        # changes it in place), so this thread iterates a stable copy; a model unloaded since
+        # its last scrape is simply absent.
         for name, sched in s.schedulers.items():
             batch.add_metric([name], sched.last_batch_size)
             queue.add_metric([name], sched.queue_depth)
             paused.add_metric([name], sched.paused)
             pauses.add_metric([name], sched.pauses)
-            provider.add_metric([name, s.runtimes[name].provider], 1)
+            provider.add_metric([name, sched.runtime.provider], 1)
         yield from (batch, queue, paused, pauses, provider)
         pc = s.prefix_cache
         lookups = CounterMetricFamily(

@@ -20,6 +20,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 64
 MAX_TOP_K = 1 << 20
 MAX_TEMPERATURE = 100.0
+# Below this a temperature is greedy (as in vLLM): the argmax has all the mass anyway, and a
+# tiny one (JSON carries 1e-320) would overflow logits / temperature into NaN probabilities.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class SamplingParams:
     ) -> SamplingParams:
         """Validated parameters; a bad field raises InvalidArgument naming it and its limit."""
         t = 0.0 if temperature is None else float(temperature)
+        t = 0.0 if 0.0 <= t < MIN_TEMPERATURE else t
         if not (math.isfinite(t) and 0.0 <= t <= MAX_TEMPERATURE):
             raise InvalidArgument(f"sampling.temperature must be in [0, {MAX_TEMPERATURE:g}], got {t}")
         k = 0 if top_k is None else int(top_k)

@@ -189,9 +189,7 @@ class Scheduler:
         self._step_cost: dict[int, float] = {}  # batch size -> seconds per fused step (EMA)
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"scheduler-{runtime.metadata.name}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"scheduler-{runtime.name}", daemon=True)
         self.last_batch_size = 0
         self.peak_batch_size = 0
         self.rounds = 0

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -53,6 +54,27 @@ class Sequence:
 
     def describe(self, model: str) -> str:
         return f"sequence_id {self.id!r} of model {model!r}"
+
+
+@dataclass
+class RunTimes:
+    """When a request's model run began and ended (time.perf_counter_ns, taken on the worker
+    thread), for the inference protocol's statistics."""
+
+    start: int = 0
+    end: int = 0
+
+
+def _step(
+    rt: ModelRuntime, ids: np.ndarray, state: np.ndarray, times: RunTimes | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if times is None:
+        return rt.step(ids, state)
+    times.start = time.perf_counter_ns()
+    try:
+        return rt.step(ids, state)
+    finally:
+        times.end = time.perf_counter_ns()
 
 
 def sequence_session_id(owner: str, model: str, sequence_id: int | str) -> str:
@@ -149,15 +171,20 @@ class Sequences:
             await self.service.store.delete(session_id)
 
     async def infer(
-        self, model: str, ids: np.ndarray, seq: Sequence | None = None, owner: str = ""
+        self,
+        model: str,
+        ids: np.ndarray,
+        seq: Sequence | None = None,
+        owner: str = "",
+        times: RunTimes | None = None,
     ) -> np.ndarray:
         """Logits [batch, seq, vocab] for `ids` [batch, seq]. Without a sequence the request is
         stateless, from a zero state; with one (batch 1) it runs from the sequence's state and
-        advances it."""
+        advances it. `times` gets the model run's start and end."""
         rt = self.service.runtime(model)
         self.check_ids(rt, ids)
         if seq is None:
-            logits, _ = await asyncio.to_thread(rt.step, ids, rt.zero_state(ids.shape[0]))
+            logits, _ = await asyncio.to_thread(_step, rt, ids, rt.zero_state(ids.shape[0]), times)
             return logits
         if ids.shape[0] != 1:
             raise InvalidArgument(f"input_ids: a sequence request has batch 1, got {ids.shape[0]}")
@@ -165,7 +192,7 @@ class Sequences:
         rec, created = await self._lease(rt, seq, owner)
         leased = True
         try:
-            logits, state = await asyncio.to_thread(rt.step, ids, rec.state[None])
+            logits, state = await asyncio.to_thread(_step, rt, ids, rec.state[None], times)
             await store.commit(rec.advanced(state[0], logits[0, -1], ids.shape[1], self.service.clock()))
             leased = False
         finally:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -30,7 +29,8 @@ from gru_serve.http.app import HttpFront
 from gru_serve.http.server import HttpServer
 from gru_serve.http.server import bind as bind_http
 from gru_serve.metrics import Metrics
-from gru_serve.runtime import ModelRuntime, RuntimeOptions
+from gru_serve.repository import load_runtime
+from gru_serve.runtime import ModelRuntime
 from gru_serve.service import GenerationService
 from gru_serve.sessions import SessionStore
 from gru_serve.settings import Settings, read_secrets
@@ -70,14 +70,13 @@ def model_specs(specs: tuple[str, ...]) -> list[tuple[str, Path]]:
 
 
 def load_runtimes(settings: Settings) -> dict[str, ModelRuntime]:
-    options = RuntimeOptions(settings.device, settings.intra_op_threads, settings.inter_op_threads)
+    """The models served at start, loaded and warmed up before the server reports SERVING (the
+    model repository loads later ones through the same load_runtime)."""
     runtimes: dict[str, ModelRuntime] = {}
     for name, path in model_specs(settings.models):
-        rt = ModelRuntime(path, options, name)
+        rt = load_runtime(path, settings, name)
         if rt.name in runtimes:
             raise ModelLoadError(f"model name {rt.name!r} is given twice; use NAME=PATH to rename one")
-        # Warm up: the first run allocates; do it before reporting SERVING.
-        rt.step(np.zeros((1, 1), np.int64), rt.zero_state())
         runtimes[rt.name] = rt
     return runtimes
 
@@ -132,6 +131,9 @@ class GruServer:
         self.metrics = Metrics()
         self.service = GenerationService(runtimes, store, s, metrics=self.metrics, **kwargs)
         self.metrics.bind(self.service)
+        # Open Inference Protocol (KServe v2 / Triton) servicer, with the model repository: made
+        # before the schedulers start, so that a bad --model-repository stops the start cleanly.
+        self.inference = InferenceServicer(self.service)
         self.service.start()
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -142,8 +144,6 @@ class GruServer:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(self.service), self._server
         )
-        # Open Inference Protocol (KServe v2 / Triton) servicer: registered here.
-        self.inference = InferenceServicer(self.service)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from gru_serve.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -238,22 +239,21 @@ class GenerationService:
             raise ValueError("at least one model is needed")
         if any(name != rt.name for name, rt in runtimes.items()):
             raise ValueError("runtimes must be keyed by their names")
-        self.runtimes = runtimes
-        self.default_model = next(iter(runtimes))
         self.store = store
         self.settings = settings
         self.clock = clock
-        self.schedulers = {
-            name: Scheduler(
-                rt,
-                settings.max_batch_size,
-                settings.max_queue,
-                self._io_binding(rt),
-                fused_tokens=settings.fused_tokens,
-                round_budget_s=settings.round_budget_ms / 1000,
-            )
-            for name, rt in runtimes.items()
-        }
+        # Models come and go (add_model, remove_model). Both dicts are replaced, never changed
+        # in place, so a reader on another thread (a metrics scrape) iterates a stable copy.
+        self.runtimes = dict(runtimes)
+        self.schedulers = {name: self._scheduler_for(rt) for name, rt in runtimes.items()}
+        self._first_model = next(iter(runtimes))
+        self.unloaded: set[str] = set()  # names removed and not loaded again
+        # Requests using each runtime (see `using`); an unload or a reload waits for them.
+        self._holds: collections.Counter[ModelRuntime] = collections.Counter()
+        self._unloading: set[ModelRuntime] = set()
+        self._idle: dict[ModelRuntime, asyncio.Event] = {}  # set when a draining runtime's holds end
+        self._retiring: dict[ModelRuntime, Scheduler] = {}  # replaced by a reload, draining
+        self._retirements: set[asyncio.Task] = set()
         self.active_streams = 0
         self.streams_by_owner: collections.Counter[str] = collections.Counter()
         self.metrics = metrics or Metrics()
@@ -268,8 +268,121 @@ class GenerationService:
             s.start()
 
     def stop(self) -> None:
-        for s in self.schedulers.values():
+        for s in [*self.schedulers.values(), *self._retiring.values()]:
             s.stop()
+
+    # -- models that come and go --
+
+    @property
+    def default_model(self) -> str:
+        """The model of requests that name none: the first model served at start while it is
+        loaded, else the first one loaded ('' when none is)."""
+        if self._first_model in self.runtimes:
+            return self._first_model
+        return next(iter(self.runtimes), "")
+
+    def _scheduler_for(self, rt: ModelRuntime) -> Scheduler:
+        s = self.settings
+        return Scheduler(
+            rt,
+            s.max_batch_size,
+            s.max_queue,
+            self._io_binding(rt),
+            fused_tokens=s.fused_tokens,
+            round_budget_s=s.round_budget_ms / 1000,
+        )
+
+    def _scheduler(self, rt: ModelRuntime) -> Scheduler:
+        """The scheduler running `rt`: a retiring one's (replaced by a reload), else its name's."""
+        retiring = self._retiring.get(rt)
+        return retiring if retiring is not None else self.schedulers[rt.name]
+
+    def unloading(self, name: str) -> bool:
+        rt = self.runtimes.get(name)
+        return rt is not None and rt in self._unloading
+
+    def in_use(self, name: str) -> int:
+        """Requests holding the model served under `name`."""
+        rt = self.runtimes.get(name)
+        return self._holds[rt] if rt is not None else 0
+
+    def check_available(self, rt: ModelRuntime) -> None:
+        """Unavailable unless `rt` is served and takes new requests (not unloading, not replaced)."""
+        if rt in self._unloading:
+            raise Unavailable(f"model {rt.name!r} is unloading: it takes no new requests")
+        if self.runtimes.get(rt.name) is not rt:
+            raise Unavailable(f"model {rt.name!r} was unloaded or reloaded while the request waited")
+
+    @contextlib.contextmanager
+    def using(self, rt: ModelRuntime) -> Iterator[None]:
+        """Hold a model while a request runs on it: an unload or a reload lets the requests
+        that hold it finish before its scheduler stops. Taken once per request, at once after
+        the model is looked up (no await between, so an unload cannot slip in); a model that is
+        unloading takes no new holds (Unavailable)."""
+        self.check_available(rt)
+        self._holds[rt] += 1
+        try:
+            yield
+        finally:
+            self._holds[rt] -= 1
+            if not self._holds[rt]:
+                del self._holds[rt]
+                if rt in self._idle:
+                    self._idle[rt].set()
+
+    async def _drained(self, rt: ModelRuntime) -> None:
+        """Wait until no request holds `rt`."""
+        idle = self._idle.setdefault(rt, asyncio.Event())
+        try:
+            if self._holds[rt]:
+                await idle.wait()
+        finally:
+            self._idle.pop(rt, None)
+
+    def add_model(self, rt: ModelRuntime) -> None:
+        """Serve a loaded runtime under its name, with a scheduler of its own. A model already
+        served under that name is replaced at once: new requests go to `rt`, those holding the
+        old one finish on it, then its scheduler stops."""
+        sched = self._scheduler_for(rt)
+        sched.start()
+        old, old_sched = self.runtimes.get(rt.name), self.schedulers.get(rt.name)
+        self.runtimes = {**self.runtimes, rt.name: rt}
+        self.schedulers = {**self.schedulers, rt.name: sched}
+        self.unloaded.discard(rt.name)
+        if old is not None and old_sched is not None:
+            self._retiring[old] = old_sched
+            task = asyncio.create_task(self._retire(old))
+            self._retirements.add(task)
+            task.add_done_callback(self._retirements.discard)
+
+    async def _retire(self, rt: ModelRuntime) -> None:
+        await self._drained(rt)
+        sched = self._retiring[rt]
+        await asyncio.to_thread(sched.stop)
+        del self._retiring[rt]
+
+    async def remove_model(self, name: str) -> None:
+        """Unload: the model refuses new requests at once (Unavailable), the requests holding
+        it finish, then it goes (its name is then NotFound) and its scheduler stops. Returns
+        once it is gone; cancelling the wait does not stop the unload (the caller shields it)."""
+        rt = self.runtimes.get(name)
+        if rt is None:
+            return
+        self._unloading.add(rt)
+        try:
+            await self._drained(rt)
+        finally:
+            # Gone even when the wait was cancelled (the server is stopping): a model marked
+            # unloading would otherwise refuse requests forever.
+            sched = self.schedulers[name]
+            self.runtimes = {k: v for k, v in self.runtimes.items() if k != name}
+            self.schedulers = {k: v for k, v in self.schedulers.items() if k != name}
+            self.unloaded.add(name)
+            self._unloading.discard(rt)
+            if self._holds[rt]:
+                self._retiring[rt] = sched  # still in use: stopped when the server stops
+            else:
+                await asyncio.to_thread(sched.stop)
 
     # -- helpers --
 
@@ -281,6 +394,10 @@ class GenerationService:
         name = model or self.default_model
         rt = self.runtimes.get(name)
         if rt is None:
+            if not name:
+                raise Unavailable("no model is loaded")
+            if name in self.unloaded:
+                raise NotFound(f"model {name!r} is not loaded (it was unloaded)")
             raise InvalidArgument(
                 f"model: unknown model {name!r}; this server serves {', '.join(self.runtimes)}"
             )
@@ -333,7 +450,11 @@ class GenerationService:
     def _session_runtime(self, rec: SessionRecord, model: str) -> ModelRuntime:
         if model and model != rec.model:
             raise WrongModel(f"session '{rec.session_id}' was made by model {rec.model!r}, not {model!r}")
-        rt = self.runtime(rec.model)
+        rt = self.runtimes.get(rec.model)
+        if rt is None:
+            raise FailedPrecondition(
+                f"session '{rec.session_id}' was made by model {rec.model!r}, which is not loaded"
+            )
         if rt.model_hash != rec.model_hash:
             raise WrongModel(
                 f"session '{rec.session_id}' was made by another version of model "
@@ -378,9 +499,10 @@ class GenerationService:
         ids = self._encode(rt, text, "text")
         rec = self._fresh(rt, owner, new_session_id())
         if ids:
-            async for ev in self._events(rt, rec, ids, 0, SamplingParams(), False):  # a prefill only
-                if isinstance(ev, DoneEvent):
-                    rec = rec.advanced(ev.state, ev.logits, len(ids), self.clock())
+            with self.using(rt):
+                async for ev in self._events(rt, rec, ids, 0, SamplingParams(), False):  # a prefill only
+                    if isinstance(ev, DoneEvent):
+                        rec = rec.advanced(ev.state, ev.logits, len(ids), self.clock())
         rec = rec.checkpointed(self.clock(), self.settings.max_checkpoints)  # turn 0: as created
         await self.store.create(rec)
         return self._info(rec)
@@ -467,7 +589,7 @@ class GenerationService:
     ) -> AsyncIterator[Tokens | DoneEvent]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()  # bounded by the backlog: see _Backlog
-        scheduler = self.schedulers[rt.name]
+        scheduler = self._scheduler(rt)
         backlog = _Backlog(scheduler)
 
         def emit(ev: object) -> None:
@@ -619,10 +741,11 @@ class GenerationService:
             raise InvalidArgument("session_id and snapshot: give one or the other, not both")
         leased = ""
         last_sent: float | None = None
-        with self._stream_slot(owner):
+        with self._stream_slot(owner), contextlib.ExitStack() as held:
             try:
                 rec, rt = await self._request_state(req, owner)
                 leased = req.session_id
+                held.enter_context(self.using(rt))
                 ids = self._prompt_ids(rt, rec, req.prompt, max_new)
                 p.prompt_tokens, p.normalized_prompt = len(ids), rt.vocab.decode(ids)
                 p.tokens_seen, p.turn = rec.tokens_seen, rec.turn
@@ -702,11 +825,12 @@ class GenerationService:
         s = self.settings
         max_new = self._max_new(req)
         t0 = time.perf_counter()
-        with self._stream_slot(owner):
+        with self._stream_slot(owner), contextlib.ExitStack() as held:
             leased = ""
             try:
                 rec, rt = await self._request_state(req, owner)
                 leased = req.session_id
+                held.enter_context(self.using(rt))
                 ids = self._prompt_ids(rt, rec, req.prompt, max_new)
                 # The prompt is consumed once; every choice starts where it leaves the state, at
                 # the same session position, so choice i draws what a fork would with seed + i.
@@ -775,43 +899,45 @@ class GenerationService:
         self, text: str, session_id: str = "", commit: bool = False, model: str = "", owner: str = ""
     ) -> ScoreResult:
         leased = ""
-        try:
-            if session_id:
-                rec = await self._owned(session_id, owner, lease=commit)
-                leased = session_id if commit else ""
-                rt = self._session_runtime(rec, model)
-            else:
-                if commit:
-                    raise InvalidArgument("commit needs a session_id")
-                rt = self.runtime(model)
-                rec = self._fresh(rt, owner)
-            ids = self._encode(rt, text, "text")
-            if len(ids) < (1 if rec.logits is not None else 2):
-                raise InvalidArgument(
-                    "text must have at least 2 characters from a fresh state "
-                    "(the first is context), or 1 in a session with text"
+        with contextlib.ExitStack() as held:
+            try:
+                if session_id:
+                    rec = await self._owned(session_id, owner, lease=commit)
+                    leased = session_id if commit else ""
+                    rt = self._session_runtime(rec, model)
+                else:
+                    if commit:
+                        raise InvalidArgument("commit needs a session_id")
+                    rt = self.runtime(model)
+                    rec = self._fresh(rt, owner)
+                held.enter_context(self.using(rt))
+                ids = self._encode(rt, text, "text")
+                if len(ids) < (1 if rec.logits is not None else 2):
+                    raise InvalidArgument(
+                        "text must have at least 2 characters from a fresh state "
+                        "(the first is context), or 1 in a session with text"
+                    )
+                lp, state, last = await asyncio.to_thread(
+                    stream_logprobs, rt.step, ids, rec.state[None], rec.logits
                 )
-            lp, state, last = await asyncio.to_thread(
-                stream_logprobs, rt.step, ids, rec.state[None], rec.logits
-            )
-            scored = ids if rec.logits is not None else ids[1:]
-            tokens_seen = rec.tokens_seen
-            if leased:
-                keep = self.settings.max_checkpoints
-                new = await self.store.commit(rec.advanced(state[0], last, len(ids), self.clock(), keep))
-                leased = ""
-                tokens_seen = new.tokens_seen
-            return ScoreResult(
-                perplexity(lp),
-                scored,
-                [rt.vocab.token(t) for t in scored],
-                [float(x) for x in lp],
-                rt.vocab.decode(ids),
-                tokens_seen,
-            )
-        finally:
-            if leased:
-                await self.store.release(leased)
+                scored = ids if rec.logits is not None else ids[1:]
+                tokens_seen = rec.tokens_seen
+                if leased:
+                    keep = self.settings.max_checkpoints
+                    new = await self.store.commit(rec.advanced(state[0], last, len(ids), self.clock(), keep))
+                    leased = ""
+                    tokens_seen = new.tokens_seen
+                return ScoreResult(
+                    perplexity(lp),
+                    scored,
+                    [rt.vocab.token(t) for t in scored],
+                    [float(x) for x in lp],
+                    rt.vocab.decode(ids),
+                    tokens_seen,
+                )
+            finally:
+                if leased:
+                    await self.store.release(leased)
 
     def model_info(self, model: str = "") -> ModelInfo:
         rt = self.runtime(model)

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     """port to listen on (0: any free port)"""
     models: Csv = ()
     """an ONNX model to serve as PATH or NAME=PATH (default: every shipped model)"""
+    model_repository: str = ""
+    """a folder of models to load and unload while serving (Triton's model repository API):
+    NAME/model.onnx or NAME/VERSION/model.onnx (the highest VERSION); none is loaded at start
+    (--model says what is), each serves as NAME once loaded ('': load and unload are refused)"""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (CUDA when onnxruntime confirms it, else CPU), cuda (refuse to start without it), cpu"""
     intra_op_threads: int = Field(1, ge=0)

@@ -318,6 +318,16 @@ def print_tables(results: dict, console: Console) -> None:
         console.print(_prefix_summary(pc))
     elif pc:
         console.print(f"Prefix cache skipped: {pc.get('skipped') or pc.get('error')}")
+    tr = results.get("transports") or {}
+    if tr.get("rows"):
+        t = Table(title="HTTP/SSE beside gRPC (one server)", title_justify="left")
+        for col in _TRANSPORT_COLUMNS:
+            t.add_column(col, justify="right")
+        for row in _transport_rows(tr):
+            t.add_row(*row)
+        console.print(t)
+    if tr.get("error"):
+        console.print(f"HTTP/SSE beside gRPC stopped early: {tr['error']}")
     t = Table(title="Goals (ratios from this run)", title_justify="left")
     for col in ("goal", "value", "target", "met"):
         t.add_column(col, justify="left" if col == "goal" else "right")
@@ -367,6 +377,32 @@ def _scaleout_rows(so: dict) -> list[list[str]]:
 
 
 _PREFIX_COLUMNS = ("server", "TTFT p50 ms", "p90", "p99", "mean", "server TTFT p50 ms", "hits", "misses")
+
+
+_TRANSPORT_COLUMNS = (
+    "streams",
+    "gRPC tokens/s",
+    "HTTP/SSE tokens/s",
+    "HTTP / gRPC",
+    "gRPC TTFT p50 ms",
+    "HTTP TTFT p50 ms",
+    "errors",
+)
+
+
+def _transport_rows(tr: dict) -> list[list[str]]:
+    return [
+        [
+            str(r["concurrency"]),
+            f"{r['grpc']['tokens_per_s']:,.0f}",
+            f"{r['http']['tokens_per_s']:,.0f}",
+            _fmt(r["ratio"], ".2f"),
+            _fmt((r["grpc"]["ttft_ms"] or {}).get("p50"), ".2f"),
+            _fmt((r["http"]["ttft_ms"] or {}).get("p50"), ".2f"),
+            str(r["grpc"]["errors"] + r["http"]["errors"]),
+        ]
+        for r in tr["rows"]
+    ]
 
 
 def _prefix_rows(pc: dict) -> list[list[str]]:
@@ -827,4 +863,19 @@ def markdown(results: dict, plot_files: dict[str, str], plot_prefix: str = "") -
         if pc.get("rows"):
             lines += [_md_table(list(_PREFIX_COLUMNS), _prefix_rows(pc)), ""]
         lines += [_prefix_summary(pc), ""]
+    tr = results.get("transports") or {}
+    if tr:
+        c = tr["config"]
+        lines += [
+            "## HTTP/SSE beside gRPC",
+            "",
+            tr["method"],
+            "",
+            f"T = {c['tokens']} tokens per request.",
+            "",
+        ]
+        if tr.get("rows"):
+            lines += [_md_table(list(_TRANSPORT_COLUMNS), _transport_rows(tr)), ""]
+        if tr.get("error"):
+            lines += [f"Stopped early: {tr['error']}", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gru_serve.bench import inprocess, machine, prefix, report, scaleout, served
+from gru_serve.bench import inprocess, machine, prefix, report, scaleout, served, transports
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.settings import Settings
 from gru_serve.shipped import default_model_path
@@ -123,7 +123,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default="", help="served sweep, e.g. 1,4,16,64,256")
     p.add_argument("--tokens", type=int, default=0, help="new tokens per served request")
     p.add_argument("--baseline-workers", type=int, default=BASELINE_WORKERS, help="baseline server threads")
-    for section in ("torch", "served", "baseline", "variants", "tuning", "scaleout", "prefix", "plots"):
+    for section in (
+        "torch",
+        "served",
+        "baseline",
+        "variants",
+        "tuning",
+        "scaleout",
+        "prefix",
+        "http",
+        "plots",
+    ):
         p.add_argument(f"--no-{section}", action="store_true", help=f"skip the {section} section")
     p.add_argument(
         "--gpu-check", action="store_true", help="CUDA parity test and in-process bench, then exit"
@@ -319,6 +329,7 @@ def main(args: argparse.Namespace) -> int:
     sections += [] if args.no_variants else ["variants"]
     sections += [] if args.no_scaleout else ["scaleout"]
     sections += [] if args.no_prefix else ["prefix"]
+    sections += [] if args.no_http else ["http"]
     n_served = 0
     if not args.no_served:
         n_served = len(load.concurrency) * (1 if args.no_baseline else 2)
@@ -382,6 +393,12 @@ def main(args: argparse.Namespace) -> int:
             step("prefix cache")
             results["prefix_cache"] = prefix.run(
                 model, prefix.mode_config(name), lambda label: step(f"prefix cache: {label}")
+            )
+            progress.advance(task)
+        if not args.no_http:
+            step("HTTP/SSE beside gRPC")
+            results["transports"] = transports.run(
+                model, transports.mode_config(name), lambda label: step(f"HTTP/SSE beside gRPC: {label}")
             )
             progress.advance(task)
     results["goals"] = report.goals(results)

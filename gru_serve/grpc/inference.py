@@ -10,7 +10,8 @@ Each served model M appears twice:
   sequence is a session in the native API's store, owned by the caller).
 - `M-generate`: a decoupled generation model. Input `prompt` BYTES [1]; request parameters
   max_new_tokens, temperature, top_k, top_p, seed, stop (a string, or a JSON list of strings),
-  and optionally the sequence parameters to continue a sequence of M. Over ModelStreamInfer each
+  and optionally the sequence parameters to continue a sequence of M. A number may also come as
+  a string ("0.8": Triton's C++ client has no double parameters). Over ModelStreamInfer each
   message of tokens ready together is one response with outputs `text` BYTES [n] (one string
   per token) and `token_ids` INT64 [n]; every response carries `triton_final_response`, and when
   the request sets `triton_enable_empty_final_response` (tritonclient's
@@ -18,6 +19,14 @@ Each served model M appears twice:
   finish_reason, prompt_tokens, generated_tokens and tokens_seen) ends the request, as Triton
   does for decoupled models. Unary ModelInfer (which Triton refuses for decoupled models)
   returns the whole generation in one response.
+
+Statistics (ModelStatistics): per endpoint, with queue and compute phases and batch_stats as
+gru_serve.grpc.statistics defines them for these models.
+
+The model repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload):
+gru_serve.repository. Loading NAME serves both NAME and NAME-generate; the index lists models
+by NAME. While NAME unloads, both refuse new requests (UNAVAILABLE) and ModelReady is false;
+once it is gone both are NOT_FOUND.
 
 Errors: unary methods end with the status of gru_serve.grpc.status's table; on ModelStreamInfer
 a failed request is one message with `error_message` ("[CODE] message") and the stream stays
@@ -33,6 +42,7 @@ import importlib.metadata
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +54,7 @@ from gru_serve.grpc.auth import owner_of
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from gru_serve.grpc.generated.inference import model_config_pb2 as mc
+from gru_serve.grpc.statistics import Phases, Stats
 from gru_serve.grpc.status import grpc_errors
 from gru_serve.grpc.tensors import (
     EMPTY_FINAL,
@@ -62,13 +73,17 @@ from gru_serve.grpc.tensors import (
     sampling_of,
     sequence_of,
 )
+from gru_serve.repository import ModelRepository
+from gru_serve.runtime import ModelRuntime
 from gru_serve.scheduler import Tokens
-from gru_serve.sequences import Sequences, sequence_session_id
-from gru_serve.service import Finished, GenerateRequest, GenerationService
+from gru_serve.sequences import RunTimes, Sequences, sequence_session_id
+from gru_serve.service import Finished, GenerateRequest, GenerationService, Progress
 
 SERVER_NAME = "gru-serve"
 GENERATE_SUFFIX = "-generate"
-EXTENSIONS = ("sequence", "model_configuration", "statistics", "parameters")
+EXTENSIONS = ("sequence", "model_configuration", "statistics", "parameters", "model_repository")
+# Load parameters Triton's clients may send that would change what is loaded: refused.
+LOAD_OVERRIDES = ("config", "file:")
 MAX_INFLIGHT_PER_STREAM = 64
 STREAM_QUEUE = 64
 
@@ -78,32 +93,6 @@ def server_version() -> str:
         return importlib.metadata.version("gru-serve")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-@dataclass
-class Stats:
-    """Cheap per-model counters for ModelStatistics."""
-
-    success: int = 0
-    success_ns: int = 0
-    fail: int = 0
-    fail_ns: int = 0
-    inferences: int = 0
-    executions: int = 0
-    last_ms: int = 0
-
-    def pb(self, name: str) -> pb.ModelStatistics:
-        d = pb.StatisticDuration
-        return pb.ModelStatistics(
-            name=name,
-            version=MODEL_VERSION,
-            last_inference=self.last_ms,
-            inference_count=self.inferences,
-            execution_count=self.executions,
-            inference_stats=pb.InferStatistics(
-                success=d(count=self.success, ns=self.success_ns), fail=d(count=self.fail, ns=self.fail_ns)
-            ),
-        )
 
 
 # -- the service --
@@ -127,45 +116,67 @@ async def _after(task: asyncio.Task | None) -> None:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: GenerationService) -> None:
+    def __init__(self, service: GenerationService, repository: ModelRepository | None = None) -> None:
         self.service = service
         self.sequences = Sequences(service)
+        self.repository = repository or ModelRepository(service)
         # The server sets this once its models are loaded and clears it when it drains.
         self.ready = False
-        self.endpoints: dict[str, Endpoint] = {}
-        for rt in service.runtimes.values():
-            self.endpoints.setdefault(
-                rt.name + GENERATE_SUFFIX, Endpoint(rt.name + GENERATE_SUFFIX, rt, True)
-            )
-        for rt in service.runtimes.values():  # a model's own name wins over a generation name
-            self.endpoints[rt.name] = Endpoint(rt.name, rt, False)
-        self.stats = {name: Stats() for name in self.endpoints}
+        self._endpoints: dict[str, Endpoint] = {}
+        self.stats: dict[str, Stats] = {}
+        self._built_from: dict[str, ModelRuntime] | None = None
 
-    def endpoint(self, name: str, version: str = "") -> Endpoint:
+    @property
+    def endpoints(self) -> dict[str, Endpoint]:
+        """The endpoints of the models served now. The service replaces its runtimes dict when a
+        model is loaded or unloaded, so comparing it by identity finds a change cheaply."""
+        runtimes = self.service.runtimes
+        if runtimes is not self._built_from:
+            self._build(runtimes)
+        return self._endpoints
+
+    def _build(self, runtimes: dict[str, ModelRuntime]) -> None:
+        endpoints: dict[str, Endpoint] = {}
+        for rt in runtimes.values():
+            endpoints.setdefault(rt.name + GENERATE_SUFFIX, Endpoint(rt.name + GENERATE_SUFFIX, rt, True))
+        for rt in runtimes.values():  # a model's own name wins over a generation name
+            endpoints[rt.name] = Endpoint(rt.name, rt, False)
+        # Statistics are those of a model since it was loaded: kept while the endpoint is the same.
+        old = self._endpoints
+        self.stats = {
+            name: self.stats[name] if name in old and old[name] == ep else Stats()
+            for name, ep in endpoints.items()
+        }
+        self._endpoints, self._built_from = endpoints, runtimes
+
+    def _known(self, name: str, version: str = "") -> Endpoint:
+        """The endpoint of a served model, whether or not it takes new requests."""
         ep = self.endpoints.get(name)
         if ep is None:
+            if name in self.service.unloaded:
+                raise NotFound(f"model '{name}' is not loaded (it was unloaded)")
             raise NotFound(f"model '{name}' is unknown; this server serves {', '.join(self.endpoints)}")
         if version not in ("", MODEL_VERSION):
             raise NotFound(f"model '{name}' has no version '{version}'; its version is {MODEL_VERSION}")
         return ep
 
+    def endpoint(self, name: str, version: str = "") -> Endpoint:
+        """The endpoint a request names: NotFound when unknown, Unavailable while it unloads."""
+        ep = self._known(name, version)
+        self.service.check_available(ep.runtime)
+        return ep
+
     @contextlib.contextmanager
-    def _timed(self, ep: Endpoint) -> Iterator[list[int]]:
-        """Count a request in the model's statistics; the caller may set its batch size."""
-        t0 = time.perf_counter_ns()
-        stats = self.stats[ep.name]
-        batch = [1]
+    def _timed(self, ep: Endpoint) -> Iterator[Phases]:
+        """Count a request in the endpoint's statistics; the caller stamps its phases."""
+        stats = self.stats.get(ep.name) or Stats()  # a model unloaded meanwhile: not counted
+        phases = Phases()
         try:
-            yield batch
+            yield phases
         except BaseException:
-            stats.fail += 1
-            stats.fail_ns += time.perf_counter_ns() - t0
+            stats.failed(phases)
             raise
-        stats.success += 1
-        stats.success_ns += time.perf_counter_ns() - t0
-        stats.inferences += batch[0]
-        stats.executions += 1
-        stats.last_ms = int(time.time() * 1000)
+        stats.succeeded(phases)
 
     # -- health and metadata --
 
@@ -179,8 +190,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        known = request.name in self.endpoints and request.version in ("", MODEL_VERSION)
-        return pb.ModelReadyResponse(ready=self.ready and known)
+        ep = self.endpoints.get(request.name)
+        known = ep is not None and request.version in ("", MODEL_VERSION)
+        taking = known and not self.service.unloading(ep.runtime.name)
+        return pb.ModelReadyResponse(ready=self.ready and taking)
 
     @grpc_errors
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
@@ -255,16 +268,76 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         return self.statistics(request.name, request.version)
 
+    def _stats_of(self, name: str, version: str) -> list[tuple[str, Stats]]:
+        if name:
+            return [(self._known(name, version).name, self.stats[name])]
+        if version:
+            raise InvalidArgument("a version needs a model name")
+        return [(n, self.stats[n]) for n in self.endpoints]
+
     def statistics(self, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
-        """One model's statistics, or every model's when name is empty."""
-        names = [self.endpoint(name, version).name] if name else list(self.endpoints)
-        return pb.ModelStatisticsResponse(model_stats=[self.stats[n].pb(n) for n in names])
+        """One model's statistics, or every model's when name is empty (a model that is
+        unloading included)."""
+        stats = self._stats_of(name, version)
+        return pb.ModelStatisticsResponse(model_stats=[s.pb(n, MODEL_VERSION) for n, s in stats])
+
+    def statistics_json(self, name: str = "", version: str = "") -> dict[str, Any]:
+        """`statistics` in Triton's REST shape: counts and durations as JSON numbers."""
+        stats = self._stats_of(name, version)
+        return {"model_stats": [s.json(n, MODEL_VERSION) for n, s in stats]}
+
+    # -- the model repository --
+
+    @grpc_errors
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context
+    ) -> pb.RepositoryIndexResponse:
+        return self.repository_index(request.ready)
+
+    def repository_index(self, ready: bool = False) -> pb.RepositoryIndexResponse:
+        """Every model the server knows (repository, --model, loaded), or only the READY ones."""
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                index(name=m.name, version=MODEL_VERSION, state=m.state, reason=m.reason)
+                for m in self.repository.index(ready)
+            ]
+        )
+
+    @grpc_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context
+    ) -> pb.RepositoryModelLoadResponse:
+        await self.load_model(request.model_name, list(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    async def load_model(self, name: str, parameters: list[str] | None = None) -> None:
+        """Load or reload a repository model; returns once NAME and NAME-generate serve."""
+        for key in parameters or ():
+            if key.startswith(LOAD_OVERRIDES):
+                raise InvalidArgument(
+                    f"parameter '{key}': gru-serve loads the repository's model file as it is; "
+                    "a configuration or files given with the load are not supported"
+                )
+        await self.repository.load(name)
+
+    @grpc_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context
+    ) -> pb.RepositoryModelUnloadResponse:
+        # unload_dependents means nothing here: a model has no dependents.
+        await self.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def unload_model(self, name: str) -> None:
+        """Unload a model (NAME and NAME-generate); returns once it is gone."""
+        await self.repository.unload(name)
 
     # -- inference --
 
     async def _infer(self, ep: Endpoint, request: pb.ModelInferRequest, owner: str) -> pb.ModelInferResponse:
         """One request to a model's raw endpoint: logits, on a sequence or stateless."""
-        with self._timed(ep) as batch:
+        with self._timed(ep) as phases, self.service.using(ep.runtime):
             check_parameters(request, ep)
             ids = read_inputs(request, ep)[INPUT_IDS]
             if ids.ndim != 2:
@@ -273,15 +346,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             requested_outputs(request, ep)
             seq = sequence_of(request)
-            batch[0] = ids.shape[0]
-            logits = await self.sequences.infer(ep.runtime.name, ids, seq, owner)
+            self.sequences.check_ids(ep.runtime, ids)
+            phases.batch = ids.shape[0]
+            phases.checked = time.perf_counter_ns()
+            run = RunTimes()
+            logits = await self.sequences.infer(ep.runtime.name, ids, seq, owner, run)
+            phases.infer_start, phases.infer_end = run.start, run.end
             return response(request, ep, {LOGITS: logits})
 
     async def _generation(
         self, ep: Endpoint, request: pb.ModelInferRequest, owner: str
     ) -> AsyncIterator[Tokens | Finished]:
         """A generation request's token groups then Finished, via GenerationService.generate."""
-        with self._timed(ep):
+        with self._timed(ep) as phases:
             check_parameters(request, ep)
             prompt_arr = read_inputs(request, ep)[PROMPT]
             if prompt_arr.size != 1:
@@ -296,10 +373,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             max_new, params = sampling_of(request)
             seq = sequence_of(request)
             rt = ep.runtime
+            phases.checked = time.perf_counter_ns()
+            progress = Progress()  # started now: the engine's time to first token counts from here
             session_id = await self.sequences.session_for(rt, seq, owner) if seq else ""
             req = GenerateRequest(session_id, prompt, max_new, params, False, rt.name)
-            async with contextlib.aclosing(self.service.generate(req, owner)) as events:
+            async with contextlib.aclosing(self.service.generate(req, owner, progress)) as events:
                 async for ev in events:
+                    if isinstance(ev, Finished):
+                        phases.infer_end = time.perf_counter_ns()
+                        first = progress.started + ev.time_to_first_token_s
+                        phases.infer_start = int(first * 1e9) if ev.time_to_first_token_s else 0
                     yield ev
             if seq and seq.end:
                 await self.sequences.end(session_id)

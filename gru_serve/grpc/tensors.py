@@ -220,19 +220,37 @@ def flag(request: pb.ModelInferRequest, name: str) -> bool:
     return v
 
 
+def _numeric_string(name: str, v: str, kind: type[int] | type[float]) -> int | float:
+    """A number sent as a string (Triton's C++ client has no double parameters, and some
+    clients send every parameter as a string)."""
+    try:
+        return kind(v.strip())
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise InvalidArgument(f"parameter '{name}' must be {what}; the string {v!r} is not one") from None
+
+
 def _int(request: pb.ModelInferRequest, name: str) -> int | None:
     v = _value(request, name)
+    if isinstance(v, str):
+        return int(_numeric_string(name, v, int))
     if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
         raise InvalidArgument(
-            f"parameter '{name}' must be an integer (int64_param or uint64_param), got {v!r}"
+            f"parameter '{name}' must be an integer (int64_param, uint64_param or a numeric "
+            f"string_param), got {v!r}"
         )
     return v
 
 
 def _float(request: pb.ModelInferRequest, name: str) -> float | None:
     v = _value(request, name)
+    if isinstance(v, str):
+        return float(_numeric_string(name, v, float))
     if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-        raise InvalidArgument(f"parameter '{name}' must be a number (double_param or int64_param), got {v!r}")
+        raise InvalidArgument(
+            f"parameter '{name}' must be a number (double_param, int64_param or a numeric "
+            f"string_param), got {v!r}"
+        )
     return None if v is None else float(v)
 
 

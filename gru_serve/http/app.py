@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Match
 
 from gru_serve import errors
 from gru_serve.auth import bearer, principal_of_token, refusal
@@ -33,6 +34,7 @@ M = TypeVar("M", bound=BaseModel)
 
 # Probes and the playground page itself need no token (the page sends the one typed into it).
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/", "/playground.js", "/playground.css")
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # else OTHER
 REFUSED_HEADER = "x-gru-serve-refused"  # as on gRPC: a drain refused this before any work
 
 
@@ -110,7 +112,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
     except ValidationError as e:
         first = e.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidArgument(f"{field}: {first['msg']}") from e
+        message = first["msg"].removeprefix("Value error, ")  # a validator's own message
+        raise InvalidArgument(f"{field}: {message}") from e
 
 
 class BodyTooLarge(errors.GruServeError):
@@ -121,9 +124,18 @@ class Front:
     """ASGI middleware for every HTTP request: request id, authentication, drain refusal,
     body limit, in-flight count, access log and metrics."""
 
-    def __init__(self, app: Callable, front: HttpFront) -> None:
+    def __init__(self, app: Starlette, front: HttpFront) -> None:
         self.app = app
         self.front = front
+
+    def route_of(self, scope: dict) -> str:
+        """Method and path template of the route a request went to (or would have, when it was
+        answered before routing); "(no route)" for a path no route has."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.app.routes if r.matches(scope)[0] != Match.NONE), None)
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
+        return f"{method} {getattr(route, 'path', '(no route)')}"
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -193,8 +205,11 @@ class Front:
                 gate.leave()
             seconds = time.perf_counter() - t0
             name = f"{method} {path}"
-            front.metrics.requests.labels(name, str(status or 500)).inc()
-            front.metrics.request_seconds.labels(name).observe(seconds)
+            # Labelled by route template: a label per session id or unknown path would grow
+            # the registry without bound.
+            label = self.route_of(scope)
+            front.metrics.requests.labels(label, str(status or 500)).inc()
+            front.metrics.request_seconds.labels(label).observe(seconds)
             log.info(
                 "http",
                 extra={
@@ -228,8 +243,19 @@ def build_app(front: HttpFront) -> Callable:
         body = error_body(request.url.path, code, exc.status_code, message)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
+    async def on_too_large(request: Request, exc: Exception) -> Response:
+        # Raised by Front's receive while a route reads a body sent without a content-length;
+        # 413 is HTTP's own status, which the error table (shared with gRPC) has no class for.
+        body = error_body(request.url.path, "RESOURCE_EXHAUSTED", 413, str(exc))
+        return JSONResponse(body, status_code=413)
+
     # GruServeError is answered in place; any other exception also reaches the server error
     # middleware, which answers with the same handler (an incident id) and re-raises to Front.
-    handlers = {errors.GruServeError: on_error, HTTPException: on_http_error, Exception: on_error}
+    handlers = {
+        BodyTooLarge: on_too_large,
+        errors.GruServeError: on_error,
+        HTTPException: on_http_error,
+        Exception: on_error,
+    }
     app = Starlette(routes=routes, exception_handlers=handlers)
     return Front(app, front)

@@ -1,11 +1,418 @@
-"""PLACEHOLDER."""
+"""OpenAI-compatible completions: the API the unmodified `openai` client speaks.
+
+Endpoints (JSON; errors are OpenAI-shaped `{"error": {"message", "type", "code", "param"}}`
+with the status of gru_serve.errors.STATUS):
+
+GET /v1/models
+    `{"object": "list", "data": [{"id", "object": "model", "created", "owned_by": "gru-serve"}]}`;
+    `created` is when this server started (unix seconds).
+GET /v1/models/{id}
+    One of those objects; 404 for a model this server does not serve.
+POST /v1/completions
+    A completion of one prompt, as gru_serve.v1 Generate runs it (same engine, same sessions,
+    same defaults except where OpenAI's API defines its own):
+
+    model        a served model's name; "" or absent: the server's default model
+    prompt       a string, or a list holding exactly one string ("" continues a session)
+    max_tokens   default settings.default_new_tokens, at most settings.max_new_tokens
+    temperature  OpenAI's default 1.0 when omitted (gRPC's is 0); 0 is greedy
+    top_p, seed  as gRPC's sampling; no seed: a random one (reported in the extension object).
+                 temperature and top_p are taken at gRPC's float32 precision, so a request
+                 samples the same tokens over either transport
+    stop         a string or a list of up to 4 strings
+    logprobs     null/0, or 1: the chosen token's log-probability (the server computes no
+                 alternatives, so more than 1 is refused); the choice's `logprobs` is then
+                 {tokens, token_logprobs, top_logprobs (one {token: logprob} per token),
+                 text_offset (each token's character offset in the choice's text)}
+    n            1..gru_serve.service.MAX_CHOICES choices of one state; choice i is sampled
+                 with seed + i (gRPC's fan-out). On a session the session is left unchanged:
+                 gRPC's `commit` has no OpenAI field
+    stream, stream_options.include_usage
+    echo (false), best_of (null/1), suffix (null), logit_bias (null/{}), presence_penalty and
+    frequency_penalty (0): accepted only at those values; user: ignored.
+    Extensions (the openai client sends them with `extra_body`):
+    session_id   continue that session, exactly as Generate with session_id (the session
+                 commits the prompt and the completion)
+    top_k        as gRPC's sampling.top_k (0: no limit)
+    snapshot     base64 of a session snapshot (stateless mode, as GenerateRequest.snapshot);
+                 the reply's extension object then carries the snapshot after the request
+
+    Reply: `{"id": "cmpl-…", "object": "text_completion", "created", "model", "choices":
+    [{"index", "text", "logprobs", "finish_reason": "stop"|"length"}], "usage":
+    {"prompt_tokens", "completion_tokens", "total_tokens"}, "gru_serve": {"session_id",
+    "tokens_seen", "turn", "seed", "time_to_first_token_s", "snapshot" (when one was given)}}`.
+    With n > 1 the extension object is choice 0's (choice i's seed is seed + i). Prompt tokens
+    count once, whatever n: the prompt is consumed once.
+
+    With stream=true, server-sent events: one chunk per token message of the engine,
+    `{"id", "object": "text_completion", "created", "model", "choices": [{"index", "text",
+    "logprobs", "finish_reason": null}]}`; then per choice a chunk with text "" and its
+    finish_reason, which carries that choice's "gru_serve" extension object; then with
+    stream_options.include_usage a chunk with `"choices": []` and "usage"; then `data: [DONE]`.
+    An error found before the first token is the reply's status; one after it is an `error`
+    event. A client that disconnects cancels the generation, and the session is left as it was.
+POST /v1/chat/completions
+    Chat needs a chat template, which a model would declare in its ONNX metadata under
+    `gru_serve.chat_template`. The model contract (gru_serve.contract.ModelMetadata) carries
+    none yet, so no served model has one: this answers 404 naming the model.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import base64
+import binascii
+import contextlib
+import itertools
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
-from gru_serve.http.app import HttpFront
+import numpy as np
+from pydantic import BaseModel, ConfigDict, field_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from gru_serve.errors import InvalidArgument, NotFound
+from gru_serve.http.app import HttpFront, event_stream, owner, parse_body, sse_event
+from gru_serve.sampling import SamplingParams
+from gru_serve.scheduler import Tokens
+from gru_serve.service import MAX_CHOICES, Finished, GenerateRequest, GenerationService
+from gru_serve.snapshots import open_
+
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+CHAT_TEMPLATE_KEY = "gru_serve.chat_template"
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # OpenAI's padding against length attacks: none here
+
+
+class CompletionRequest(BaseModel):
+    # Strict: "5" is not a number and 1 is not true, as in OpenAI's API. Every field is
+    # nullable because clients built on other SDKs send null for "the default".
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | list[str] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = None
+    echo: bool | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    seed: int | None = None
+    suffix: str | None = None
+    # gru-serve's extensions
+    session_id: str | None = None
+    top_k: int | None = None
+    snapshot: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        # Checked here, not by the union, so the message says what is wanted rather than
+        # listing each member's failure.
+        one = isinstance(v, list) and len(v) == 1 and isinstance(v[0], str)
+        ok = v is None or isinstance(v, str) or one
+        if not ok:
+            raise ValueError(
+                "must be a string or a list holding exactly one string "
+                "(token-id prompts and several prompts per request are not supported)"
+            )
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        ok = v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+        if not ok:
+            raise ValueError("must be a string or a list of strings")
+        if isinstance(v, list) and len(v) > MAX_STOP:
+            raise ValueError(f"has {len(v)} strings; at most {MAX_STOP}")
+        return v
+
+
+class ChatRequest(BaseModel):
+    # Only the model is read (to name it in the 404); chat's own fields are not this server's.
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A completions body as the engine's request and how to answer it."""
+
+    req: GenerateRequest
+    n: int
+    stream: bool
+    include_usage: bool
+    snapshot: bool  # stateless mode: the reply carries the new snapshot
+
+
+def unsupported(body: CompletionRequest) -> str:
+    """Why a field OpenAI defines but this server does not implement is refused ('' if none)."""
+    if body.echo:
+        return "echo: only false is supported (the reply never repeats the prompt)"
+    if body.suffix is not None:
+        return "suffix: not supported (the models continue text; they cannot fill in before a suffix)"
+    if body.best_of not in (None, 1):
+        return "best_of: only 1 is supported (n gives several choices)"
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0):
+            return f"{name}: only 0 is supported (the sampler applies no penalties)"
+    if body.logit_bias:
+        return "logit_bias: not supported (the sampler applies no biases); send null or {}"
+    if body.stream_options is not None and not body.stream:
+        return "stream_options: only allowed when stream is true"
+    return ""
+
+
+def float32(x: float) -> float:
+    """x at the precision of gRPC's float fields, so both transports sample alike (and a
+    temperature too small for float32 is 0, greedy, as over gRPC). Out of range: as given,
+    for the range check to report."""
+    if not math.isfinite(x) or abs(x) > FLOAT32_MAX:
+        return x
+    return float(np.float32(x))
+
+
+def plan(body: CompletionRequest, service: GenerationService) -> Plan:
+    """Every field checked; a bad one raises InvalidArgument naming it."""
+    if why := unsupported(body):
+        raise InvalidArgument(why)
+    limit = service.settings.max_new_tokens
+    max_tokens = service.settings.default_new_tokens if body.max_tokens is None else body.max_tokens
+    if not 0 <= max_tokens <= limit:
+        raise InvalidArgument(f"max_tokens must be in [0, {limit}] (max_new_tokens), got {max_tokens}")
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise InvalidArgument(f"n must be in [1, {MAX_CHOICES}], got {n}")
+    logprobs = body.logprobs or 0
+    if logprobs < 0:
+        raise InvalidArgument(f"logprobs must be 0 or 1, got {logprobs}")
+    if logprobs > 1:
+        raise InvalidArgument(
+            f"logprobs: at most 1, got {logprobs}: the server returns only the chosen token's "
+            "log-probability, no alternatives"
+        )
+    snapshot = b""
+    if body.snapshot is not None:
+        try:
+            snapshot = base64.b64decode(body.snapshot, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise InvalidArgument(f"snapshot: not base64 ({e})") from e
+        if not snapshot:
+            raise InvalidArgument("snapshot: empty")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    sampling = SamplingParams.checked(
+        temperature=float32(1.0 if body.temperature is None else body.temperature),
+        top_k=body.top_k,
+        top_p=None if body.top_p is None else float32(body.top_p),
+        seed=body.seed,
+        stop=stop,
+    )
+    prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt or ""
+    req = GenerateRequest(
+        session_id=body.session_id or "",
+        prompt=prompt,
+        max_new_tokens=max_tokens,
+        sampling=sampling,
+        return_logprobs=logprobs == 1,
+        model=body.model or "",
+        snapshot=snapshot,
+    )
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Plan(req, n, bool(body.stream), include_usage, body.snapshot is not None)
+
+
+async def served_model(service: GenerationService, req: GenerateRequest, who: str) -> str:
+    """The name of the model that will serve a request, for the reply's `model` (the engine's
+    events do not carry it). An unknown or foreign session fails here as it would in the engine."""
+    if req.model:
+        return service.runtime(req.model).name
+    if req.session_id:
+        return (await service.get_session(req.session_id, who)).model
+    if req.snapshot:
+        return open_(req.snapshot, service.snapshot_keys).model
+    return service.default_model
+
+
+async def choice_events(
+    service: GenerationService, p: Plan, who: str
+) -> AsyncIterator[tuple[int, Tokens | Finished]]:
+    """(choice, event) from the engine: one choice through generate, several through fan_out.
+    Closing this closes the engine's generator, whose cleanup cancels the job and releases the
+    session unchanged."""
+    if p.n == 1:
+        async with contextlib.aclosing(service.generate(p.req, who)) as events:
+            async for ev in events:
+                yield 0, ev
+    else:
+        async with contextlib.aclosing(service.fan_out(p.req, p.n, owner=who)) as fanned:
+            async for item in fanned:
+                yield item
+
+
+@dataclass
+class ChoiceLog:
+    """A choice's tokens so far: its text offset, and for a non-stream reply its pieces."""
+
+    offset: int = 0
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    def logprobs_json(self, texts: list[str], lps: list[float]) -> dict[str, Any]:
+        """The OpenAI logprobs object of these tokens, which follow those already counted."""
+        offsets = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=self.offset))
+        self.offset += sum(len(t) for t in texts)
+        return {
+            "tokens": texts,
+            "token_logprobs": lps,
+            "top_logprobs": [{t: lp} for t, lp in zip(texts, lps, strict=True)],
+            "text_offset": offsets if texts else [],
+        }
+
+
+def extension(f: Finished, with_snapshot: bool) -> dict[str, Any]:
+    ext: dict[str, Any] = {
+        "session_id": f.session_id,
+        "tokens_seen": f.tokens_seen,
+        "turn": f.turn,
+        "seed": f.seed,
+        "time_to_first_token_s": f.time_to_first_token_s,
+    }
+    if with_snapshot:
+        ext["snapshot"] = base64.b64encode(f.snapshot).decode()
+    return ext
+
+
+def usage(ends: list[Finished]) -> dict[str, int]:
+    prompt = ends[0].prompt_tokens if ends else 0
+    completion = sum(f.generated_tokens for f in ends)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Completion:
+    """One /v1/completions reply, whole or streamed."""
+
+    def __init__(self, p: Plan, model: str) -> None:
+        self.p = p
+        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}
+        self.head.update(created=int(time.time()), model=model)
+        self.logs = [ChoiceLog() for _ in range(p.n)]
+
+    async def whole(self, events: AsyncIterator[tuple[int, Tokens | Finished]]) -> dict[str, Any]:
+        ends: dict[int, Finished] = {}
+        async with contextlib.aclosing(events):
+            async for i, ev in events:
+                if isinstance(ev, Finished):
+                    ends[i] = ev
+                else:
+                    self.logs[i].texts += ev.texts
+                    self.logs[i].logprobs += ev.logprobs or ()
+        choices = []
+        for i, log in enumerate(self.logs):
+            lp = ChoiceLog().logprobs_json(log.texts, log.logprobs) if self.p.req.return_logprobs else None
+            text = "".join(log.texts)
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": ends[i].reason})
+        done = [ends[i] for i in range(self.p.n)]
+        return {
+            **self.head,
+            "choices": choices,
+            "usage": usage(done),
+            "gru_serve": extension(done[0], self.p.snapshot),
+        }
+
+    def _chunk(self, choices: list[dict[str, Any]], **more: Any) -> str:
+        if self.p.include_usage:
+            more.setdefault("usage", None)  # as OpenAI: every chunk has the key, the last a value
+        return sse_event({**self.head, "choices": choices, **more})
+
+    def event(self, i: int, ev: Tokens | Finished) -> str:
+        if isinstance(ev, Finished):
+            choice = {"index": i, "text": "", "logprobs": None, "finish_reason": ev.reason}
+            return self._chunk([choice], gru_serve=extension(ev, self.p.snapshot))
+        lps = self.logs[i].logprobs_json(ev.texts, ev.logprobs) if ev.logprobs is not None else None
+        return self._chunk([{"index": i, "text": "".join(ev.texts), "logprobs": lps, "finish_reason": None}])
+
+    async def stream(
+        self, first: tuple[int, Tokens | Finished], events: AsyncIterator[tuple[int, Tokens | Finished]]
+    ) -> AsyncIterator[str]:
+        ends: list[Finished] = []
+        async with contextlib.aclosing(events):
+            item: tuple[int, Tokens | Finished] | None = first
+            while item is not None:
+                i, ev = item
+                if isinstance(ev, Finished):
+                    ends.append(ev)
+                yield self.event(i, ev)
+                item = await anext(events, None)
+        if self.p.include_usage:
+            yield self._chunk([], usage=usage(ends))
+        yield sse_event("[DONE]")
 
 
 def routes(front: HttpFront) -> list[BaseRoute]:
-    return []
+    service = front.service
+    started = int(time.time())
+
+    def model_json(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": started, "owned_by": "gru-serve"}
+
+    async def list_models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_json(n) for n in service.runtimes]})
+
+    async def get_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        if name not in service.runtimes:
+            served = ", ".join(service.runtimes)
+            raise NotFound(f"model {name!r} is not served here; this server serves {served}")
+        return JSONResponse(model_json(name))
+
+    async def completions(request: Request) -> Response:
+        p = plan(await parse_body(request, CompletionRequest), service)
+        who = owner(request)
+        reply = Completion(p, await served_model(service, p.req, who))
+        events = choice_events(service, p, who)
+        if not p.stream:
+            return JSONResponse(await reply.whole(events))
+        # The first event is awaited here, so an error found before any token (a bad field,
+        # an unknown or busy session) is the reply's status rather than an event after a 200.
+        try:
+            first = await anext(events)
+        except BaseException:
+            await events.aclose()
+            raise
+        return event_stream(request.url.path, reply.stream(first, events))
+
+    async def chat_completions(request: Request) -> Response:
+        body = await parse_body(request, ChatRequest)
+        rt = service.runtime(body.model or "")
+        raise NotFound(
+            f"model {rt.name!r} declares no chat template (ONNX metadata key {CHAT_TEMPLATE_KEY!r}), "
+            "so it cannot serve chat: use /v1/completions with a prompt"
+        )
+
+    return [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]

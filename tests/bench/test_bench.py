@@ -165,3 +165,18 @@ def test_scaleout_skips_without_the_servers(monkeypatch):
 
     monkeypatch.setattr(topology, "installed_binary", missing)
     assert scaleout.run(scaleout.mode_config("tiny")) == {"skipped": "redis-server not found"}
+
+
+def test_http_and_grpc_streams_side_by_side(tiny):
+    """The HTTP/SSE section drives both front ends of one server at each level: every request
+    of both transports gets all its tokens (usage-scaled SSE counts equal the tokens asked)."""
+    out, md = tiny
+    tr = json.loads((out / "results.json").read_text())["transports"]
+    assert [r["concurrency"] for r in tr["rows"]] == list(tr["config"]["levels"]) and not tr.get("error")
+    for row in tr["rows"]:
+        for side in ("grpc", "http"):
+            level = row[side]
+            assert level["errors"] == 0 and level["requests"] > 0, (side, level["error_codes"])
+            assert level["tokens"] == level["requests"] * tr["config"]["tokens"], side
+        assert row["ratio"] == row["http"]["tokens_per_s"] / row["grpc"]["tokens_per_s"]
+    assert "## HTTP/SSE beside gRPC" in md.read_text()

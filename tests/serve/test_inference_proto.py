@@ -33,6 +33,9 @@ METHODS = {
     "ModelStreamInfer",
     "ModelConfig",
     "ModelStatistics",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
 }
 # Fields of Triton's messages that our protos leave out on purpose (reserved there).
 OMITTED = {

@@ -78,3 +78,15 @@ def test_checked_names_the_bad_field(kwargs, field):
 
 def test_unseeded_requests_get_a_random_seed():
     assert SamplingParams.checked().seed != SamplingParams.checked().seed
+
+
+@pytest.mark.parametrize("t", [1e-320, 1e-40, 9e-6])
+def test_a_vanishing_temperature_is_greedy(t):
+    """JSON carries temperatures far below float32's range; dividing by one overflowed the
+    logits into NaN probabilities (found by the HTTP property test)."""
+    assert SamplingParams.checked(temperature=t).temperature == 0.0
+    logits = np.random.default_rng(0).normal(size=(4, 28)).astype(np.float32)
+    params = SamplingParams.checked(temperature=t)
+    row = np.full(4, params.temperature)
+    got = sample(logits, row, np.zeros(4, np.int64), np.ones(4), np.full(4, 0.5))
+    assert (got == logits.argmax(axis=1)).all()
