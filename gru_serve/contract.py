@@ -6,6 +6,7 @@ serving runtime reads the same definitions the exporter writes with.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,22 @@ OUTPUTS = {
 
 # d2l's preprocessing (d2l.ai §8.2): lower-case, every run of non-letters becomes one space.
 D2L_NORMALIZATION = {"lowercase": True, "pattern": "[^a-z]+", "replacement": " "}
+# Models with a tokenizer of their own: the tokenizer normalises, the contract does not.
+IDENTITY_NORMALIZATION = {"lowercase": False, "pattern": "(?!)", "replacement": ""}
+
+# gru_serve.tokenizer: how text becomes ids. Absent: "chars" (d2l's models).
+# - {"kind": "chars"}: one id per character of the normalised text (`normalization`);
+#   a character outside the vocabulary is <unk> if the vocabulary has one, else refused.
+# - {"kind": "words", "split": "whitespace" | "chars", "eos": "<eos>" | null,
+#    "unk": "<unk>" | null}: PyTorch word_language_model's convention: each line is split
+#   (on whitespace, or into characters) and `eos` ends it; decoding joins words with a space
+#   (nothing for chars) and writes `eos` as a newline.
+# - {"kind": "huggingface", "sha256": HEX}: a Hugging Face `tokenizers` tokenizer.json (BPE,
+#   byte-level or not, WordPiece, Unigram, WordLevel) held whole in gru_serve.tokenizer_json,
+#   whose SHA-256 this states.
+TOKENIZER_KINDS = ("chars", "words", "huggingface")
+# gru_serve.input: how the graph reads ids: "one_hot" (d2l) or "embedding" (a Gather).
+INPUT_KINDS = ("one_hot", "embedding")
 
 
 class ContractError(ValueError):
@@ -54,6 +71,9 @@ class ModelMetadata:
     corpus_sha1: str = ""
     perplexity: dict[str, float] = field(default_factory=dict)
     description: str = ""
+    tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "chars"})
+    tokenizer_json: str = ""  # kind "huggingface": the tokenizer.json text
+    input_kind: str = "one_hot"
 
     @property
     def vocab_size(self) -> int:
@@ -73,7 +93,11 @@ class ModelMetadata:
             "gru_serve.corpus_sha1": self.corpus_sha1,
             "gru_serve.perplexity": json.dumps(self.perplexity, sort_keys=True),
             "gru_serve.description": self.description,
+            "gru_serve.tokenizer": json.dumps(self.tokenizer, sort_keys=True),
+            "gru_serve.input": self.input_kind,
         }
+        if self.tokenizer_json:
+            props["gru_serve.tokenizer_json"] = self.tokenizer_json
         return props
 
     @classmethod
@@ -120,6 +144,14 @@ class ModelMetadata:
             raise ContractError(
                 f"model metadata 'gru_serve.normalization' must have keys {sorted(D2L_NORMALIZATION)}"
             )
+        tokenizer = json.loads(props.get("gru_serve.tokenizer", '{"kind": "chars"}'))
+        tokenizer_json = props.get("gru_serve.tokenizer_json", "")
+        check_tokenizer(tokenizer, tokenizer_json, vocab)
+        input_kind = props.get("gru_serve.input", "one_hot")
+        if input_kind not in INPUT_KINDS:
+            raise ContractError(
+                f"model metadata 'gru_serve.input' must be one of {INPUT_KINDS}, got {input_kind!r}"
+            )
         return cls(
             name=get("name"),
             vocab=tuple(vocab),
@@ -130,6 +162,9 @@ class ModelMetadata:
             corpus_sha1=props.get("gru_serve.corpus_sha1", ""),
             perplexity=as_json("perplexity", dict),
             description=props.get("gru_serve.description", ""),
+            tokenizer=tokenizer,
+            tokenizer_json=tokenizer_json,
+            input_kind=input_kind,
         )
 
     def expected_shapes(self) -> dict[str, tuple[str, tuple[str | int, ...]]]:
@@ -139,6 +174,27 @@ class ModelMetadata:
             name: (dtype, tuple(sizes.get(d, d) for d in shape))
             for name, (dtype, shape) in {**INPUTS, **OUTPUTS}.items()
         }
+
+
+def check_tokenizer(tokenizer: Any, tokenizer_json: str, vocab: list[str]) -> None:
+    """gru_serve.tokenizer (and tokenizer_json) as TOKENIZER_KINDS describes them."""
+    where = "model metadata 'gru_serve.tokenizer'"
+    if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in TOKENIZER_KINDS:
+        raise ContractError(f"{where} must be an object whose kind is one of {TOKENIZER_KINDS}")
+    if tokenizer["kind"] == "words":
+        if tokenizer.get("split") not in ("whitespace", "chars"):
+            raise ContractError(f"{where}: split must be 'whitespace' or 'chars'")
+        for key in ("eos", "unk"):
+            token = tokenizer.get(key)
+            if token is not None and token not in vocab:
+                raise ContractError(f"{where}: {key} {token!r} is not in the vocabulary")
+    if tokenizer["kind"] == "huggingface":
+        digest = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+        if not tokenizer_json or tokenizer.get("sha256") != digest:
+            raise ContractError(
+                "model metadata 'gru_serve.tokenizer_json' is missing or does not match the SHA-256 "
+                "in 'gru_serve.tokenizer'"
+            )
 
 
 def check_graph_io(actual: dict[str, tuple[str, tuple[str | int | None, ...]]], meta: ModelMetadata) -> None:
