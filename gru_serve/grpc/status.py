@@ -15,6 +15,7 @@ from gru_serve import errors
 
 log = logging.getLogger(__name__)
 
+
 def status_of(error: errors.GruServeError) -> grpc.StatusCode:
     return grpc.StatusCode[errors.status_of(error)[0]]
 

@@ -103,7 +103,9 @@ def test_greedy_n4_gives_4_copies_of_the_reference(client, runtime):
     texts, fins = client.generate_choices("time traveller", n=4, max_new_tokens=50)
     assert texts == [reference_generate(runtime, "time traveller", 50)] * 4
     assert [f.choice for f in fins] == [0, 1, 2, 3] and all(f.tokens_seen == 14 + 50 for f in fins)
-    assert len({f.logprob_sum for f in fins}) == 1
+    # Equal to the last few bits: a choice that starts alone in a round runs on the batch-1 fused
+    # session, whose kernels round differently from the batched one's (the tokens do not change).
+    assert all(f.logprob_sum == pytest.approx(fins[0].logprob_sum, rel=1e-12) for f in fins)
 
 
 @pytest.mark.parametrize(
