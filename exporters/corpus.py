@@ -112,3 +112,44 @@ def seq_data_iter_random(
             torch.tensor([corpus[j : j + num_steps] for j in batch]),
             torch.tensor([corpus[j + 1 : j + 1 + num_steps] for j in batch]),
         )
+
+
+def read_text_corpus(path: Path) -> tuple[str, str]:
+    """(text, sha1) of a UTF-8 corpus file; CorpusError names the first bad byte's offset."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError as e:
+        raise CorpusError(f"corpus {path} does not exist") from e
+    except OSError as e:
+        raise CorpusError(f"cannot read corpus {path}: {e.strerror}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(
+            f"corpus {path} is not UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} ({e.reason})"
+        ) from e
+    if not text.strip():
+        raise CorpusError(f"corpus {path} is empty")
+    return text.removeprefix("\ufeff"), hashlib.sha1(raw).hexdigest()
+
+
+def split_text(text: str, holdout: float) -> tuple[str, str]:
+    """(train, held-out) text: the held-out part is the last `holdout` fraction of the
+    characters, starting at the first line start from int((1 - holdout) * len(text)) on (so a
+    line-based tokenizer sees whole lines on both sides)."""
+    if not 0.0 <= holdout < 1.0:
+        raise CorpusError(f"holdout must be in [0, 1), got {holdout}")
+    if not holdout:
+        return text, ""
+    cut = int((1.0 - holdout) * len(text))
+    if cut > 0 and text[cut - 1] != "\n":
+        nl = text.find("\n", cut)
+        cut = nl + 1 if nl >= 0 else cut
+    return text[:cut], text[cut:]
+
+
+def d2l_normalize(text: str) -> str:
+    """d2l's preprocessing of a text (read_time_machine's, on any text): each line lower-cased,
+    every run of non-letters one space, stripped; the lines joined with no separator."""
+    lines = text.splitlines(keepends=True)
+    return "".join(re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in lines)

@@ -94,12 +94,30 @@ def parity_inputs(meta: ModelMetadata, batch: int) -> np.ndarray:
     """Token ids for the parity runs: text from the first 10,000 tokens of the book (the d2l
     training text) for a Time Machine model (random ids or unseen text drive a
     trained model far from its data, where the two GRU kernels' float32 rounding is amplified
-    chaotically), random ids for any other vocabulary."""
+    chaotically); for a model with a tokenizer of its own, the book's text through that
+    tokenizer (text, not noise, for a model trained on English); random ids for any other
+    vocabulary, or where the tokenizer cannot encode enough of the book."""
     length = PROMPT_LEN + CHAINED_STEPS
     corpus = Corpus.time_machine()
     if meta.vocab == corpus.vocab.tokens:
         return np.array([corpus.ids[r * 1400 : r * 1400 + length] for r in range(batch)], dtype=np.int64)
+    if meta.tokenizer.get("kind") in ("words", "huggingface"):
+        ids = book_ids(meta)
+        if ids is not None and len(ids) >= batch * 1400 + length:
+            return np.array([ids[r * 1400 : r * 1400 + length] for r in range(batch)], dtype=np.int64)
     return np.random.default_rng(batch).integers(0, meta.vocab_size, (batch, length), dtype=np.int64)
+
+
+def book_ids(meta: ModelMetadata) -> list[int] | None:
+    """The first 100,000 characters of the Time Machine through the model's own tokenizer."""
+    from exporters.corpus import time_machine_path
+    from exporters.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        tok = Tokenizer(dict(meta.tokenizer), meta.vocab, meta.tokenizer_json, "the model's tokenizer")
+        return tok.encode(time_machine_path().read_text(encoding="utf-8")[:100_000])
+    except TokenizerError:
+        return None
 
 
 def compare_runs(
@@ -182,16 +200,21 @@ def validate(
         )
         return report
 
-    ck = checkpoint.model.config
+    ck = checkpoint.config
     if (ck.vocab_size, ck.num_layers, ck.hidden_size) != (meta.vocab_size, meta.num_layers, meta.hidden_size):
         raise ContractMismatch(
             f"checkpoint is vocab {ck.vocab_size}, layers {ck.num_layers}, hidden {ck.hidden_size}"
             f" but the model is vocab {meta.vocab_size}, layers {meta.num_layers}, "
             f"hidden {meta.hidden_size}"
         )
-    if tuple(checkpoint.vocab.tokens) != meta.vocab:
+    if checkpoint.vocab is not None and tuple(checkpoint.vocab.tokens) != meta.vocab:
         raise ContractMismatch("metadata 'gru_serve.vocab' differs from the checkpoint's vocabulary")
-    ref = torch_step(checkpoint.model)
+    if checkpoint.tokenizer is not None and checkpoint.tokenizer.metadata() != (
+        meta.tokenizer,
+        meta.tokenizer_json,
+    ):
+        raise ContractMismatch("metadata 'gru_serve.tokenizer' differs from the checkpoint's tokenizer")
+    ref = torch_step(checkpoint)
     report.worst = compare_runs(step, ref, meta, atol_logits, atol_state, "PyTorch")
     report.checks.append(
         f"parity with PyTorch, prefill {PROMPT_LEN} + {CHAINED_STEPS} chained steps at batch "

@@ -15,7 +15,9 @@
 
 DIR/variants.json holds the report: sizes, checks, max differences and perplexities
 (d2l's way on the training tokens, and as one stream on the training and held-out text) next
-to the base model's.
+to the base model's. A model with a tokenizer of its own is measured on its own corpus split
+(the checkpoint's, with --checkpoint; else, for a model of the Time Machine, the book as written
+with its last 10% held out), with held-out bits per character beside perplexity.
 """
 
 from __future__ import annotations
@@ -92,10 +94,16 @@ def fp16_model(base: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def perplexities(step, shape: tuple[int, int]) -> dict[str, float]:
+def perplexities(step, shape: tuple[int, int], split=None) -> dict[str, float]:
     """d2l's perplexity on its 10,000 training tokens, and one-stream perplexity on them and on
-    the last 10% of the book (held out from the d2l recipe)."""
+    the last 10% of the book (held out from the d2l recipe); for a tokenizer model, the same
+    (and bits per character) on its own corpus split (`split`, an evaluation.EvalSplit)."""
     from exporters.corpus import Corpus
+
+    if split is not None:
+        from exporters.evaluation import perplexities as split_perplexities
+
+        return split_perplexities(step, split, shape)
 
     corpus = Corpus.time_machine()
     train, _ = corpus.split()
@@ -154,6 +162,29 @@ def fused_parity(model_path: Path, fused_path: Path, n: int = 200, k: int = 16) 
     return checks
 
 
+def model_split(meta, checkpoint=None):
+    """The corpus split a tokenizer model is measured on (None for d2l's character models,
+    which use the Time Machine's d2l tokens)."""
+    if meta.tokenizer.get("kind", "chars") == "chars":
+        return None
+    from exporters.corpus import TIME_MACHINE_SHA1, read_text_corpus, time_machine_path
+    from exporters.evaluation import tokenized_split
+    from exporters.export import ExportError, evaluation_split
+    from exporters.tokenizer import Tokenizer
+
+    if checkpoint is not None and checkpoint.tokenizer is not None:
+        split = evaluation_split(checkpoint)
+        if split is not None:
+            return split
+    if meta.corpus_sha1 != TIME_MACHINE_SHA1:
+        raise ExportError(
+            f"{meta.name} has a tokenizer of its own and was not trained on the Time Machine: give "
+            "--checkpoint so its corpus split is known"
+        )
+    tok = Tokenizer(dict(meta.tokenizer), meta.vocab, meta.tokenizer_json, "the model's tokenizer")
+    return tokenized_split(tok.encode, read_text_corpus(time_machine_path())[0], 0.1)[0]
+
+
 def write_variants(
     model_path: Path, out: Path, kinds: tuple[str, ...] = KINDS, checkpoint=None
 ) -> dict[str, VariantReport | dict]:
@@ -162,7 +193,8 @@ def write_variants(
     meta = read_model(base)
     sha = hashlib.sha256(model_path.read_bytes()).hexdigest()
     shape = (meta.num_layers, meta.hidden_size)
-    base_ppl = perplexities(ort_step(model_path), shape)
+    split = model_split(meta, checkpoint)
+    base_ppl = perplexities(ort_step(model_path), shape, split)
     reports: dict[str, VariantReport | dict] = {"base": {"path": str(model_path), "perplexity": base_ppl}}
     for kind in kinds:
         if kind not in KINDS:
@@ -195,12 +227,12 @@ def write_variants(
                 f"{rep.max_diff[LOGITS]:.2e} (atol {tol[0]:g}), state_out {rep.max_diff[STATE_OUT]:.2e} "
                 f"(atol {tol[1]:g})"
             )
-            rep.perplexity = perplexities(ort_step(path), shape)
+            rep.perplexity = perplexities(ort_step(path), shape, split)
             rep.perplexity_change = {k: rep.perplexity[k] / base_ppl[k] - 1 for k in base_ppl}
         elif kind == "decode":
             rt = ModelRuntime(model_path)  # derives the same graph and checks it at load
             rep.checks.append(f"runtime fast path: {rt.fast_path_note}")
-            rep.perplexity = perplexities(token_by_token(ort.InferenceSession(str(path))), shape)
+            rep.perplexity = perplexities(token_by_token(ort.InferenceSession(str(path))), shape, split)
             rep.perplexity_change = {k: rep.perplexity[k] / base_ppl[k] - 1 for k in base_ppl}
         else:
             rep.checks += fused_parity(model_path, path)

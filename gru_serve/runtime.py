@@ -31,7 +31,7 @@ from gru_serve.decode_graphs import (
 from gru_serve.errors import ModelLoadError
 from gru_serve.sampling import SamplingParams, sample, uniforms
 from gru_serve.scoring import StepFn
-from gru_serve.vocab import Vocabulary
+from gru_serve.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,10 @@ class ModelRuntime:
         self.metadata, raw = load_metadata(self.path)
         self.name = name or self.metadata.name
         self.model_hash = hashlib.sha256(raw).hexdigest()
-        self.vocab = Vocabulary(self.metadata.vocab, self.metadata.normalization)
+        try:
+            self.tokenizer: Tokenizer = load_tokenizer(self.metadata)
+        except ContractError as e:
+            raise ModelLoadError(f"model {self.path}: {e}") from e
         self.session, self.provider = self._create_session(raw, options)
         self.decode_session: ort.InferenceSession | None = None
         self.fused_session: ort.InferenceSession | None = None
@@ -155,11 +158,19 @@ class ModelRuntime:
             return
         so = self._session_options(self.options)
         providers = self._providers()
-        decode = ort.InferenceSession(
-            decode_graph(model, weights).SerializeToString(), so, providers=providers
-        )
-        fused_bytes = fused_graph(model, weights).SerializeToString()
-        fused = ort.InferenceSession(fused_bytes, so, providers=providers)
+        try:
+            decode = ort.InferenceSession(
+                decode_graph(model, weights).SerializeToString(), so, providers=providers
+            )
+            fused_bytes = fused_graph(model, weights).SerializeToString()
+            fused = ort.InferenceSession(fused_bytes, so, providers=providers)
+        except Exception as e:  # e.g. a large vocabulary's tables past protobuf's 2 GB, or memory
+            why = str(e).splitlines()[0] if str(e) else ""
+            self.fast_path_note = f"off: the derived graphs cannot be built ({type(e).__name__}: {why})"
+            log.warning(
+                "model %s: fast path %s; every step runs the exported graph", self.name, self.fast_path_note
+            )
+            return
         problem = self._check_derived(decode, fused)
         single = None
         if not problem:
@@ -231,6 +242,12 @@ class ModelRuntime:
             tok = lg[:, 0].argmax(axis=1)
             ok &= np.array_equal(tok, sampled[k])
         return "" if ok else "fused"
+
+    @property
+    def vocab(self) -> Tokenizer:
+        """The tokenizer, under its old name, for callers outside gru_serve that still use it
+        (exporters/variants.py); gru_serve itself reads `tokenizer`."""
+        return self.tokenizer
 
     @property
     def state_shape(self) -> tuple[int, int]:

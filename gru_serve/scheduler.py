@@ -43,9 +43,10 @@ import numpy as np
 from gru_serve.errors import GruServeError, Internal, ResourceExhausted, Unavailable
 from gru_serve.prefix_cache import BLOCK
 from gru_serve.runtime import Decoder, ModelRuntime
-from gru_serve.sampling import MAX_STOP_CHARS, SamplingParams, sample, uniforms
+from gru_serve.sampling import SamplingParams, sample, uniforms
 from gru_serve.scoring import token_logprobs
 from gru_serve.settings import Settings
+from gru_serve.tokenizer import PRIME_TOKENS, StopMatcher, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,12 @@ ROUND_BUDGET_S: float = Settings.model_fields["round_budget_ms"].default / 1000
 class Tokens:
     """Tokens of one job made together, in order: ids, their texts, the index of the first among
     the request's generated tokens, and log-probabilities when asked for. One object per job and
-    round (not one per token): the per-token work on the serving path is list slicing."""
+    round (not one per token): the per-token work on the serving path is list slicing.
+
+    A token's text is its delta in the generation's text (gru_serve.tokenizer.TextStream): what
+    it adds, "" while it ends inside a UTF-8 character; the texts of every chunk of a generation
+    that ends by length concatenate to the tokenizer's decoding of all its ids (the last text
+    carries whatever was held back)."""
 
     ids: list[int]
     texts: list[str]
@@ -111,7 +117,11 @@ class Job:
     cancelled: bool = False
     ended: bool = False  # its last event (done or failed) is out
     generated: int = 0
-    tail: str = ""  # the last characters generated, for stop strings
+    # The generation's text, token by token (Scheduler.submit makes it from the runtime's
+    # tokenizer, primed with the prompt, when none is given), and its stop strings (None when
+    # it has none; made from params.stop when not given).
+    stream: TextStream | None = None
+    stops: StopMatcher | None = None
     first_token_at: float | None = None
     stop_hit: str = field(default="")
     # A prompt read from the zero state is prefilled in BLOCK-token chunks from its first token
@@ -127,12 +137,6 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled = True
-
-    def stops_after(self, text: str) -> bool:
-        """Follow the generated text for the stop strings; True once one has been produced."""
-        self.tail = (self.tail + text)[-MAX_STOP_CHARS:]
-        self.stop_hit = next((s for s in self.params.stop if self.tail.endswith(s)), "")
-        return bool(self.stop_hit)
 
 
 class _Batch:
@@ -153,7 +157,6 @@ class _Batch:
         self.seeds = np.array([p.seed for p in params], np.uint64)
         self.any_sampled = bool((self.temperature > 0).any())
         self.logprobs = [i for i, j in enumerate(jobs) if j.want_logprobs]
-        self.any_stop = any(p.stop for p in params)
 
     def state(self) -> np.ndarray:
         if self.host_state is None:
@@ -176,6 +179,11 @@ class Scheduler:
         round_budget_s: float = ROUND_BUDGET_S,
     ) -> None:
         self.runtime = runtime
+        # A "chars" token's text is the token itself, whatever came before: looked up directly
+        # (the per-token work of today's d2l models stays list indexing); other kinds go
+        # through each job's stream.
+        tok = runtime.tokenizer
+        self._lookup: tuple[str, ...] | None = tok.tokens if tok.kind == "chars" else None
         self.io_binding = io_binding
         # 1 turns the fused path off: every round is one decode step.
         self.fused_tokens = fused_tokens
@@ -234,6 +242,12 @@ class Scheduler:
             self._cond.notify()
 
     def submit(self, job: Job) -> None:
+        if job.stream is None:
+            job.stream = self.runtime.tokenizer.stream(job.prompt[-PRIME_TOKENS:].tolist())
+        if job.stops is None and job.params.stop:
+            job.stops = StopMatcher(job.params.stop)
+        elif job.stops is not None and not job.stops:
+            job.stops = None  # nothing to follow: the hot path tests for None only
         with self._cond:
             if self._stopping:
                 raise Unavailable("the server is shutting down")
@@ -392,22 +406,27 @@ class Scheduler:
         )
         lps = dict(zip(batch.logprobs, first_lp, strict=True))
         now = time.perf_counter()
-        vocab = self.runtime.vocab.tokens
+        lookup = self._lookup
         left = np.empty(n, np.int64)  # tokens each job may still take in this round
         firsts: list[Tokens] = []
         fresh: list[bool] = []
         for i, job in enumerate(jobs):
             tid = int(tokens[i])
-            text = vocab[tid]
+            text = lookup[tid] if lookup is not None else job.stream.push((tid,))[0]
             fresh.append(job.first_token_at is None)
             if job.first_token_at is None:
                 job.first_token_at = now
-            lp = lps.get(i)
-            firsts.append(Tokens([tid], [text], job.generated, None if lp is None else [float(lp)]))
             job.generated += 1
-            if job.params.stop:
-                job.stops_after(text)
-            left[i] = 0 if job.stop_hit else job.max_new_tokens - job.generated
+            stops = job.stops
+            if stops is not None and (hit := stops.feed((text,))) is not None:
+                job.stop_hit = hit.stop
+                left[i] = 0
+            else:
+                left[i] = rest = job.max_new_tokens - job.generated
+                if not rest and lookup is None:
+                    text += job.stream.flush()  # its last token: the text held back goes too
+            lp = lps.get(i)
+            firsts.append(Tokens([tid], [text], job.generated - 1, None if lp is None else [float(lp)]))
         self.tokens += n
         k = self._fused_steps(n, int(left.max()))
         # A newcomer's first token goes out now, before the model runs; in a fused round the
@@ -486,20 +505,21 @@ class Scheduler:
             tokens, batch.state(), batch.temperature, batch.top_k, batch.top_p, u
         )
         self.fused_rounds += 1
-        vocab = self.runtime.vocab.tokens
+        lookup = self._lookup
         lp_rows = set(batch.logprobs)
         still = []
         for i, job in enumerate(batch.jobs):
             take = int(min(left[i], k - 1))  # tokens from the loop: sampled[0 .. take - 1]
             ids = sampled[:take, i].tolist()
-            texts = [vocab[t] for t in ids]
+            texts = [lookup[t] for t in ids] if lookup is not None else job.stream.push(ids)
             end = take  # the job's last fed token is step index `end`
-            if job.params.stop:
-                for t, text in enumerate(texts):
-                    if job.stops_after(text):
-                        end = t + 1
-                        del ids[end:], texts[end:]
-                        break
+            stops = job.stops
+            if stops is not None and take and (hit := stops.feed(texts)) is not None:
+                job.stop_hit = hit.stop
+                end = hit.index + 1
+                del ids[end:], texts[end:]
+            elif take and lookup is None and job.generated + take >= job.max_new_tokens:
+                texts[-1] += job.stream.flush()  # its last token: the text held back goes too
             lps = token_logprobs(step_logits[:end, i], sampled[:end, i]).tolist() if i in lp_rows else None
             chunk = Tokens(ids, texts, job.generated, lps)
             job.generated += end

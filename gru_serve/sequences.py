@@ -91,7 +91,7 @@ class Sequences:
         self.service = service
 
     def check_ids(self, rt: ModelRuntime, ids: np.ndarray, name: str = "input_ids") -> None:
-        """ids must be int64 [batch, seq], batch <= max_batch_size, 1 to max_prompt_chars tokens
+        """ids must be int64 [batch, seq], batch <= max_batch_size, 1 to max_prompt_tokens tokens
         in all (which also bounds the logits' size), and ids in the vocabulary."""
         s = self.service.settings
         if ids.dtype != np.int64 or ids.ndim != 2:
@@ -101,11 +101,11 @@ class Sequences:
             raise InvalidArgument(f"{name}: batch must be in [1, {s.max_batch_size}], got {batch}")
         if seq < 1:
             raise InvalidArgument(f"{name}: shape {list(ids.shape)} has no tokens; give at least 1")
-        if ids.size > s.max_prompt_chars:
+        if ids.size > s.max_prompt_tokens:
             raise InvalidArgument(
-                f"{name} has {ids.size} tokens; the limit is {s.max_prompt_chars} (max_prompt_chars)"
+                f"{name} has {ids.size} tokens; the limit is {s.max_prompt_tokens} (max_prompt_tokens)"
             )
-        vocab = len(rt.vocab)
+        vocab = rt.metadata.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             bad = int(ids[(ids < 0) | (ids >= vocab)][0])
             raise InvalidArgument(f"{name}: token ids must be in [0, {vocab}), got {bad}")

@@ -38,6 +38,7 @@ from gru_serve.scoring import perplexity, stream_logprobs
 from gru_serve.sessions import SessionRecord, SessionStore, new_session_id
 from gru_serve.settings import Settings
 from gru_serve.snapshots import Snapshot, load_keys, open_, require_keys, seal
+from gru_serve.tokenizer import PRIME_TOKENS, StopMatcher
 
 log = logging.getLogger(__name__)
 
@@ -408,12 +409,20 @@ class GenerationService:
             raise SessionNotFound(session_id[:MAX_SESSION_ID_CHARS].encode("unicode_escape").decode())
 
     def _encode(self, rt: ModelRuntime, text: str, name: str) -> list[int]:
-        limit = self.settings.max_prompt_chars
-        if len(text) > limit:
+        """The ids of a request's text, by the model's tokenizer (unknown input per its policy:
+        InvalidArgument naming `name` where it has no unknown token), within both limits:
+        max_prompt_chars on the text as sent, max_prompt_tokens on its ids."""
+        s = self.settings
+        if len(text) > s.max_prompt_chars:
             raise InvalidArgument(
-                f"{name} has {len(text)} characters; the limit is {limit} (max_prompt_chars)"
+                f"{name} has {len(text)} characters; the limit is {s.max_prompt_chars} (max_prompt_chars)"
             )
-        return rt.vocab.encode(text)
+        ids = rt.tokenizer.encode(text, field=name)
+        if len(ids) > s.max_prompt_tokens:
+            raise InvalidArgument(
+                f"{name} has {len(ids)} tokens; the limit is {s.max_prompt_tokens} (max_prompt_tokens)"
+            )
+        return ids
 
     def _info(self, rec: SessionRecord) -> SessionInfo:
         turns = tuple(TurnInfo(c.turn, c.tokens_seen, c.committed) for c in rec.checkpoints)
@@ -586,7 +595,11 @@ class GenerationService:
         max_new: int,
         params: SamplingParams,
         logprobs: bool,
+        prime: list[int] | None = None,
     ) -> AsyncIterator[Tokens | DoneEvent]:
+        """The events of one job: `ids` prefilled from the record's state, then up to max_new
+        tokens. Its text stream is primed with the ids before the generation (`prime`, by
+        default `ids`), so the first tokens' texts read as they do after them."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()  # bounded by the backlog: see _Backlog
         scheduler = self._scheduler(rt)
@@ -606,6 +619,8 @@ class GenerationService:
             rec.tokens_seen + len(ids),
             logprobs,
             emit,
+            stream=rt.tokenizer.stream((ids if prime is None else prime)[-PRIME_TOKENS:]),
+            stops=StopMatcher(params.stop) if params.stop else None,
         )
         backlog.job = job
         keys: list[str] = []
@@ -660,7 +675,7 @@ class GenerationService:
                 log.debug("prefix cache: shared tier not read: %s", e)
                 found = []
             for i in reversed(range(len(found))):
-                got = Entry.from_bytes(found[i], rt.state_shape, len(rt.vocab)) if found[i] else None
+                got = Entry.from_bytes(found[i], rt.state_shape, rt.metadata.vocab_size) if found[i] else None
                 if got is not None:
                     n, entry = n + i + 1, got
                     cache.put(keys[n - 1], got)
@@ -716,7 +731,7 @@ class GenerationService:
         ids = self._encode(rt, prompt, "prompt")
         if not ids and rec.logits is None and max_new > 0:
             raise InvalidArgument(
-                "prompt is empty and the session has seen no text yet: give a prompt of at least 1 character"
+                "prompt has no tokens and the session has seen no text yet: give a prompt of at least 1 token"
             )
         return ids
 
@@ -747,7 +762,7 @@ class GenerationService:
                 leased = req.session_id
                 held.enter_context(self.using(rt))
                 ids = self._prompt_ids(rt, rec, req.prompt, max_new)
-                p.prompt_tokens, p.normalized_prompt = len(ids), rt.vocab.decode(ids)
+                p.prompt_tokens, p.normalized_prompt = len(ids), rt.tokenizer.decode(ids)
                 p.tokens_seen, p.turn = rec.tokens_seen, rec.turn
                 async for ev in self._events(rt, rec, ids, max_new, req.sampling, req.return_logprobs):
                     if not isinstance(ev, DoneEvent):
@@ -842,7 +857,7 @@ class GenerationService:
                 seeds = [(req.sampling.seed + i) % (1 << 64) for i in range(n)]
                 # Log-probabilities are always computed: best_of and logprob_sum need them.
                 streams = [
-                    self._events(rt, start, [], max_new, replace(req.sampling, seed=seed), True)
+                    self._events(rt, start, [], max_new, replace(req.sampling, seed=seed), True, prime=ids)
                     for seed in seeds
                 ]
                 sums = [0.0] * n
@@ -854,7 +869,8 @@ class GenerationService:
                             ends[i] = ev
                             continue
                         last_sent = self._observe(rt.name, len(ev), t0, last_sent)
-                        sums[i] += sum(ev.logprobs or ())
+                        for lp in ev.logprobs or ():  # token by token: the same sum however packed
+                            sums[i] += lp
                         if not req.return_logprobs:
                             ev.logprobs = None
                         yield i, ev
@@ -868,7 +884,7 @@ class GenerationService:
                     )
                     after = await self.store.commit(new)
                     leased = ""
-                now, normalized = time.perf_counter(), rt.vocab.decode(ids)
+                now, normalized = time.perf_counter(), rt.tokenizer.decode(ids)
                 for i in range(n):
                     ev = ends[i]
                     # A one-off's "session" is the choice's own state, as in generate.
@@ -914,13 +930,18 @@ class GenerationService:
                 ids = self._encode(rt, text, "text")
                 if len(ids) < (1 if rec.logits is not None else 2):
                     raise InvalidArgument(
-                        "text must have at least 2 characters from a fresh state "
-                        "(the first is context), or 1 in a session with text"
+                        f"text has {len(ids)} token(s): it must have at least 2 tokens from a fresh "
+                        "state (the first is context), or 1 in a session with text"
                     )
                 lp, state, last = await asyncio.to_thread(
                     stream_logprobs, rt.step, ids, rec.state[None], rec.logits
                 )
-                scored = ids if rec.logits is not None else ids[1:]
+                context = 0 if rec.logits is not None else 1
+                scored = ids[context:]
+                # Each scored token's text as it reads after the ones before (as streamed).
+                stream = rt.tokenizer.stream(ids[:context])
+                texts = stream.push(scored)
+                texts[-1] += stream.flush()
                 tokens_seen = rec.tokens_seen
                 if leased:
                     keep = self.settings.max_checkpoints
@@ -930,9 +951,9 @@ class GenerationService:
                 return ScoreResult(
                     perplexity(lp),
                     scored,
-                    [rt.vocab.token(t) for t in scored],
+                    texts,
                     [float(x) for x in lp],
-                    rt.vocab.decode(ids),
+                    rt.tokenizer.decode(ids),
                     tokens_seen,
                 )
             finally:
@@ -943,5 +964,11 @@ class GenerationService:
         rt = self.runtime(model)
         m = rt.metadata
         return ModelInfo(
-            rt.name, m.vocab, m.hidden_size, m.num_layers, rt.model_hash, rt.provider, dict(m.perplexity)
+            rt.name,
+            rt.tokenizer.tokens,
+            m.hidden_size,
+            m.num_layers,
+            rt.model_hash,
+            rt.provider,
+            dict(m.perplexity),
         )

@@ -63,7 +63,11 @@ class Settings(BaseSettings):
     max_sessions: int = Field(10_000, ge=1)
     """sessions kept; beyond it the least recently used idle one is evicted"""
     max_prompt_chars: int = Field(16_384, ge=1)
-    """longest prompt or text accepted"""
+    """longest prompt or text accepted, in characters as sent (before the tokenizer)"""
+    max_prompt_tokens: int = Field(16_384, ge=1)
+    """longest prompt or text accepted, in tokens (after the tokenizer: a character may be
+    several tokens, a token several characters); also the most token ids one inference-protocol
+    request may carry"""
     max_new_tokens: int = Field(4096, ge=1)
     """most tokens one request may generate"""
     default_new_tokens: int = Field(64, ge=1)

@@ -102,7 +102,7 @@ def _parity(model: Path, report: dict) -> tuple[bool, ModelRuntime]:
         SamplingParams(temperature=1.0, seed=7),
         SamplingParams(temperature=0.8, top_k=5, seed=3),
     ]
-    prompt = gpu.vocab.encode("time traveller")
+    prompt = gpu.tokenizer.encode("time traveller")
     steps = [step_generate(gpu.step, prompt, gpu.zero_state(), p, 120)[0] for p in params]
     fused = fused_generate(gpu, [prompt] * len(params), params, 120, 16)[0]
     report["cuda_fused_equals_step_path"] = fused == steps

@@ -250,7 +250,7 @@ def scheduler(cfg: InProcessConfig, fast: ModelRuntime) -> list[dict]:
                 sched.start()
                 t0 = time.perf_counter()
                 for i in range(b):
-                    ids = np.array(fast.vocab.encode(f"the time traveller {i}"), np.int64)
+                    ids = np.array(fast.tokenizer.encode(f"the time traveller {i}"), np.int64)
                     sched.submit(
                         Job(
                             ids,
@@ -278,5 +278,34 @@ def scheduler(cfg: InProcessConfig, fast: ModelRuntime) -> list[dict]:
             )
             row = _row("scheduler_step" if fused_tokens == 1 else "scheduler_fused", what, b, s)
             row["includes"] = "prefill, sampling, token chunks; no gRPC"
+            rows.append(row)
+    return rows
+
+
+SAMPLE_TEXT = (
+    "The Time Traveller (for so it will be convenient to speak of him) was expounding a recondite "
+    "matter to us. His grey eyes shone and twinkled, and his usually pale face was flushed and "
+    "animated. The fire burned brightly, and the soft radiance of the incandescent lights in the "
+    "lilies of silver caught the bubbles that flashed and passed in our glasses."
+)
+
+
+def shipped(cfg: InProcessConfig, models: dict[str, Path]) -> list[dict]:
+    """Each shipped model on its fused path (K = the server's) at batch 1 and 64, in tokens/s
+    and in characters/s: tokens/s times the characters a token of its tokenizer holds on a
+    paragraph of the book (the model's own normalised text: d2l's models see lower-case
+    letters and spaces, one character per token)."""
+    rows = []
+    for name, path in models.items():
+        rt = ModelRuntime(path)
+        if not rt.has_fused:
+            continue
+        text = rt.tokenizer.normalize(SAMPLE_TEXT)
+        chars_per_token = len(text) / len(rt.tokenizer.encode(SAMPLE_TEXT))
+        for batch in (1, 64):
+            steps = cfg.tokens if batch == 1 else max(cfg.server_k, cfg.batched_tokens // batch)
+            sec = best_of(lambda rt=rt, b=batch, n=steps: loop_fused(rt, b, n, cfg.server_k), cfg.repeats)
+            row = _row(name, f"{name} ({rt.tokenizer.kind}, vocab {rt.metadata.vocab_size})", batch, sec)
+            row |= {"chars_per_token": chars_per_token, "chars_per_s": row["tokens_per_s"] * chars_per_token}
             rows.append(row)
     return rows

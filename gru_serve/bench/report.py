@@ -687,6 +687,26 @@ def markdown(results: dict, plot_files: dict[str, str], plot_prefix: str = "") -
             _md_table(["path", "jobs", "tokens/s"], rows),
             "",
         ]
+    if ip.get("shipped"):
+        rows = [
+            [
+                r["what"],
+                str(r["batch"]),
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['chars_per_token']:.2f}",
+                f"{r['chars_per_s']:,.0f}",
+            ]
+            for r in ip["shipped"]
+        ]
+        lines += [
+            "### The shipped models",
+            "",
+            f"Fused path, K = {s['inprocess']['server_k']}, greedy. Characters per token: a paragraph of "
+            "the book as the model's tokenizer splits it (d2l's models see the normalised text).",
+            "",
+            _md_table(["model", "batch", "tokens/s", "chars/token", "chars/s"], rows),
+            "",
+        ]
     if ip.get("tuning"):
         batches = sorted({r["batch"] for r in ip["tuning"]})
         rows = []

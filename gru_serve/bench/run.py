@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from gru_serve.bench import inprocess, machine, prefix, report, scaleout, served, transports
 from gru_serve.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.settings import Settings
-from gru_serve.shipped import default_model_path
+from gru_serve.shipped import default_model_path, shipped_models
 
 SCHEMA = "gru-serve-bench/1"
 BASELINE_WORKERS = 10
@@ -362,6 +362,8 @@ def main(args: argparse.Namespace) -> int:
         step("in process: scheduler without gRPC")
         res_ip["scheduler"] = inprocess.scheduler(ip, fast)
         progress.advance(task)
+        step("in process: the shipped models")
+        res_ip["shipped"] = inprocess.shipped(ip, shipped_models())
         if not args.no_tuning:
             step("in process: onnxruntime settings")
             res_ip["tuning"] = inprocess.tuning(ip)

@@ -213,7 +213,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ]
             platform = "gru_serve"
         else:
-            vocab = len(ep.runtime.vocab)
+            vocab = ep.runtime.metadata.vocab_size
             inputs = [tensor(name=INPUT_IDS, datatype="INT64", shape=[-1, -1])]
             outputs = [tensor(name=LOGITS, datatype="FP32", shape=[-1, -1, vocab])]
             platform = triton_config.PLATFORM

@@ -180,3 +180,14 @@ def test_http_and_grpc_streams_side_by_side(tiny):
             assert level["tokens"] == level["requests"] * tr["config"]["tokens"], side
         assert row["ratio"] == row["http"]["tokens_per_s"] / row["grpc"]["tokens_per_s"]
     assert "## HTTP/SSE beside gRPC" in md.read_text()
+
+
+def test_the_shipped_models_in_tokens_and_characters(tiny):
+    out, md = tiny
+    rows = json.loads((out / "results.json").read_text())["inprocess"]["shipped"]
+    assert {r["name"] for r in rows} == {"timemachine-d2l", "timemachine-full", "timemachine-bpe"}
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["chars_per_s"] == r["tokens_per_s"] * r["chars_per_token"]
+    bpe = next(r for r in rows if r["name"] == "timemachine-bpe")
+    assert bpe["chars_per_token"] > 2  # a byte-level BPE token holds several characters
+    assert "### The shipped models" in md.read_text()

@@ -26,11 +26,11 @@ PROMPTS = ["time traveller", "the machine", "it was", "so", "we"]
 
 
 def step_path(rt, prompt, params, n):
-    return step_generate(rt.step, rt.vocab.encode(prompt), rt.zero_state(), params, n)
+    return step_generate(rt.step, rt.tokenizer.encode(prompt), rt.zero_state(), params, n)
 
 
 def fused_path(rt, prompts, params, n, k):
-    return fused_generate(rt, [rt.vocab.encode(p) for p in prompts], params, n, k)
+    return fused_generate(rt, [rt.tokenizer.encode(p) for p in prompts], params, n, k)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def _run_scheduler(rt, jobs_spec, fused_tokens):
                 if isinstance(ev, DoneEvent | FailedEvent):
                     done.release()
 
-            ids = np.array(rt.vocab.encode(prompt), np.int64)
+            ids = np.array(rt.tokenizer.encode(prompt), np.int64)
             sched.submit(Job(ids, rt.zero_state()[0], None, n, params, len(ids), logprobs, emit))
         for _ in jobs_spec:
             assert done.acquire(timeout=30)
@@ -155,7 +155,7 @@ def test_newcomers_prompts_of_one_length_are_prefilled_together(rt):
             if isinstance(ev, DoneEvent | FailedEvent):
                 done.release()
 
-        ids = np.array(rt.vocab.encode(prompt), np.int64)
+        ids = np.array(rt.tokenizer.encode(prompt), np.int64)
         sched.submit(Job(ids, rt.zero_state()[0], None, 40, params[i % 2], len(ids), False, emit))
     sched.start()
     try:

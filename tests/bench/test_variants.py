@@ -54,7 +54,7 @@ def test_fp16_variant_serves(variants):
     out, _ = variants
     rt = ModelRuntime(out / "fp16.onnx")
     ref = ModelRuntime(D2L, RuntimeOptions(fast_path=False))
-    ids = np.array([rt.vocab.encode("time traveller")], np.int64)
+    ids = np.array([rt.tokenizer.encode("time traveller")], np.int64)
     a, _ = rt.step(ids, rt.zero_state())
     b, _ = ref.step(ids, ref.zero_state())
     assert rt.has_fused and np.abs(a - b).max() < 0.1

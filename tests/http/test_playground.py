@@ -1,6 +1,7 @@
 """The playground page in a real browser (Chromium driven by Playwright) against a real server:
 what it streams equals gRPC and the independent reference, Continue and Fork do what the
-sessions API says, and it writes docs/playground.png."""
+sessions API says. It takes a screenshot; with GRU_SERVE_UPDATE_SCREENSHOT=1 it replaces
+docs/playground.png (the README's), so a plain test run leaves the tree as it was."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.http.conftest import start_http_server
 from tests.serve.conftest import D2L, reference_generate
 
 CHROMIUM = os.environ.get("GRU_SERVE_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "playground.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "playground.png"
 MODEL = "timemachine-d2l"
 PROMPT = "the time traveller"
 N = 40
@@ -134,8 +135,10 @@ def test_generate_continue_fork_match_grpc_and_the_reference(page, server):
         expect(page.locator("#session")).to_have_text(sid)
         assert session_json(server, sid)["tokens_seen"] == fin2.tokens_seen == c.get_session(sid).tokens_seen
         expect(page.locator("#tokens-seen")).to_have_text(str(fin2.tokens_seen))
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT))
+        shot = page.screenshot()
+        assert shot.startswith(b"\x89PNG")
+        if os.environ.get("GRU_SERVE_UPDATE_SCREENSHOT") == "1":
+            DOCS_SCREENSHOT.write_bytes(shot)
 
         # Fork: a new id with the same state; Continue then goes on the fork, not the original.
         page.click("#fork")

@@ -25,7 +25,7 @@ MAX_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def stub():
-    srv = ThreadedServer(Settings(port=0, models=(str(default_model_path()),), max_prompt_chars=MAX_TOKENS))
+    srv = ThreadedServer(Settings(port=0, models=(str(default_model_path()),), max_prompt_tokens=MAX_TOKENS))
     with grpc.insecure_channel(srv.target) as ch:
         yield pb_grpc.GRPCInferenceServiceStub(ch)
     srv.stop()
@@ -93,7 +93,7 @@ def test_model_infer_tensors(stub, model, inputs):
 
 
 def test_zz_inference_still_correct(stub, runtime):
-    ids = np.array([runtime.vocab.encode("time traveller")], np.int64)
+    ids = np.array([runtime.tokenizer.encode("time traveller")], np.int64)
     req = pb.ModelInferRequest(
         model_name=MODEL,
         inputs=[pb.ModelInferRequest.InferInputTensor(name="input_ids", datatype="INT64", shape=ids.shape)],

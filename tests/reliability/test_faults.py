@@ -147,7 +147,7 @@ def test_a_fault_outside_the_model_call_fails_its_round_and_the_scheduler_serves
     if stage == "sampling":
         monkeypatch.setattr(scheduler, "sample", broken)
     else:
-        monkeypatch.setattr(scheduler.Job, "stops_after", broken)
+        monkeypatch.setattr(scheduler.StopMatcher, "feed", broken)
     with Client(server.target) as c:
         s = c.create_session("time traveller")
         before = state_of(server, s.session_id)

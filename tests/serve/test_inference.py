@@ -180,7 +180,7 @@ def test_tritonclient_liveness_readiness_and_metadata(triton, runtime):
     assert not m["unknown_ready"]
     assert m["server_metadata"]["name"] == "gru-serve"
     assert "sequence" in m["server_metadata"]["extensions"]
-    vocab = len(runtime.vocab)
+    vocab = runtime.metadata.vocab_size
     md = m["model_metadata"]
     assert md["name"] == MODEL and md["versions"] == ["1"]
     assert md["inputs"] == [{"name": "input_ids", "datatype": "INT64", "shape": ["-1", "-1"]}]
@@ -248,7 +248,7 @@ def test_stateless_infer_from_zero_state_raw_and_typed_contents(stub, runtime):
 
 
 def test_sequence_lives_in_the_native_store_and_native_generate_continues_it(server, stub, runtime):
-    ids = runtime.vocab.encode("time traveller")
+    ids = runtime.tokenizer.encode("time traveller")
     stub.ModelInfer(ids_request([ids[:5]], seq=Sequence(11, start=True)))
     second = logits_of(stub.ModelInfer(ids_request([ids[5:]], seq=Sequence(11))))
     np.testing.assert_allclose(second, chained(runtime, [ids[:5], ids[5:]])[1], atol=1e-5, rtol=0)
@@ -468,7 +468,7 @@ def test_sequences_belong_to_their_token_and_ready_turns_off_on_drain():
 
 
 def test_cancelling_a_stream_leaves_the_sequence_as_it_was(server, stub, runtime):
-    stub.ModelInfer(ids_request([runtime.vocab.encode("time traveller")], seq=Sequence("c", start=True)))
+    stub.ModelInfer(ids_request([runtime.tokenizer.encode("time traveller")], seq=Sequence("c", start=True)))
     sid = sequence_session_id("", MODEL, "c")
 
     def snapshot():
@@ -484,4 +484,4 @@ def test_cancelling_a_stream_leaves_the_sequence_as_it_was(server, stub, runtime
     assert snapshot() == before
     # The lease is free: the sequence takes the next request.
     resp = stub.ModelInfer(ids_request([[1]], seq=Sequence("c", end=True)))
-    assert logits_of(resp).shape == (1, 1, len(runtime.vocab))
+    assert logits_of(resp).shape == (1, 1, runtime.metadata.vocab_size)

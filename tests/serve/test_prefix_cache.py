@@ -111,8 +111,8 @@ def test_outputs_are_bit_identical_with_and_without_the_cache(servers, runtime):
         prompt = PREFIX + suffix
         got = run(on, prompt)
         assert got == run(off, prompt)
-        assert runtime.vocab.decode(got[0]) == reference_generate(runtime, prompt, TOKENS)
-    blocks = len(runtime.vocab.encode(PREFIX)) // BLOCK
+        assert runtime.tokenizer.decode(got[0]) == reference_generate(runtime, prompt, TOKENS)
+    blocks = len(runtime.tokenizer.encode(PREFIX)) // BLOCK
     assert counts(on) == (hits + len(SUFFIXES) - 1, misses + 1, saved + (len(SUFFIXES) - 1) * blocks * BLOCK)
     assert counts(off) == (0, 0, 0)
     text = generate_latest(on.server.metrics.registry).decode()
@@ -122,8 +122,8 @@ def test_outputs_are_bit_identical_with_and_without_the_cache(servers, runtime):
 
 def test_a_block_aligned_prompt_is_reused_whole_and_short_ones_are_not_looked_up(servers, runtime):
     on, off = servers
-    prompt = runtime.vocab.normalize(prefix(1))[: 2 * BLOCK]
-    assert len(runtime.vocab.encode(prompt)) == 2 * BLOCK
+    prompt = runtime.tokenizer.normalize(prefix(1))[: 2 * BLOCK]
+    assert len(runtime.tokenizer.encode(prompt)) == 2 * BLOCK
     first = run(on, prompt)
     hits = counts(on)[0]
     assert run(on, prompt) == first == run(off, prompt)  # nothing left to prefill: cached logits
@@ -149,7 +149,7 @@ def test_create_session_and_session_turns(servers, runtime):
             assert counts(srv) == before
     assert got[0] == got[1]
     whole = prompt + " " + TEXT[3000:3300]
-    assert runtime.vocab.decode(got[0][0]) == reference_generate(runtime, whole, TOKENS)
+    assert runtime.tokenizer.decode(got[0][0]) == reference_generate(runtime, whole, TOKENS)
 
 
 def test_a_triton_sequence_start_reuses_the_prefix(servers, runtime):
@@ -176,13 +176,13 @@ def test_replicas_share_prefix_states_through_redis(tmp_path, runtime):
 
         def written() -> bool:
             with redis_server.client() as c:
-                return len(c.keys("gru:pfx:*")) == len(runtime.vocab.encode(PREFIX + " one")) // BLOCK
+                return len(c.keys("gru:pfx:*")) == len(runtime.tokenizer.encode(PREFIX + " one")) // BLOCK
 
         wait_until(written)
         got = run(b, PREFIX + " two")
         assert counts(b)[:2] == (1, 0) and len(b.service.prefix_cache) == 1
         assert got == run(a, PREFIX + " two")
-        assert runtime.vocab.decode(want[0]) == reference_generate(runtime, PREFIX + " one", TOKENS)
+        assert runtime.tokenizer.decode(want[0]) == reference_generate(runtime, PREFIX + " one", TOKENS)
     finally:
         for srv in (a, b):
             if srv is not None:
