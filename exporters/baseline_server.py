@@ -67,7 +67,7 @@ class BaselineServicer(pb_grpc.GenerationServiceServicer):
             outputs.append(tok)
             if i == 0:
                 ttft = time.perf_counter() - t0
-            yield pb.GenerateResponse(tokens=[pb.Token(text=self.vocab.token(tok), id=tok, index=i)])
+            yield pb.GenerateResponse(tokens=[pb.Token(text=self.vocab.tokens[tok], id=tok, index=i)])
         yield pb.GenerateResponse(
             finished=pb.Finished(
                 reason=pb.FINISH_REASON_LENGTH,

@@ -31,11 +31,28 @@ def train_command(recipe: dict, output: str) -> str:
     return " ".join(["gru-export train", *flags, "-o", output])
 
 
+def _ending(lines: list[str], report: ValidationReport, info: dict) -> str:
+    """A card's validation checks and the commands that make the model again."""
+    name = report.metadata.name
+    lines += ["", "## Validation", ""] + [f"- {c}" for c in report.checks]
+    if info.get("recipe"):
+        ckpt = f"checkpoints/{name}.pt"
+        lines += [
+            "",
+            "## Reproduce",
+            "",
+            "```",
+            train_command(info["recipe"], ckpt),
+            f"gru-export export {ckpt} -o model.onnx --name {name} --card README.md",
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def render(report: ValidationReport, checkpoint: Checkpoint) -> str:
     if checkpoint.io is not None:
         return render_module(report, checkpoint)
     meta, info = report.metadata, checkpoint.info
-    ckpt = f"checkpoints/{meta.name}.pt"
     lines = [
         f"# {meta.name}",
         "",
@@ -58,24 +75,12 @@ def render(report: ValidationReport, checkpoint: Checkpoint) -> str:
     if info.get("samples"):
         lines += ["", "## Greedy samples (50 characters)", ""]
         lines += [f"- `{s}`" for s in info["samples"].values()]
-    lines += ["", "## Validation", ""] + [f"- {c}" for c in report.checks]
-    if info.get("recipe"):
-        lines += [
-            "",
-            "## Reproduce",
-            "",
-            "```",
-            train_command(info["recipe"], ckpt),
-            f"gru-export export {ckpt} -o model.onnx --name {meta.name} --card README.md",
-            "```",
-        ]
-    return "\n".join(lines) + "\n"
+    return _ending(lines, report, info)
 
 
 def render_module(report: ValidationReport, checkpoint: Checkpoint) -> str:
     """The card of an embedding (or other module) model with a tokenizer of its own."""
     meta, info = report.metadata, checkpoint.info
-    ckpt = f"checkpoints/{meta.name}.pt"
     cfg = getattr(checkpoint.model, "config", None)
     corpus = info.get("corpus", {})
     if cfg is not None and hasattr(cfg, "embedding_size"):
@@ -119,15 +124,4 @@ def render_module(report: ValidationReport, checkpoint: Checkpoint) -> str:
     if info.get("samples"):
         lines += ["", "## Greedy samples (50 tokens)", ""]
         lines += [f"- `{s!r}`" for s in info["samples"].values()]
-    lines += ["", "## Validation", ""] + [f"- {c}" for c in report.checks]
-    if info.get("recipe"):
-        lines += [
-            "",
-            "## Reproduce",
-            "",
-            "```",
-            train_command(info["recipe"], ckpt),
-            f"gru-export export {ckpt} -o model.onnx --name {meta.name} --card README.md",
-            "```",
-        ]
-    return "\n".join(lines) + "\n"
+    return _ending(lines, report, info)

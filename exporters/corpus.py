@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from exporters.tokenizer import read_utf8
 from gru_serve.contract import D2L_NORMALIZATION
-from gru_serve.vocab import UNK, Vocabulary
+from gru_serve.tokenizer import UNK, CharTokenizer
 
 TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 TIME_MACHINE_TOKENS = 170_580
@@ -40,11 +41,11 @@ def read_time_machine(path: Path | None = None) -> list[str]:
     return [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in lines]
 
 
-def build_vocab(tokens: Sequence[str]) -> Vocabulary:
+def build_vocab(tokens: Sequence[str]) -> CharTokenizer:
     """d2l's Vocab: <unk> first, then tokens by descending frequency, ties in first-seen order."""
     counts = collections.Counter(tokens)
     ordered = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)  # stable sort
-    return Vocabulary((UNK, *(t for t, _ in ordered if t != UNK)), dict(D2L_NORMALIZATION))
+    return CharTokenizer((UNK, *(t for t, _ in ordered if t != UNK)), dict(D2L_NORMALIZATION))
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Corpus:
     """Token ids of the whole book (vocabulary built from all of it, as d2l does)."""
 
     ids: list[int]
-    vocab: Vocabulary
+    vocab: CharTokenizer
     sha1: str = TIME_MACHINE_SHA1
 
     @classmethod
@@ -60,7 +61,7 @@ class Corpus:
         # Lines joined with no separator: d2l's samples read "accession ofcheerfulness".
         chars = [c for line in read_time_machine(path) for c in line]
         vocab = build_vocab(chars)
-        return cls(vocab.ids(chars), vocab)
+        return cls(vocab.encode("".join(chars)), vocab)
 
     def split(
         self, max_tokens: int = DEFAULT_MAX_TOKENS, holdout: float = 0.0
@@ -116,18 +117,7 @@ def seq_data_iter_random(
 
 def read_text_corpus(path: Path) -> tuple[str, str]:
     """(text, sha1) of a UTF-8 corpus file; CorpusError names the first bad byte's offset."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError as e:
-        raise CorpusError(f"corpus {path} does not exist") from e
-    except OSError as e:
-        raise CorpusError(f"cannot read corpus {path}: {e.strerror}") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CorpusError(
-            f"corpus {path} is not UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} ({e.reason})"
-        ) from e
+    text, raw = read_utf8(path, "corpus", CorpusError)
     if not text.strip():
         raise CorpusError(f"corpus {path} is empty")
     return text.removeprefix("\ufeff"), hashlib.sha1(raw).hexdigest()

@@ -28,7 +28,7 @@ from exporters.embedding import (
 )
 from exporters.tokenizer import Tokenizer
 from gru_serve.contract import D2L_NORMALIZATION
-from gru_serve.vocab import Vocabulary
+from gru_serve.tokenizer import CharTokenizer
 
 CHECKPOINT_FORMAT = "gru-serve-checkpoint/1"  # d2l one-hot models
 EMBEDDING_CHECKPOINT_FORMAT = "gru-serve-checkpoint/2"  # EmbeddingGRULM with its tokenizer
@@ -92,7 +92,7 @@ class Checkpoint:
     any GRU LM module with the way its forward is called (`io`) and its tokenizer."""
 
     model: nn.Module
-    vocab: Vocabulary | None  # id -> token (None: not known; export needs --tokenizer)
+    vocab: CharTokenizer | None  # id -> token (None: not known; export needs --tokenizer)
     info: dict[str, Any]  # training recipe and measured metrics, if known
     tokenizer: Tokenizer | None = None  # None: d2l's characters (vocab and its normalisation)
     io: ModuleSpec | None = None  # None: GRULanguageModel
@@ -206,14 +206,14 @@ def config_from_state_dict(sd: dict[str, Any]) -> ModelConfig:
     return config
 
 
-def read_vocab_file(path: Path) -> Vocabulary:
+def read_vocab_file(path: Path) -> CharTokenizer:
     """A vocabulary file: one token per line, in id order (a line '<space>' stands for ' ')."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise CheckpointError(f"cannot read vocabulary {path}: {e.strerror}") from e
     tokens = tuple(" " if t == "<space>" else t for t in lines if t != "")
-    return Vocabulary(tokens, dict(D2L_NORMALIZATION))
+    return CharTokenizer(tokens, dict(D2L_NORMALIZATION))
 
 
 _PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
@@ -316,7 +316,7 @@ def load_checkpoint(
         config = ModelConfig(**obj["config"])
         config_from_state_dict(obj["state_dict"])  # same shape checks as a raw file
         sd = obj["state_dict"]
-        vocab = Vocabulary(tuple(obj["vocab"]), dict(obj["normalization"]))
+        vocab = CharTokenizer(tuple(obj["vocab"]), dict(obj["normalization"]))
         info = json.loads(obj.get("info") or "{}")
     elif "encoder.weight" in obj:
         if vocab_file:
@@ -368,7 +368,7 @@ def torch_step(model: GRULanguageModel | Checkpoint):
     return contract_step(model.reference() if isinstance(model, Checkpoint) else StatefulLM(model))
 
 
-def greedy_continue(model: GRULanguageModel, vocab: Vocabulary, prefix: str, num_preds: int = 50) -> str:
+def greedy_continue(model: GRULanguageModel, vocab: CharTokenizer, prefix: str, num_preds: int = 50) -> str:
     """d2l's predict_ch8: warm up on the prefix, then take the argmax num_preds times."""
     ids = vocab.encode(prefix)
     state = model.begin_state(1)

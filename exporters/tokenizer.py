@@ -6,7 +6,7 @@
 - "huggingface": any Hugging Face `tokenizers` tokenizer.json (BPE, byte-level or not,
   WordPiece, Unigram, WordLevel), held whole in the metadata.
 
-d2l's character models keep their exporters.model Vocabulary ("chars", d2l normalisation);
+d2l's character models keep their exporters.model CharTokenizer ("chars", d2l normalisation);
 everything here uses IDENTITY_NORMALIZATION: the tokenizer normalises, the contract does not.
 
 Training (`gru-export train --tokenizer char|word|bpe:N`) builds one from a corpus: a
@@ -24,11 +24,28 @@ from pathlib import Path
 from typing import Any
 
 from gru_serve.contract import IDENTITY_NORMALIZATION
-from gru_serve.vocab import Vocabulary
+from gru_serve.tokenizer import CharTokenizer
 
 EOS = "<eos>"
 UNK = "<unk>"
 SPLITS = ("whitespace", "chars")
+
+
+def read_utf8(path: Path, what: str, error: type[ValueError]) -> tuple[str, bytes]:
+    """(text, bytes) of a UTF-8 file; `error` names the file and, for bad UTF-8, the first bad
+    byte and its offset."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError as e:
+        raise error(f"{what} {path} does not exist") from e
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from e
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError as e:
+        raise error(
+            f"{what} {path} is not UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} ({e.reason})"
+        ) from e
 
 
 class TokenizerError(ValueError):
@@ -62,8 +79,8 @@ class Tokenizer:
     def normalization(self) -> dict[str, Any]:
         return dict(IDENTITY_NORMALIZATION)
 
-    def vocabulary(self) -> Vocabulary:
-        return Vocabulary(self.tokens, self.normalization)
+    def vocabulary(self) -> CharTokenizer:
+        return CharTokenizer(self.tokens, self.normalization)
 
     def describe(self) -> str:
         if self.kind == "words":
@@ -184,16 +201,7 @@ def huggingface_tokenizer(text: str, source: str = "tokenizer.json") -> Tokenize
 def read_tokenizer(path: Path, split: str | None = None) -> Tokenizer:
     """tokenizer.json (any name ending in .json) or a word list (one token per line)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as e:
-        raise TokenizerError(f"tokenizer {path} does not exist") from e
-    except OSError as e:
-        raise TokenizerError(f"cannot read tokenizer {path}: {e.strerror}") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TokenizerError(f"tokenizer {path} is not UTF-8 (byte offset {e.start})") from e
+    text, _ = read_utf8(path, "tokenizer", TokenizerError)
     if path.suffix.lower() == ".json":
         if split:
             raise TokenizerError("--split applies to a word list (vocab.txt), not to a tokenizer.json")

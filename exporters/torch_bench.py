@@ -28,7 +28,7 @@ import torch
 from exporters.model import GRULanguageModel, ModelConfig, load_checkpoint
 from gru_serve.contract import read_model
 from gru_serve.decode_graphs import gru_weights
-from gru_serve.vocab import Vocabulary
+from gru_serve.tokenizer import CharTokenizer
 
 
 def _torch_gates(x: np.ndarray) -> torch.Tensor:
@@ -37,7 +37,7 @@ def _torch_gates(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([r, z, n]).copy())
 
 
-def model_from_onnx(path: Path) -> tuple[GRULanguageModel, Vocabulary]:
+def model_from_onnx(path: Path) -> tuple[GRULanguageModel, CharTokenizer]:
     """The d2l-style PyTorch model with the weights of an exported ONNX model."""
     proto = onnx.load(str(path))
     meta = read_model(proto)
@@ -52,17 +52,19 @@ def model_from_onnx(path: Path) -> tuple[GRULanguageModel, Vocabulary]:
     sd["linear.weight"] = torch.from_numpy(w.head_w.T.copy())
     sd["linear.bias"] = torch.from_numpy(w.head_b.copy())
     model.load_state_dict(sd)
-    return model.eval(), Vocabulary(meta.vocab, meta.normalization)
+    return model.eval(), CharTokenizer(meta.vocab, meta.normalization)
 
 
-def load_model(model: Path, checkpoint: Path | None) -> tuple[GRULanguageModel, Vocabulary]:
+def load_model(model: Path, checkpoint: Path | None) -> tuple[GRULanguageModel, CharTokenizer]:
     if checkpoint:
         ck = load_checkpoint(checkpoint)
         return ck.model.eval(), ck.vocab
     return model_from_onnx(model)
 
 
-def predict_ch8(prefix: str, num_preds: int, net: GRULanguageModel, vocab: Vocabulary) -> tuple[str, float]:
+def predict_ch8(
+    prefix: str, num_preds: int, net: GRULanguageModel, vocab: CharTokenizer
+) -> tuple[str, float]:
     """d2l.ai's predict_ch8 (0.17), as written; returns the text and seconds per predicted token."""
     state = net.begin_state(batch_size=1)
     outputs = [vocab.encode(prefix[0])[0]]

@@ -137,7 +137,7 @@ def fused_parity(model_path: Path, fused_path: Path, n: int = 200, k: int = 16) 
     def fused_file(*inputs: np.ndarray) -> list[np.ndarray]:
         return sess.run(list(FUSED_OUTPUTS), dict(zip(FUSED_INPUTS, inputs, strict=True)))
 
-    prompts = [rt.vocab.encode(t) for t in ("time traveller", "the machine", "it was", "so")]
+    prompts = [rt.tokenizer.encode(t) for t in ("time traveller", "the machine", "it was", "so")]
     params = [
         SamplingParams(),
         SamplingParams(temperature=1.0, seed=7),

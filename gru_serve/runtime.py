@@ -244,12 +244,6 @@ class ModelRuntime:
         return "" if ok else "fused"
 
     @property
-    def vocab(self) -> Tokenizer:
-        """The tokenizer, under its old name, for callers outside gru_serve that still use it
-        (exporters/variants.py); gru_serve itself reads `tokenizer`."""
-        return self.tokenizer
-
-    @property
     def state_shape(self) -> tuple[int, int]:
         return self.metadata.num_layers, self.metadata.hidden_size
 

@@ -132,6 +132,28 @@ def torch_greedy(module: nn.Module, prompt: list[int], time_major: bool, n: int 
     return out
 
 
+def served_greedy(path: Path, prompt: list[int], n: int = 100) -> list[int]:
+    """The model served by gru-serve over gRPC (fast path and all): n greedy tokens after the
+    prompt, given as its text (the model's tokenizer must read it back as the same ids)."""
+    from gru_serve.client import Client
+    from gru_serve.server import ThreadedServer
+    from gru_serve.settings import Settings
+    from gru_serve.tokenizer import load_tokenizer
+
+    text = load_tokenizer(read_model(onnx.load(str(path)))).decode(prompt)
+    srv = ThreadedServer(Settings(port=0, models=(str(path),)))
+    try:
+        with Client(srv.target) as c:
+            ids, finished = [], None
+            for msg in c.generate(text, max_new_tokens=n):
+                ids += [t.id for t in msg.tokens]
+                finished = msg.finished if msg.HasField("finished") else finished
+    finally:
+        srv.stop()
+    assert finished is not None and finished.prompt_tokens == len(prompt)
+    return ids
+
+
 def assert_one_error_line(capsys, argv: list[str], *needles: str) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -190,7 +212,8 @@ def test_word_language_model_state_dict(wlm_dir, tmp_path, tied, ninp, nhid, lay
     assert r.returncode == 0, r.stderr
     assert "parity with PyTorch" in r.stdout
     prompt = [3, 7, 1, 12, 5]
-    assert onnx_greedy(out, prompt) == torch_greedy(net, prompt, time_major=True)
+    want = torch_greedy(net, prompt, time_major=True)
+    assert onnx_greedy(out, prompt) == want and served_greedy(out, prompt) == want
 
 
 def test_pickled_whole_module(wlm_dir, tmp_path, capsys):
@@ -219,7 +242,8 @@ def test_pickled_whole_module(wlm_dir, tmp_path, capsys):
     r = cli(*check, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--trust-pickle" in r.stderr, r.stderr
     prompt = [2, 9, 4]
-    assert onnx_greedy(out, prompt) == torch_greedy(net, prompt, time_major=True)
+    want = torch_greedy(net, prompt, time_major=True)
+    assert onnx_greedy(out, prompt) == want and served_greedy(out, prompt) == want
 
 
 class BatchFirstLM(nn.Module):
@@ -261,7 +285,8 @@ def test_python_api_batch_first_module(tmp_path):
     r = cli("validate", str(out), "--checkpoint", str(pickled), "--trust-pickle", pythonpath=REPO)
     assert r.returncode == 0, r.stderr
     prompt = tok.encode("The Time Traveller was").ids
-    assert onnx_greedy(out, prompt) == torch_greedy(net, prompt, time_major=False)
+    want = torch_greedy(net, prompt, time_major=False)
+    assert onnx_greedy(out, prompt) == want and served_greedy(out, prompt) == want
 
 
 class NormedLM(nn.Module):

@@ -1,4 +1,4 @@
-"""gru_serve.tokenizer against independent references: today's Vocabulary (chars), Python's str
+"""gru_serve.tokenizer against independent references: d2l's rule written out (chars), Python's str
 operations (words), the `tokenizers` library's own decode (huggingface), and a brute-force
 search of decoded prefixes (stop strings)."""
 
@@ -31,11 +31,6 @@ from gru_serve.tokenizer import (
     WordTokenizer,
     load_tokenizer,
 )
-
-try:  # today's text <-> ids, while it is still there
-    from gru_serve.vocab import Vocabulary
-except ImportError:  # pragma: no cover
-    Vocabulary = None
 
 # A small corpus with accents, CJK and emoji (one ZWJ sequence, one skin tone).
 CORPUS = [
@@ -109,7 +104,7 @@ def d2l(text: str, vocab: Sequence[str]) -> list[int]:
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_chars_equal_vocabulary_on_shipped_model(text: str) -> None:
+def test_chars_equal_d2l_on_shipped_model(text: str) -> None:
     m = shipped()
     tok = load_tokenizer(m)
     assert isinstance(tok, CharTokenizer) and tok.tokens == m.vocab and tok.size == len(m.vocab)
@@ -117,21 +112,14 @@ def test_chars_equal_vocabulary_on_shipped_model(text: str) -> None:
     assert ids == d2l(text, m.vocab)
     assert tok.decode(ids) == re.sub("[^a-z]+", " ", text.lower()) == tok.normalize(text)
     assert stream_text(tok, [ids]) == [m.vocab[i] for i in ids] + [""]
-    if Vocabulary is not None:
-        vocab = Vocabulary(m.vocab, m.normalization)
-        assert tok.normalize(text) == vocab.normalize(text)
-        assert ids == vocab.encode(text)
-        assert tok.decode(ids) == vocab.decode(ids)
 
 
-def test_chars_on_corpus_equal_vocabulary() -> None:
+def test_chars_on_corpus_equal_d2l() -> None:
     m = shipped()
     tok = load_tokenizer(m)
     text = (Path(__file__).parents[2] / "exporters" / "data" / "timemachine.txt").read_text()[:20000]
     ids = tok.encode(text)
     assert ids == d2l(text, m.vocab)
-    if Vocabulary is not None:
-        assert ids == Vocabulary(m.vocab, m.normalization).encode(text)
     assert tok.decode(ids) == tok.normalize(text)
 
 
