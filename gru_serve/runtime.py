@@ -40,6 +40,9 @@ CPU = "CPUExecutionProvider"
 # onnxruntime's CUDA provider turns TF32 on by default: 10-bit mantissas in every MatMul, which
 # would put the derived graphs outside the load-time check's bounds and the output off PyTorch's.
 CUDA_OPTIONS = {"use_tf32": "0"}
+# Weights beyond which a model gets the decode step but no fused loop (see _decode_only). The
+# shipped models hold 0.1 to 2.4 MiB.
+FUSED_MAX_WEIGHT_BYTES = 64 << 20
 
 GRAPH_OPTIMIZATION = {
     "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -158,10 +161,14 @@ class ModelRuntime:
             return
         so = self._session_options(self.options)
         providers = self._providers()
+        weight_bytes = weights.head_w.nbytes + sum(a.nbytes for layer in weights.layers for a in layer)
         try:
             decode = ort.InferenceSession(
                 decode_graph(model, weights).SerializeToString(), so, providers=providers
             )
+            if weight_bytes > FUSED_MAX_WEIGHT_BYTES:
+                self._decode_only(decode, weight_bytes)
+                return
             fused_bytes = fused_graph(model, weights).SerializeToString()
             fused = ort.InferenceSession(fused_bytes, so, providers=providers)
         except Exception as e:  # e.g. a large vocabulary's tables past protobuf's 2 GB, or memory
@@ -194,8 +201,24 @@ class ModelRuntime:
             self.decode_session, self.fused_session, self.fused_single = decode, fused, single
             self.fast_path_note = "on: derived decode step (Gather + GRU cell) and fused K-token Loop"
 
+    def _decode_only(self, decode: ort.InferenceSession, weight_bytes: int) -> None:
+        """A large model keeps the decode step and no fused loop: the loop holds three copies
+        of the weights in each of its two sessions (a 33k-word vocabulary at 650 hidden took
+        14 GB and 47 s to load), for a few percent per token."""
+        problem = self._check_derived(decode, None)
+        if problem:
+            self.fast_path_note = f"off: {problem}"
+            log.warning("model %s: fast path %s", self.name, self.fast_path_note)
+            return
+        self.decode_session = decode
+        self.fast_path_note = (
+            f"decode step only: the fused loop is skipped for weights of {weight_bytes / 2**20:.0f} MiB "
+            f"(over {FUSED_MAX_WEIGHT_BYTES >> 20} MiB)"
+        )
+        log.info("model %s: %s", self.name, self.fast_path_note)
+
     def _check_derived(
-        self, decode: ort.InferenceSession, fused: ort.InferenceSession, batch: int = 3
+        self, decode: ort.InferenceSession, fused: ort.InferenceSession | None, batch: int = 3
     ) -> str:
         """'' when the decode graph computes the exported graph's function (logits within 1e-4,
         state within 1e-5) and the fused graph is bit-identical to chained decode steps."""
@@ -221,6 +244,8 @@ class ModelRuntime:
                 return "the derived decode graph's logits differ from the model's"
         if not np.allclose(got_state, want_state, atol=1e-5, rtol=0):
             return "the derived decode graph's state differs from the model's"
+        if fused is None:
+            return ""
         # The fused graph, greedy, from the decode path's own tokens: bit-identical or unused.
         z = np.zeros(batch)
         sampled, logits, states = fused.run(

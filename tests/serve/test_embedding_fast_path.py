@@ -415,3 +415,18 @@ def test_a_gru_without_initial_h_is_refused(tmp_path):
         NotAGRULanguageModel, match=r"GRU node .* has no initial_h: the graph ignores its state"
     ):
         gru_weights(model)
+
+
+def test_a_large_model_keeps_the_decode_step_without_the_fused_loop(monkeypatch, case):
+    """Past FUSED_MAX_WEIGHT_BYTES the fused loop (three copies of the weights, two sessions)
+    is skipped; the decode step still runs and matches the exported graph."""
+    import gru_serve.runtime as runtime
+
+    monkeypatch.setattr(runtime, "FUSED_MAX_WEIGHT_BYTES", 1024)
+    rt = runtime.ModelRuntime(case.path)
+    assert rt.fast_path_note.startswith("decode step only") and not rt.has_fused
+    ids = np.array([[3], [5]], np.int64)
+    state = rt.zero_state(2)
+    want = rt.session.run(None, {"input_ids": ids, "state": state})
+    got = rt.decode_session.run(None, {"input_ids": ids, "state": state})
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4, rtol=0)
