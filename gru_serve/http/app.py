@@ -21,6 +21,7 @@ from starlette.routing import Match
 from gru_serve import errors
 from gru_serve.auth import bearer, principal_of_token, refusal
 from gru_serve.errors import InvalidArgument
+from gru_serve.grpc.interceptors import REFUSED_HEADER  # a drain refused this before any work
 from gru_serve.logs import request_id
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ M = TypeVar("M", bound=BaseModel)
 # Probes and the playground page itself need no token (the page sends the one typed into it).
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/", "/playground.js", "/playground.css")
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # else OTHER
-REFUSED_HEADER = "x-gru-serve-refused"  # as on gRPC: a drain refused this before any work
 
 
 @dataclass

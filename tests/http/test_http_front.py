@@ -450,3 +450,28 @@ def test_any_completions_body_gets_a_documented_status(small_server):
     assert ok.json()["choices"][0]["text"] == reference_generate(
         D2L, PROMPT, 12, SamplingParams(temperature=0.5, seed=3)
     )
+
+
+def test_a_draining_server_refuses_new_http_calls_while_a_stream_finishes():
+    """Drain over HTTP as over gRPC: new calls get 503 with x-gru-serve-refused (safe to replay
+    elsewhere) and readiness turns 503, while a stream already running goes on."""
+    import threading
+
+    srv = start_http_server()
+    body = {"prompt": "time traveller", "max_tokens": LONG, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=srv.http_target, timeout=30) as http:
+        assert http.get("/v2/health/ready").status_code == 200
+        with http.stream("POST", "/v1/completions", json=body) as running:
+            events = running.iter_lines()
+            assert next(line for line in events if line.startswith("data: "))
+            stopper = threading.Thread(target=srv.stop, kwargs={"grace": 20.0})
+            stopper.start()
+            wait_until(lambda: srv.server.interceptor.draining)
+            with httpx.Client(base_url=srv.http_target, timeout=10) as fresh:
+                refused = fresh.get("/v1/models")
+                assert refused.status_code == 503 and refused.headers["x-gru-serve-refused"] == "draining"
+                assert "draining" in refused.json()["error"]["message"]
+                assert fresh.get("/v2/health/ready").status_code == 503
+            assert next(line for line in events if line.startswith("data: "))  # still streaming
+        stopper.join(30)
+    assert not stopper.is_alive()
