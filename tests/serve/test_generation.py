@@ -84,14 +84,17 @@ def test_64_concurrent_streams_each_equal_their_solo_run(server, client):
         (f"the time traveller {'abcdefgh'[i % 8]} {i}", sampling(temperature=0.9, seed=i) if i % 2 else None)
         for i in range(64)
     ]
-    solo = [client.generate_text(p, max_new_tokens=60, params=s)[0] for p, s in prompts]
+    # Long enough (several fused rounds each) that streams arriving a few ms apart still meet
+    # in one batch; at 60 tokens a stream could end within its first round.
+    n = 400
+    solo = [client.generate_text(p, max_new_tokens=n, params=s)[0] for p, s in prompts]
     results: list[str | None] = [None] * 64
     barrier = threading.Barrier(64)
 
     def run(i: int) -> None:
         with Client(server.target) as c:
             barrier.wait()
-            results[i] = c.generate_text(prompts[i][0], max_new_tokens=60, params=prompts[i][1])[0]
+            results[i] = c.generate_text(prompts[i][0], max_new_tokens=n, params=prompts[i][1])[0]
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(64)]
     for t in threads:
