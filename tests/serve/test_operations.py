@@ -15,7 +15,7 @@ from gru_serve.client import Client, make_channel
 from gru_serve.server import ThreadedServer
 from gru_serve.settings import Settings
 
-from .conftest import D2L, LONG, start_server
+from .conftest import D2L, LONG, start_server, wait_until
 from .test_cli import start
 
 
@@ -49,17 +49,26 @@ def test_metrics_endpoint_shows_histograms_after_a_run():
             c.create_session("x")
             with pytest.raises(grpc.RpcError):
                 c.get_session("nope")
-        text = urllib.request.urlopen(
-            f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=10
-        ).read()
-        text = text.decode()
+        values: dict[str, float] = {}
+
+        def scraped() -> dict[str, float]:
+            text = urllib.request.urlopen(
+                f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=10
+            ).read()
+            values.clear()
+            for line in text.decode().splitlines():
+                if line and not line.startswith("#"):
+                    name, _, value = line.rpartition(" ")
+                    values[name] = float(value)
+            return values
+
+        # A call is counted once its status has gone out, so the client can be first to look.
+        failed = (
+            'gru_serve_requests_total{code="NOT_FOUND",method="/gru_serve.v1.GenerationService/GetSession"}'
+        )
+        wait_until(lambda: failed in scraped())
     finally:
         srv.stop()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
     model = 'model="timemachine-d2l"'
     assert values[f"gru_serve_time_to_first_token_seconds_count{{{model}}}"] == 1
     assert values[f"gru_serve_inter_token_latency_seconds_count{{{model}}}"] == 29
