@@ -53,12 +53,15 @@ def test_256_streams_held_for_a_bounded_time(server_process):
                 *(_client(stub, i, warmup, {"tokens": 0, "calls": 0, "errors": []}) for i in range(STREAMS))
             )
             warm = srv.metrics()
-            deadline = time.monotonic() + SECONDS
-            await asyncio.gather(*(_client(stub, i, deadline, stats) for i in range(STREAMS)))
-            return warm
+            halves = []
+            for _ in range(2):
+                deadline = time.monotonic() + SECONDS / 2
+                await asyncio.gather(*(_client(stub, i, deadline, stats) for i in range(STREAMS)))
+                halves.append(srv.metrics())
+            return warm, halves[0]
 
     t0 = time.monotonic()
-    warm = asyncio.run(scenario())
+    warm, mid = asyncio.run(scenario())
     elapsed = time.monotonic() - t0
     assert stats["errors"] == []
     after = srv.wait_metric("gru_serve_active_streams", lambda v: v == 0)
@@ -69,7 +72,14 @@ def test_256_streams_held_for_a_bounded_time(server_process):
         or srv.wait_metric("gru_serve_active_sessions", lambda v: v == 0) == 0
     )
     rss0, rss1 = warm["process_resident_memory_bytes"], end["process_resident_memory_bytes"]
-    assert rss1 <= rss0 * 1.10, f"resident memory {rss0 / 1e6:.1f} MB -> {rss1 / 1e6:.1f} MB"
+    rss_mid = mid["process_resident_memory_bytes"]
+    shown = f"resident memory {rss0 / 1e6:.1f} -> {rss_mid / 1e6:.1f} -> {rss1 / 1e6:.1f} MB"
+    # A leak grows with the traffic served, so it shows in both halves of the run; the allocator
+    # settling after the warm-up shows in the first (seen: +7% to +11% over the first half and
+    # +0.1% over the second, on the code of both this stop and the last). Each half also leaves
+    # 256 sessions (~2.5 MB).
+    assert rss1 <= rss0 * 1.25, shown
+    assert rss1 - rss_mid <= 0.04 * rss_mid, shown
     assert end["gru_serve_threads"] == before["gru_serve_threads"]
     assert end["gru_serve_event_loop_tasks"] <= before["gru_serve_event_loop_tasks"]
     TALLY["streams held"] += STREAMS
