@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gru_serve.contract import IDENTITY_NORMALIZATION
-from gru_serve.tokenizer import CharTokenizer
+from gru_serve.tokenizer import CharTokenizer, HuggingFaceTokenizer, WordTokenizer
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -62,11 +62,17 @@ class Tokenizer:
     source: str = ""  # where it came from, for messages
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
     _hf: Any = field(init=False, repr=False, compare=False, default=None)
+    _served: Any = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {t: i for i, t in enumerate(self.tokens)})
         if self.kind == "huggingface":
             object.__setattr__(self, "_hf", _hf_from_str(self.json, self.source or "tokenizer.json"))
+            served = HuggingFaceTokenizer(self.tokens, self.json)
+        else:
+            spec = self.spec
+            served = WordTokenizer(self.tokens, spec["split"], spec.get("eos"), spec.get("unk"))
+        object.__setattr__(self, "_served", served)
 
     @property
     def kind(self) -> str:
@@ -113,19 +119,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        if self.kind == "huggingface":
-            return self._hf.decode(list(ids), skip_special_tokens=False)
-        eos, sep = self.spec.get("eos"), " " if self.spec["split"] == "whitespace" else ""
-        out: list[str] = []
-        for i in ids:
-            tok = self.tokens[i]
-            if tok == eos:
-                out.append("\n")
-            else:
-                if out and out[-1] != "\n" and sep:
-                    out.append(sep)
-                out.append(tok)
-        return "".join(out)
+        """The server's decoding (gru_serve.tokenizer): one set of rules for both sides."""
+        return self._served.decode(list(ids))
 
     def metadata(self) -> tuple[dict[str, Any], str]:
         """(gru_serve.tokenizer, gru_serve.tokenizer_json)."""

@@ -116,6 +116,14 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise InvalidArgument(f"{field}: {message}") from e
 
 
+async def optional_body(request: Request, model: type[M]) -> M:
+    """parse_body, except that an empty body (curl -X POST, tritonclient.http's index request)
+    is the model's defaults."""
+    if not (await request.body()).strip():
+        return model()
+    return await parse_body(request, model)
+
+
 class BodyTooLarge(errors.GruServeError):
     pass
 

@@ -18,16 +18,14 @@ configured: 400 FAILED_PRECONDITION; a model not in the repository: 404).
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gru_serve.http.app import HttpFront, parse_body
-
-B = TypeVar("B", bound=BaseModel)
+from gru_serve.http.app import HttpFront, optional_body
 
 
 class IndexBody(BaseModel):
@@ -43,14 +41,6 @@ class ModelBody(BaseModel):
     parameters: dict[str, Any] = {}
 
 
-async def _body(request: Request, model: type[B]) -> B:
-    """The JSON body as `model`; an empty body (tritonclient.http's index request) is its
-    defaults."""
-    if not (await request.body()).strip():
-        return model()
-    return await parse_body(request, model)
-
-
 def routes(front: HttpFront) -> list[BaseRoute]:
     servicer = front.inference
 
@@ -59,18 +49,18 @@ def routes(front: HttpFront) -> list[BaseRoute]:
         return JSONResponse(servicer.statistics_json(p.get("model", ""), p.get("version", "")))
 
     async def index(request: Request) -> Response:
-        body = await _body(request, IndexBody)
+        body = await optional_body(request, IndexBody)
         listed = servicer.repository_index(body.ready).models
         fields = ("name", "version", "state", "reason")
         return JSONResponse([{f: getattr(m, f) for f in fields} for m in listed])
 
     async def load(request: Request) -> Response:
-        body = await _body(request, ModelBody)
+        body = await optional_body(request, ModelBody)
         await servicer.load_model(request.path_params["model"], list(body.parameters))
         return JSONResponse({})
 
     async def unload(request: Request) -> Response:
-        await _body(request, ModelBody)  # unload_dependents means nothing here: no dependents
+        await optional_body(request, ModelBody)  # unload_dependents means nothing here: no dependents
         await servicer.unload_model(request.path_params["model"])
         return JSONResponse({})
 

@@ -24,17 +24,15 @@ openai_api) with the status of gru_serve.errors.STATUS.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gru_serve.http.app import HttpFront, owner, parse_body
+from gru_serve.http.app import HttpFront, optional_body, owner, parse_body
 from gru_serve.service import SessionInfo
-
-M = TypeVar("M", bound=BaseModel)
 
 
 class CreateSession(BaseModel):
@@ -66,13 +64,6 @@ def session_json(info: SessionInfo) -> dict[str, Any]:
             {"turn": t.turn, "tokens_seen": t.tokens_seen, "committed": t.committed} for t in info.turns
         ],
     }
-
-
-async def optional_body(request: Request, model: type[M]) -> M:
-    """The body as `model`, or its defaults when the body is empty (curl -X POST)."""
-    if not (await request.body()).strip():
-        return model()
-    return await parse_body(request, model)
 
 
 def routes(front: HttpFront) -> list[BaseRoute]:
