@@ -33,7 +33,7 @@ FINAL = "triton_final_response"
 # Parameters Triton's clients may send that mean nothing here: accepted and ignored.
 IGNORED_PARAMETERS = frozenset({"priority", "timeout", "headers", "binary_data_output", EMPTY_FINAL})
 # Wire (little-endian) and in-memory types of the numeric datatypes the models use.
-_WIRE = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}
+WIRE_DTYPES = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}
 _NATIVE = {"INT64": np.dtype(np.int64), "FP32": np.dtype(np.float32)}
 
 
@@ -106,7 +106,7 @@ def _input_array(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) ->
         arr = np.empty(count, dtype=object)
         arr[:] = items
         return arr.reshape(shape)
-    wire, native = _WIRE[t.datatype], _NATIVE[t.datatype]
+    wire, native = WIRE_DTYPES[t.datatype], _NATIVE[t.datatype]
     if raw is not None:
         need = count * wire.itemsize
         if len(raw) != need:
@@ -162,7 +162,7 @@ def _output(
     if datatype == "BYTES":
         data = serialize_bytes([bytes(x) for x in arr.reshape(-1)])
     else:
-        data = np.ascontiguousarray(arr, _WIRE[datatype]).tobytes()
+        data = np.ascontiguousarray(arr, WIRE_DTYPES[datatype]).tobytes()
     return pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=arr.shape), data
 
 

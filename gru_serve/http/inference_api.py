@@ -75,13 +75,12 @@ from starlette.routing import BaseRoute, Route
 from gru_serve.errors import InvalidArgument, Unavailable
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.inference import EXTENSIONS, SERVER_NAME, server_version
-from gru_serve.grpc.tensors import EMPTY_FINAL, Endpoint, deserialize_bytes
+from gru_serve.grpc.tensors import EMPTY_FINAL, WIRE_DTYPES, Endpoint, deserialize_bytes
 from gru_serve.http.app import BodyTooLarge, HttpFront, event_stream, owner, sse_event
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REST_EXTENSIONS = ("binary_tensor_data", "generate")  # Triton's HTTP-only extensions served here
 INT64_MIN, INT64_MAX, UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
-_WIRE = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}
 _64_BIT = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
 REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
 INPUT_FIELDS = frozenset({"name", "shape", "datatype", "data", "parameters"})
@@ -339,7 +338,7 @@ def _values(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes) -> list
     if tensor.datatype == "BYTES":
         items = deserialize_bytes(tensor.name, raw, math.prod(tensor.shape))
         return [b.decode(errors="replace") for b in items]
-    return np.frombuffer(raw, _WIRE[tensor.datatype]).tolist()
+    return np.frombuffer(raw, WIRE_DTYPES[tensor.datatype]).tolist()
 
 
 def infer_response(resp: pb.ModelInferResponse, binary_out: dict[str, bool], default: bool) -> Response:
