@@ -75,11 +75,12 @@ def test_256_streams_held_for_a_bounded_time(server_process):
     rss_mid = mid["process_resident_memory_bytes"]
     shown = f"resident memory {rss0 / 1e6:.1f} -> {rss_mid / 1e6:.1f} -> {rss1 / 1e6:.1f} MB"
     # A leak grows with the traffic served, so it shows in both halves of the run; the allocator
-    # settling after the warm-up shows in the first (seen: +7% to +11% over the first half and
-    # +0.1% over the second, on the code of both this stop and the last). Each half also leaves
-    # 256 sessions (~2.5 MB).
+    # settling after the warm-up shows in the first (seen: +7% to +11%). Between samples 20 s
+    # apart under this load the resident size moves by up to +-5 MB with no trend (seven samples:
+    # 210, 220, 216, 217, 217, 216, 217 MB), and one CI run saw +9.7 MB over a 30 s half. The
+    # second half serves about 20,000 calls, so 24 MB still fails a leak of about 1 KB a call.
     assert rss1 <= rss0 * 1.25, shown
-    assert rss1 - rss_mid <= 0.04 * rss_mid, shown
+    assert rss1 - rss_mid <= 24e6, shown
     assert end["gru_serve_threads"] == before["gru_serve_threads"]
     assert end["gru_serve_event_loop_tasks"] <= before["gru_serve_event_loop_tasks"]
     TALLY["streams held"] += STREAMS
