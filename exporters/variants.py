@@ -10,7 +10,7 @@
 - decode.onnx: the decode step the server derives from the weights (seq = 1 only; a Gather
   input projection and a hand-written GRU cell), for inspection.
 - fused.onnx: K decode steps with sampling and feedback in one ONNX Loop, the graph the
-  server's scheduler runs (gru_serve.decode_graphs.fused_graph); its tokens are checked to equal
+  server's scheduler runs (gru_serve.engine.decode_graphs.fused_graph); its tokens are checked to equal
   the step path's, greedy and seeded.
 
 DIR/variants.json holds the report: sizes, checks, max differences and perplexities
@@ -35,10 +35,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters.validate import ValidationError, compare_runs, ort_step, validate
 from gru_serve.contract import LOGITS, STATE_OUT, read_model
-from gru_serve.decode_graphs import FUSED_INPUTS, FUSED_OUTPUTS, decode_graph, fused_graph, gru_weights
-from gru_serve.runtime import ModelRuntime, fused_generate, step_generate
-from gru_serve.sampling import SamplingParams
-from gru_serve.scoring import d2l_perplexity, stream_perplexity
+from gru_serve.engine.decode_graphs import FUSED_INPUTS, FUSED_OUTPUTS, decode_graph, fused_graph, gru_weights
+from gru_serve.engine.runtime import ModelRuntime, fused_generate, step_generate
+from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.scoring import d2l_perplexity, stream_perplexity
 
 KINDS = ("optimized", "fp16", "decode", "fused")
 FP16_MIN_ELEMENTS = 16  # smaller float tensors (shape constants and the like) stay float32

@@ -10,8 +10,8 @@ import sys
 
 import grpc
 
-from gru_serve import logs
-from gru_serve.settings import REPEATABLE_FLAGS, Settings, allowed, env_var, flag
+from gru_serve.ops import logs
+from gru_serve.ops.settings import REPEATABLE_FLAGS, Settings, allowed, env_var, flag
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -38,7 +38,7 @@ def add_setting_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gru_serve.errors import ModelLoadError
+    from gru_serve.ops.errors import ModelLoadError
     from gru_serve.server import serve
 
     try:

@@ -19,7 +19,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gru_serve.errors import ModelLoadError
+from gru_serve.core.service import GenerationService
+from gru_serve.engine.client import EngineClient
+from gru_serve.engine.runtime import ModelRuntime, load_runtime
+from gru_serve.engine.supervisor import EngineSupervisor
+from gru_serve.frontends import serve_family
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2, generation_pb2_grpc
 from gru_serve.grpc.generated.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from gru_serve.grpc.generation import GenerationServicer
@@ -28,14 +32,12 @@ from gru_serve.grpc.interceptors import ServerInterceptor
 from gru_serve.http.app import HttpFront
 from gru_serve.http.server import HttpServer
 from gru_serve.http.server import bind as bind_http
-from gru_serve.metrics import Metrics
-from gru_serve.repository import load_runtime
-from gru_serve.runtime import ModelRuntime
-from gru_serve.service import GenerationService
-from gru_serve.sessions import SessionStore
-from gru_serve.settings import Settings, read_secrets
+from gru_serve.ops.errors import ModelLoadError
+from gru_serve.ops.metrics import Metrics
+from gru_serve.ops.settings import Settings, read_secrets
 from gru_serve.shipped import shipped_models
-from gru_serve.stores import build_store
+from gru_serve.stores.factory import build_store
+from gru_serve.stores.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ def ready_target(line: str) -> str | None:
     return f"{host}:{m.group(2)}"
 
 
+# The engine process loads every model before it says Ready (with CUDA: device set-up as well).
+ENGINE_START_TIMEOUT_S = 300.0
 LIVENESS = "liveness"  # a health service name that is SERVING while the process answers
 
 
@@ -74,7 +78,7 @@ def load_runtimes(settings: Settings) -> dict[str, ModelRuntime]:
     model repository loads later ones through the same load_runtime)."""
     runtimes: dict[str, ModelRuntime] = {}
     for name, path in model_specs(settings.models):
-        rt = load_runtime(path, settings, name)
+        rt = load_runtime(path, settings, name, fast_path=settings.engine == "thread")
         if rt.name in runtimes:
             raise ModelLoadError(f"model name {rt.name!r} is given twice; use NAME=PATH to rename one")
         runtimes[rt.name] = rt
@@ -129,12 +133,27 @@ class GruServer:
         store = self.store or build_store(s)
         kwargs = {"clock": self.clock} if self.clock else {}
         self.metrics = Metrics()
-        self.service = GenerationService(runtimes, store, s, metrics=self.metrics, **kwargs)
+        self.supervisor: EngineSupervisor | None = None
+        self._serving = {"store": True, "engine": True}
+        self._store_health: tuple[str, ...] = ()  # named below, once the services are
+        self._background: list[asyncio.Task] = []
+        self._changes: set[asyncio.Task] = set()
+        engine = None
+        if s.engine == "process":
+            address = s.engine_address
+            if not address:
+                self.supervisor = EngineSupervisor(s)
+                self.supervisor.start()
+                address = self.supervisor.address
+            engine = EngineClient(address, self._engine_changed)
+        self.service = GenerationService(runtimes, store, s, metrics=self.metrics, engine=engine, **kwargs)
         self.metrics.bind(self.service)
         # Open Inference Protocol (KServe v2 / Triton) servicer, with the model repository: made
         # before the schedulers start, so that a bad --model-repository stops the start cleanly.
         self.inference = InferenceServicer(self.service)
         self.service.start()
+        if engine is not None:
+            await engine.start(ENGINE_START_TIMEOUT_S)
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -170,7 +189,7 @@ class GruServer:
         self.inference.ready = True  # ServerReady / ModelReady of the inference protocol
         if s.metrics_port:
             self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
-        self._background = [
+        self._background += [
             asyncio.create_task(self.metrics.refresh_sessions(self.service)),
             asyncio.create_task(self._watch_store()),
         ]
@@ -182,23 +201,34 @@ class GruServer:
 
     async def _watch_store(self, every_s: float = 1.0) -> None:
         """Health follows the session store: NOT_SERVING while it is unreachable, SERVING again
-        when it is back."""
-        serving, states = True, health_pb2.HealthCheckResponse
+        when it is back (and the engine is up)."""
         while True:
             try:
                 await asyncio.wait_for(self.service.store.ping(), timeout=2 * every_s)
                 ok, why = True, ""
             except Exception as e:
                 ok, why = False, str(e) or type(e).__name__
-            if ok != serving:
-                serving = ok
+            if ok != self._serving["store"]:
                 if ok:
-                    log.info("session store reachable again; health SERVING")
+                    log.info("session store reachable again")
                 else:
                     log.warning("session store unreachable (%s); health NOT_SERVING", why)
-                for name in self._store_health:
-                    await self.health.set(name, states.SERVING if ok else states.NOT_SERVING)
+                await self._set_serving("store", ok)
             await asyncio.sleep(every_s)
+
+    def _engine_changed(self, up: bool) -> None:
+        """The engine process went away (its requests failed) or a new one is ready."""
+        task = asyncio.create_task(self._set_serving("engine", up))
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+
+    async def _set_serving(self, part: str, ok: bool) -> None:
+        self._serving[part] = ok
+        state = health_pb2.HealthCheckResponse.SERVING
+        if not all(self._serving.values()):
+            state = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self._store_health:
+            await self.health.set(name, state)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING and refuse new calls (UNAVAILABLE, marked as safe to retry
@@ -222,6 +252,10 @@ class GruServer:
             task.cancel()
         self.metrics.close()
         await asyncio.to_thread(self.service.stop)
+        if self.service.engine is not None:
+            await self.service.engine.close()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         await self.service.store.close()
 
 
@@ -230,6 +264,8 @@ async def serve(settings: Settings) -> int:
     # the event loop; at Python's default 5 ms switch interval that wait was most of a prompt's
     # prefill under load. 0.5 ms: about 5-10% more tokens/s at 64 streams (gru-serve bench).
     sys.setswitchinterval(0.0005)
+    if settings.frontends > 1:
+        return await serve_family(settings, READY_LINE, HTTP_READY_LINE)
     server = GruServer(settings)
     await server.start()
     stop = asyncio.Event()

@@ -15,8 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT
-from gru_serve.errors import ModelLoadError
-from gru_serve.runtime import (
+from gru_serve.engine.runtime import (
     CPU,
     CUDA,
     CUDA_OPTIONS,
@@ -26,7 +25,8 @@ from gru_serve.runtime import (
     fused_generate,
     step_generate,
 )
-from gru_serve.sampling import SamplingParams
+from gru_serve.engine.sampling import SamplingParams
+from gru_serve.ops.errors import ModelLoadError
 from gru_serve.shipped import default_model_path
 
 ATOL = {"logits": 1e-3, "state": 1e-4}

@@ -22,9 +22,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gru_serve.bench import inprocess, machine, prefix, report, scaleout, served, transports
-from gru_serve.runtime import ModelRuntime, RuntimeOptions
-from gru_serve.settings import Settings
+from gru_serve.bench import (
+    inprocess,
+    interference,
+    machine,
+    prefix,
+    report,
+    scaleout,
+    served,
+    transports,
+)
+from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
+from gru_serve.ops.settings import Settings
 from gru_serve.shipped import default_model_path, shipped_models
 
 SCHEMA = "gru-serve-bench/1"
@@ -42,12 +51,26 @@ SERVED_METHOD = (
 )
 
 
-# Our server with one setting changed, at a few levels: what the fused path and a second
-# onnxruntime thread do once served.
+# Our server with one setting changed, at a few levels: what the fused path, a second
+# onnxruntime thread and the engine process (against the engine in a thread) do once served.
 VARIANT_SERVERS = (
     ("ours_step_path", ["--fused-tokens", "1"], "step path only"),
     ("ours_2_threads", ["--intra-op-threads", "2"], "intra_op_threads=2"),
+    ("ours_engine_thread", ["--engine", "thread"], "engine in a thread"),
 )
+
+SKIP_HELP = {
+    "torch": "skip PyTorch eager (a subprocess)",
+    "served": "skip the served sweep (our server, its variants and the baseline)",
+    "baseline": "skip the baseline PyTorch gRPC server in the served sweep",
+    "variants": "skip gru-export variants (optimized, fp16, fused graphs)",
+    "tuning": "skip the onnxruntime settings (optimisation levels, threads)",
+    "scaleout": "skip scale-out (replicas behind Envoy sharing sessions in Redis)",
+    "prefix": "skip the prefix cache (servers with and without it)",
+    "http": "skip HTTP/SSE beside gRPC",
+    "interference": "skip interference (64 streams while a 16,000-character prompt is prefilled)",
+    "plots": "write no PNG plots",
+}
 
 
 @dataclass(frozen=True)
@@ -132,9 +155,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "scaleout",
         "prefix",
         "http",
+        "interference",
         "plots",
     ):
-        p.add_argument(f"--no-{section}", action="store_true", help=f"skip the {section} section")
+        p.add_argument(
+            f"--no-{section}", action="store_true", help=SKIP_HELP.get(section, f"skip the {section} section")
+        )
     p.add_argument(
         "--gpu-check", action="store_true", help="CUDA parity test and in-process bench, then exit"
     )
@@ -273,7 +299,7 @@ def main(args: argparse.Namespace) -> int:
         return gpu_check(args.model)
     console = Console()
     # One line says where the model runs (below); not a warning per runtime the bench loads.
-    logging.getLogger("gru_serve.runtime").setLevel(logging.ERROR)
+    logging.getLogger("gru_serve.engine.runtime").setLevel(logging.ERROR)
     model = (args.model or default_model_path()).resolve()
     name = "tiny" if args.tiny else "quick" if args.quick else "full"
     mode = mode_config(name, model)
@@ -312,7 +338,8 @@ def main(args: argparse.Namespace) -> int:
                 f"intra_op_threads={defaults.intra_op_threads}, "
                 f"inter_op_threads={defaults.inter_op_threads}, "
                 f"io_binding={defaults.io_binding}, max_batch_size={defaults.max_batch_size}, "
-                f"fused_tokens={defaults.fused_tokens}, round_budget={defaults.round_budget_ms:g} ms"
+                f"fused_tokens={defaults.fused_tokens}, round_budget={defaults.round_budget_ms:g} ms, "
+                f"prefill_chunk={defaults.prefill_chunk}, engine={defaults.engine}"
             ),
         },
         "notes": [
@@ -320,7 +347,8 @@ def main(args: argparse.Namespace) -> int:
             "not figures across runs.",
             "Served, the model, the server's gRPC event loop (one Python thread doing the per-message and "
             "per-token work) and the load generator share the same CPUs; the scheduler-without-gRPC rows "
-            "and the variant servers (step path only, intra_op_threads=2) show where the time goes.",
+            "and the variant servers (step path only, intra_op_threads=2, engine in a thread) show where the "
+            "time goes.",
         ],
     }
     sections = ["batch 1", "batched", "sampling", "scheduler"]
@@ -330,6 +358,7 @@ def main(args: argparse.Namespace) -> int:
     sections += [] if args.no_scaleout else ["scaleout"]
     sections += [] if args.no_prefix else ["prefix"]
     sections += [] if args.no_http else ["http"]
+    sections += [] if args.no_interference else ["interference"]
     n_served = 0
     if not args.no_served:
         n_served = len(load.concurrency) * (1 if args.no_baseline else 2)
@@ -401,6 +430,12 @@ def main(args: argparse.Namespace) -> int:
             step("HTTP/SSE beside gRPC")
             results["transports"] = transports.run(
                 model, transports.mode_config(name), lambda label: step(f"HTTP/SSE beside gRPC: {label}")
+            )
+            progress.advance(task)
+        if not args.no_interference:
+            step("interference")
+            results["interference"] = interference.run(
+                model, interference.mode_config(name), lambda label: step(f"interference: {label}")
             )
             progress.advance(task)
     results["goals"] = report.goals(results)

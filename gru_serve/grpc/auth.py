@@ -1,10 +1,10 @@
-"""Who is calling over gRPC: the bearer token in a call's metadata (gru_serve.auth decides)."""
+"""Who is calling over gRPC: the bearer token in a call's metadata (gru_serve.ops.auth decides)."""
 
 from __future__ import annotations
 
 import grpc
 
-from gru_serve.auth import bearer, principal_of_token
+from gru_serve.ops.auth import bearer, principal_of_token
 
 
 def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:

@@ -1,4 +1,4 @@
-"""The native gru_serve.v1.GenerationService: a thin layer over gru_serve.service."""
+"""The native gru_serve.v1.GenerationService: a thin layer over gru_serve.core.service."""
 
 from __future__ import annotations
 
@@ -9,14 +9,7 @@ from collections.abc import AsyncIterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gru_serve.errors import InvalidArgument
-from gru_serve.grpc.auth import owner_of
-from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
-from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
-from gru_serve.grpc.status import grpc_errors
-from gru_serve.sampling import SamplingParams
-from gru_serve.scheduler import Tokens
-from gru_serve.service import (
+from gru_serve.core.service import (
     ChoiceFinished,
     Finished,
     GenerateRequest,
@@ -24,6 +17,13 @@ from gru_serve.service import (
     Progress,
     SessionInfo,
 )
+from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.scheduler import Tokens
+from gru_serve.grpc.auth import owner_of
+from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
+from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
+from gru_serve.grpc.status import grpc_errors
+from gru_serve.ops.errors import InvalidArgument
 
 FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,

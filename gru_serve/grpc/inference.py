@@ -6,7 +6,7 @@ Each served model M appears twice:
 - `M`: the ONNX model as Triton would serve it with implicit state. Input `input_ids` INT64
   [batch, seq], output `logits` FP32 [batch, seq, vocab]. Without sequence parameters a request
   is stateless (zero state). With `sequence_id` (uint64 or string), `sequence_start` and
-  `sequence_end` it runs on that sequence's state and advances it (gru_serve.sequences: a
+  `sequence_end` it runs on that sequence's state and advances it (gru_serve.core.sequences: a
   sequence is a session in the native API's store, owned by the caller).
 - `M-generate`: a decoupled generation model. Input `prompt` BYTES [1]; request parameters
   max_new_tokens, temperature, top_k, top_p, seed, stop (a string, or a JSON list of strings),
@@ -24,7 +24,7 @@ Statistics (ModelStatistics): per endpoint, with queue and compute phases and ba
 gru_serve.grpc.statistics defines them for these models.
 
 The model repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload):
-gru_serve.repository. Loading NAME serves both NAME and NAME-generate; the index lists models
+gru_serve.core.repository. Loading NAME serves both NAME and NAME-generate; the index lists models
 by NAME. While NAME unloads, both refuse new requests (UNAVAILABLE) and ModelReady is false;
 once it is gone both are NOT_FOUND.
 
@@ -46,9 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from gru_serve import errors
 from gru_serve.contract import INPUT_IDS, LOGITS
-from gru_serve.errors import InvalidArgument, NotFound
+from gru_serve.core.repository import ModelRepository
+from gru_serve.core.sequences import RunTimes, Sequences, sequence_session_id
+from gru_serve.core.service import Finished, GenerateRequest, GenerationService, Progress
+from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.scheduler import Tokens
 from gru_serve.grpc import model_config as triton_config
 from gru_serve.grpc.auth import owner_of
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
@@ -73,11 +76,8 @@ from gru_serve.grpc.tensors import (
     sampling_of,
     sequence_of,
 )
-from gru_serve.repository import ModelRepository
-from gru_serve.runtime import ModelRuntime
-from gru_serve.scheduler import Tokens
-from gru_serve.sequences import RunTimes, Sequences, sequence_session_id
-from gru_serve.service import Finished, GenerateRequest, GenerationService, Progress
+from gru_serve.ops import errors
+from gru_serve.ops.errors import InvalidArgument, NotFound
 
 SERVER_NAME = "gru-serve"
 GENERATE_SUFFIX = "-generate"

@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import grpc
 
-from gru_serve.auth import refusal
 from gru_serve.grpc.auth import bearer_token
-from gru_serve.logs import request_id
-from gru_serve.metrics import Metrics
+from gru_serve.ops.auth import refusal
+from gru_serve.ops.logs import request_id
+from gru_serve.ops.metrics import Metrics
 
 log = logging.getLogger("gru_serve.access")
 

@@ -1,4 +1,4 @@
-"""gru_serve.errors' status table applied to gRPC: the decorator that turns errors into
+"""gru_serve.ops.errors' status table applied to gRPC: the decorator that turns errors into
 statuses for unary and streaming handlers alike."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from gru_serve import errors
+from gru_serve.ops import errors
 
 log = logging.getLogger(__name__)
 

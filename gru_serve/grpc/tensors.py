@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gru_serve import errors
 from gru_serve.contract import INPUT_IDS, LOGITS
-from gru_serve.errors import InvalidArgument
+from gru_serve.core.sequences import Sequence
+from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.sampling import SamplingParams
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
-from gru_serve.runtime import ModelRuntime
-from gru_serve.sampling import SamplingParams
-from gru_serve.sequences import Sequence
+from gru_serve.ops import errors
+from gru_serve.ops.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -18,17 +18,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match
 
-from gru_serve import errors
-from gru_serve.auth import bearer, principal_of_token, refusal
-from gru_serve.errors import InvalidArgument
 from gru_serve.grpc.interceptors import REFUSED_HEADER  # a drain refused this before any work
-from gru_serve.logs import request_id
+from gru_serve.ops import errors
+from gru_serve.ops.auth import bearer, principal_of_token, refusal
+from gru_serve.ops.errors import InvalidArgument
+from gru_serve.ops.logs import request_id
 
 if TYPE_CHECKING:
+    from gru_serve.core.service import GenerationService
     from gru_serve.grpc.inference import InferenceServicer
     from gru_serve.grpc.interceptors import ServerInterceptor
-    from gru_serve.metrics import Metrics
-    from gru_serve.service import GenerationService
+    from gru_serve.ops.metrics import Metrics
 
 log = logging.getLogger("gru_serve.access")
 M = TypeVar("M", bound=BaseModel)

@@ -51,7 +51,7 @@ shape with that response's tokens, `parameters.triton_final_response` telling th
 (which carries no tokens and the finish parameters). An error before the first event is a JSON
 error response with its status; one after is an event {"error": message}.
 
-Errors: {"error": message} with the HTTP status of gru_serve.errors' table (unknown model or
+Errors: {"error": message} with the HTTP status of gru_serve.ops.errors' table (unknown model or
 version 404, a bad request 400, ...).
 """
 
@@ -72,11 +72,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gru_serve.errors import InvalidArgument, Unavailable
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.inference import EXTENSIONS, SERVER_NAME, server_version
 from gru_serve.grpc.tensors import EMPTY_FINAL, WIRE_DTYPES, Endpoint, deserialize_bytes
 from gru_serve.http.app import BodyTooLarge, HttpFront, event_stream, owner, sse_event
+from gru_serve.ops.errors import InvalidArgument, Unavailable
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REST_EXTENSIONS = ("binary_tensor_data", "generate")  # Triton's HTTP-only extensions served here

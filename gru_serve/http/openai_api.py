@@ -1,7 +1,7 @@
 """OpenAI-compatible completions: the API the unmodified `openai` client speaks.
 
 Endpoints (JSON; errors are OpenAI-shaped `{"error": {"message", "type", "code", "param"}}`
-with the status of gru_serve.errors.STATUS):
+with the status of gru_serve.ops.errors.STATUS):
 
 GET /v1/models
     `{"object": "list", "data": [{"id", "object": "model", "created", "owned_by": "gru-serve"}]}`;
@@ -24,7 +24,7 @@ POST /v1/completions
                  alternatives, so more than 1 is refused); the choice's `logprobs` is then
                  {tokens, token_logprobs, top_logprobs (one {token: logprob} per token),
                  text_offset (each token's character offset in the choice's text)}
-    n            1..gru_serve.service.MAX_CHOICES choices of one state; choice i is sampled
+    n            1..gru_serve.core.service.MAX_CHOICES choices of one state; choice i is sampled
                  with seed + i (gRPC's fan-out). On a session the session is left unchanged:
                  gRPC's `commit` has no OpenAI field
     stream, stream_options.include_usage
@@ -76,12 +76,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gru_serve.errors import InvalidArgument, NotFound
+from gru_serve.core.service import MAX_CHOICES, Finished, GenerateRequest, GenerationService
+from gru_serve.core.snapshots import open_
+from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.scheduler import Tokens
 from gru_serve.http.app import HttpFront, event_stream, owner, parse_body, sse_event
-from gru_serve.sampling import SamplingParams
-from gru_serve.scheduler import Tokens
-from gru_serve.service import MAX_CHOICES, Finished, GenerateRequest, GenerationService
-from gru_serve.snapshots import open_
+from gru_serve.ops.errors import InvalidArgument, NotFound
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -1,5 +1,5 @@
 """Triton's statistics and model repository extensions over HTTP/REST, answered by the same
-core as gRPC (gru_serve.grpc.inference, gru_serve.repository).
+core as gRPC (gru_serve.grpc.inference, gru_serve.core.repository).
 
     GET  /v2/models/stats                        every model's statistics
     GET  /v2/models/{m}[/versions/{v}]/stats     one model's: {"model_stats": [$model_stat]}, in
@@ -12,7 +12,7 @@ core as gRPC (gru_serve.grpc.inference, gru_serve.repository).
                                                  once M is gone (503 for M's requests meanwhile)
 
 Registered before the inference routes, so /v2/models/stats is not read as a model named
-"stats". Errors: {"error": message} with the status of gru_serve.errors' table (no repository
+"stats". Errors: {"error": message} with the status of gru_serve.ops.errors' table (no repository
 configured: 400 FAILED_PRECONDITION; a model not in the repository: 404).
 """
 

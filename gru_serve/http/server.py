@@ -11,23 +11,29 @@ import ssl
 import uvicorn
 
 from gru_serve.http.app import HttpFront, build_app
-from gru_serve.settings import Settings
+from gru_serve.ops.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, shared: bool = False, listen: bool = True) -> socket.socket:
+    """shared: other processes may bind the port too (SO_REUSEPORT: the kernel spreads the
+    connections over the listeners of a --frontends family)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the listening
     # socket says TCP, and uvicorn writes headers and body apart, so without it Nagle and the
     # client's delayed ACK add ~40 ms to every response.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port} for HTTP: {e.strerror}") from e
+    if not listen:
+        return sock
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -36,7 +42,7 @@ def bind(host: str, port: int) -> socket.socket:
 class HttpServer:
     def __init__(self, front: HttpFront, settings: Settings, sock: socket.socket | None = None) -> None:
         s = settings
-        self.sock = sock or bind(s.host, s.http_port)
+        self.sock = sock or bind(s.host, s.http_port, shared=bool(s.engine_address))
         config = uvicorn.Config(
             build_app(front),
             log_config=None,  # our JSON logs; the access log is written by the app

@@ -19,7 +19,7 @@ The bodies of create and fork may be empty. A session is
 `{"session_id", "model", "tokens_seen", "created", "last_used", "expires",
 "turns": [{"turn", "tokens_seen", "committed"}]}`, times in unix seconds (floats); `turns`
 lists the checkpoints a rewind can return to, oldest first. Errors are OpenAI-shaped (see
-openai_api) with the status of gru_serve.errors.STATUS.
+openai_api) with the status of gru_serve.ops.errors.STATUS.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gru_serve.core.service import SessionInfo
 from gru_serve.http.app import HttpFront, optional_body, owner, parse_body
-from gru_serve.service import SessionInfo
 
 
 class CreateSession(BaseModel):

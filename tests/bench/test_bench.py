@@ -94,14 +94,42 @@ def test_goals_are_ratios_of_the_run():
             "baseline": [_level(64, 3_000, 500, 3, 7, 3, 3000)],
         },
     }
-    values = [x["value"] for x in report.goals(results)]
+    goals = report.goals(results)
+    values = [x["value"] for x in goals]
     assert values[0] == pytest.approx(4.0) and values[1] == pytest.approx(7.0)
     assert values[2] == pytest.approx(3.0) and values[3] is None  # no PyTorch figure at 256
-    assert values[4] == pytest.approx(25_000 / 40_000) and values[5] == pytest.approx(90_000 / 300_000)
-    assert values[6] == pytest.approx(90_000 / 25_000)
-    itl = report.goals(results)[7]
-    assert itl["value"] == pytest.approx(2.0 / 0.05) and "time per output token" in itl["note"]
-    assert values[8] == pytest.approx(30.0) and report.goals(results)[9]["met"] is True
+    assert values[4] == pytest.approx(25_000 / 70_000)  # of the fused batch-1 figure
+    assert values[5] == pytest.approx(90_000 / 300_000) and values[6] is None  # no 256 level
+    assert values[7] == pytest.approx(90_000 / 25_000) and "6x one stream" in goals[7]["note"]
+    # TPOT p99 0.5 ms over a batch-64 step of 64 / 300,000 s
+    assert values[8] == pytest.approx(0.5 / (64 / 300_000 * 1e3)) and goals[8]["met"] is False
+    assert goals[9]["value"] == pytest.approx(2.0 / 0.05) and "time per output token" in goals[9]["note"]
+    assert values[10] is None and goals[10]["target"] is None  # no engine-thread server
+    assert values[11] == pytest.approx(30.0) and goals[12]["met"] is True
+    results["served"]["ours_engine_thread"] = [_level(64, 60_000, 5, 0.0, 2.0, 0.5, 100)]
+    assert report.goals(results)[10]["value"] == pytest.approx(1.5)
+
+
+def test_interference_gaps_and_goal(tiny):
+    from gru_serve.bench import interference
+
+    # a gap overlapping [1.0, 1.5] counts as during; one ending in [0.5, 1.0] as before
+    arrivals = [[0.1, 0.6, 0.65, 0.95, 1.2, 1.6], [0.9, 1.01, 1.02]]
+    during, before = interference.max_gaps(arrivals, 1.0, 1.5, 0.5)
+    assert during == pytest.approx(0.4) and before == pytest.approx(0.5)
+    out, md = tiny
+    results = json.loads((out / "results.json").read_text())
+    it = results["interference"]
+    assert [r["key"] for r in it["rows"]] == ["chunked", "whole"] and not it.get("error")
+    for r in it["rows"]:
+        assert r["streams_ended_early"] == 0 and r["prompt_tokens"] > 0, r
+        # a window shorter than the streams' gap between messages may hold no whole gap before
+        assert r["max_gap_during_ms"] > 0 and r["before_window_ms"] > 0, r
+    g = report.goals(results)[-2]
+    assert g["goal"].startswith("interference") and g["higher_is_better"] is False
+    assert g["value"] == pytest.approx(it["rows"][0]["max_gap_during_ms"] / it["round_budget_ms"])
+    assert "today's (--prefill-chunk 16384" in g["note"]
+    assert "## Interference" in md.read_text()
 
 
 def test_tokens_of_one_message_share_its_arrival_time():

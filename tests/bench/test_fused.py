@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from gru_serve.client import Client, sampling
-from gru_serve.runtime import ModelRuntime, RuntimeOptions, fused_generate, step_generate
-from gru_serve.sampling import SamplingParams
-from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler
+from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions, fused_generate, step_generate
+from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.scheduler import DoneEvent, FailedEvent, Job, Scheduler
 from gru_serve.shipped import shipped_models
 
 from ..serve.conftest import D2L, reference_generate, start_server
@@ -171,7 +171,7 @@ def test_newcomers_prompts_of_one_length_are_prefilled_together(rt):
 
 
 def test_over_grpc_the_fused_server_equals_the_step_path_reference(rt):
-    srv = start_server()
+    srv = start_server(engine="thread")  # reads the scheduler's counters
     try:
         sched = srv.service.schedulers["timemachine-d2l"]
         with Client(srv.target) as c:

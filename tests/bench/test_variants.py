@@ -11,7 +11,7 @@ from exporters import variants as variants_mod
 from exporters.cli import main as export_main
 from exporters.validate import ToleranceExceeded
 from gru_serve.contract import read_model
-from gru_serve.runtime import ModelRuntime, RuntimeOptions
+from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
 
 from ..serve.conftest import D2L
 

@@ -2,8 +2,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-from gru_serve.settings import Settings
 from tests.serve.conftest import D2L, LONG
 
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gru_serve.client import Client, sampling
-from gru_serve.sampling import SamplingParams
+from gru_serve.engine.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 from tests.http.conftest import openai_client, start_http_server
 from tests.serve.conftest import D2L, LONG, reference_generate, wait_until

@@ -109,6 +109,6 @@ def server_process():
 
 @pytest.fixture(scope="session")
 def runtime():
-    from gru_serve.runtime import ModelRuntime
+    from gru_serve.engine.runtime import ModelRuntime
 
     return ModelRuntime(default_model_path())

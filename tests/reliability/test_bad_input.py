@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from gru_serve.client import Client
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
+from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-from gru_serve.settings import Settings
 from gru_serve.shipped import default_model_path
 
 from ..serve.conftest import reference_generate

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-from gru_serve.settings import Settings
 from gru_serve.shipped import default_model_path
 
 from .conftest import TALLY, record

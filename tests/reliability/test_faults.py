@@ -15,7 +15,7 @@ from .conftest import TALLY, record
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server()
+    srv = start_server(engine="thread")  # faults are injected into this process
     yield srv
     srv.stop()
 
@@ -136,7 +136,7 @@ def test_a_failing_batch_fails_only_its_requests(server, runtime):
 def test_a_fault_outside_the_model_call_fails_its_round_and_the_scheduler_serves_on(
     server, runtime, monkeypatch, stage
 ):
-    import gru_serve.scheduler as scheduler
+    import gru_serve.engine.scheduler as scheduler
 
     fired = threading.Event()
 

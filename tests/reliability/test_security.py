@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from gru_serve.client import Client
+from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-from gru_serve.sessions import new_session_id
-from gru_serve.settings import Settings
 from gru_serve.shipped import default_model_path
+from gru_serve.stores.sessions import new_session_id
 
 from .conftest import TALLY, record
 

@@ -25,8 +25,8 @@ from gru_serve.client import SESSION_HEADER
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2
 from gru_serve.grpc.generated.inference import grpc_service_pb2
 from gru_serve.grpc.interceptors import REFUSED_HEADER
+from gru_serve.ops.settings import ENV_PREFIX, Settings
 from gru_serve.server import LIVENESS, ThreadedServer
-from gru_serve.settings import ENV_PREFIX, Settings
 
 from .conftest import D2L, DOCKER, ROOT, free_port, installed_binary, render_envoy_config
 

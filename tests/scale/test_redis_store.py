@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from gru_serve.errors import (
+from gru_serve.ops.errors import (
     ResourceExhausted,
     SessionBusy,
     SessionExpired,
@@ -22,10 +22,10 @@ from gru_serve.errors import (
     VersionConflict,
     WrongModel,
 )
-from gru_serve.redis_store import RedisStore, display_url
-from gru_serve.sessions import SessionRecord, new_session_id
-from gru_serve.settings import Settings
-from gru_serve.stores import build_store
+from gru_serve.ops.settings import Settings
+from gru_serve.stores.factory import build_store
+from gru_serve.stores.redis_store import RedisStore, display_url
+from gru_serve.stores.sessions import SessionRecord, new_session_id
 
 from .conftest import RedisServer, free_port
 

@@ -24,13 +24,19 @@ import psutil
 import pytest
 
 from gru_serve.client import Client
-from gru_serve.errors import ResourceExhausted, SessionBusy, SessionExpired, SessionNotFound, VersionConflict
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
-from gru_serve.sessions import SessionRecord, new_session_id
-from gru_serve.settings import Settings
-from gru_serve.sqlite_store import COLUMNS, DAY_S, SQLiteStore
-from gru_serve.stores import build_store
+from gru_serve.ops.errors import (
+    ResourceExhausted,
+    SessionBusy,
+    SessionExpired,
+    SessionNotFound,
+    VersionConflict,
+)
+from gru_serve.ops.settings import Settings
+from gru_serve.stores.factory import build_store
+from gru_serve.stores.sessions import SessionRecord, new_session_id
+from gru_serve.stores.sqlite_store import COLUMNS, DAY_S, SQLiteStore
 from tests.serve.conftest import reference_generate
 
 from .conftest import D2L, Replica, wait_for

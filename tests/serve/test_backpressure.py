@@ -12,9 +12,9 @@ import psutil
 import pytest
 
 from gru_serve.client import Client, sampling
+from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.scheduler import Job
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
-from gru_serve.sampling import SamplingParams
-from gru_serve.scheduler import Job
 
 from ..reliability.conftest import ServerProcess
 from .conftest import LONG, reference_generate, start_server, wait_until
@@ -29,7 +29,7 @@ SMALL_WINDOWS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 163
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server()
+    srv = start_server(engine="thread")  # these tests look at the scheduler's jobs
     yield srv
     srv.stop()
 
@@ -121,7 +121,7 @@ def test_an_unread_stream_is_paused_and_resumes_with_its_solo_tokens(server, run
 def test_the_step_path_with_io_binding_pauses_and_resumes_alike(runtime):
     """One token a round, the state in the decoder's bound buffers: a pausing job's row is read
     back from them."""
-    srv = start_server(io_binding="on", fused_tokens=1)
+    srv = start_server(io_binding="on", fused_tokens=1, engine="thread")
     n = 6000
 
     def start(c: Client) -> Iterator:

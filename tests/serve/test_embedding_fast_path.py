@@ -27,9 +27,9 @@ from gru_serve.contract import (
     STATE_OUT,
     ModelMetadata,
 )
-from gru_serve.decode_graphs import NotAGRULanguageModel, decode_graph, gru_weights
-from gru_serve.runtime import ModelRuntime, fused_generate, step_generate
-from gru_serve.sampling import SamplingParams
+from gru_serve.engine.decode_graphs import NotAGRULanguageModel, decode_graph, gru_weights
+from gru_serve.engine.runtime import ModelRuntime, fused_generate, step_generate
+from gru_serve.engine.sampling import SamplingParams
 from gru_serve.shipped import shipped_models
 
 from .conftest import D2L
@@ -38,7 +38,7 @@ LAYERS = 2
 CHARS = tuple("abcdefghijklmnopqrstuvwxyz0123456789 ")  # 37 tokens
 WORDS = ("<unk>", "<eos>", *(f"w{i}" for i in range(39)))  # 41 tokens
 WORDS_TOKENIZER = {"kind": "words", "split": "whitespace", "eos": "<eos>", "unk": "<unk>"}
-# The load check's tolerances (gru_serve.runtime.ModelRuntime._check_derived).
+# The load check's tolerances (gru_serve.engine.runtime.ModelRuntime._check_derived).
 ATOL_LOGITS, ATOL_STATE = 1e-4, 1e-5
 
 
@@ -384,7 +384,7 @@ def test_other_graphs_are_refused_with_the_reason(tmp_path, module, reason):
 
 
 def test_graphs_that_cannot_be_built_leave_the_model_on_the_exported_graph(tmp_path, monkeypatch):
-    import gru_serve.runtime as runtime
+    import gru_serve.engine.runtime as runtime
 
     def too_big(*_):
         raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB")
@@ -420,7 +420,7 @@ def test_a_gru_without_initial_h_is_refused(tmp_path):
 def test_a_large_model_keeps_the_decode_step_without_the_fused_loop(monkeypatch, case):
     """Past FUSED_MAX_WEIGHT_BYTES the fused loop (three copies of the weights, two sessions)
     is skipped; the decode step still runs and matches the exported graph."""
-    import gru_serve.runtime as runtime
+    import gru_serve.engine.runtime as runtime
 
     monkeypatch.setattr(runtime, "FUSED_MAX_WEIGHT_BYTES", 1024)
     rt = runtime.ModelRuntime(case.path)

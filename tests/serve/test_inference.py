@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from gru_serve.client import Client
-from gru_serve.errors import SessionNotFound
+from gru_serve.core.sequences import Sequence, sequence_session_id
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from gru_serve.sequences import Sequence, sequence_session_id
+from gru_serve.ops.errors import SessionNotFound
 
 from .conftest import LONG, reference_generate, start_server, wait_until
 

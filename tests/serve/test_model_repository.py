@@ -19,14 +19,14 @@ from prometheus_client import generate_latest
 from tritonclient.utils import InferenceServerException
 
 from gru_serve.client import Client
-from gru_serve.errors import ModelLoadError
+from gru_serve.core.sequences import Sequence
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as gpb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as gpb_grpc
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from gru_serve.sequences import Sequence
+from gru_serve.ops.errors import ModelLoadError
+from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-from gru_serve.settings import Settings
 
 from .conftest import D2L, LONG, reference_generate, wait_until
 from .test_inference import generate_request, ids_request, logits_of

@@ -10,10 +10,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gru_serve.auth import principal_of_token
 from gru_serve.client import Client, make_channel
+from gru_serve.ops.auth import principal_of_token
+from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-from gru_serve.settings import Settings
 
 from .conftest import D2L, LONG, start_server, wait_until
 from .test_cli import start

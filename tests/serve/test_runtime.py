@@ -6,8 +6,8 @@ import onnxruntime as ort
 import pytest
 
 from gru_serve.client import Client, sampling
-from gru_serve.errors import ModelLoadError
-from gru_serve.runtime import CUDA, ModelRuntime, RuntimeOptions
+from gru_serve.engine.runtime import CUDA, ModelRuntime, RuntimeOptions
+from gru_serve.ops.errors import ModelLoadError
 
 from .conftest import D2L, start_server
 
@@ -24,7 +24,7 @@ def test_cuda_refuses_to_start_without_cuda():
 
 @pytest.mark.skipif(cuda_active(), reason="this machine has CUDA")
 def test_auto_falls_back_to_cpu_with_one_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="gru_serve.runtime"):
+    with caplog.at_level(logging.WARNING, logger="gru_serve.engine.runtime"):
         rt = ModelRuntime(D2L, RuntimeOptions("auto"))
     assert rt.provider == "CPUExecutionProvider" and rt.session.get_providers() == ["CPUExecutionProvider"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -43,7 +43,7 @@ def test_iobinding_decoder_equals_plain_step(runtime):
 
 
 def test_server_with_iobinding_gives_the_same_tokens(client):
-    srv = start_server(io_binding="on")
+    srv = start_server(io_binding="on", engine="thread")  # reads the scheduler
     try:
         assert srv.service.schedulers["timemachine-d2l"].io_binding
         with Client(srv.target) as c:

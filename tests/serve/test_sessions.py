@@ -5,9 +5,15 @@ import numpy as np
 import pytest
 
 from gru_serve.client import Client
-from gru_serve.errors import ResourceExhausted, SessionBusy, SessionExpired, SessionNotFound, VersionConflict
-from gru_serve.sessions import MemoryStore, SessionRecord, new_session_id
-from gru_serve.settings import Settings
+from gru_serve.ops.errors import (
+    ResourceExhausted,
+    SessionBusy,
+    SessionExpired,
+    SessionNotFound,
+    VersionConflict,
+)
+from gru_serve.ops.settings import Settings
+from gru_serve.stores.sessions import MemoryStore, SessionRecord, new_session_id
 
 from .conftest import D2L, ThreadedServer
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from gru_serve.settings import ENV_PREFIX, Settings, allowed
+from gru_serve.ops.settings import ENV_PREFIX, Settings, allowed
 
 MISSING = "/nonexistent/model.onnx"  # were a bad setting let through, start-up stops here, not serving
 
@@ -61,6 +61,8 @@ def test_the_log_line_hides_bearer_tokens():
         ([], {"GRU_SERVE_MAX_QUEUE": "-5"}, ["--max-queue", "GRU_SERVE_MAX_QUEUE", ">= 1", "'-5'"]),
         (["--round-budget-ms", "0"], {}, ["--round-budget-ms", "a number > 0"]),
         (["--grace-s", "-1"], {}, ["--grace-s", "a number >= 0", "'-1'"]),
+        (["--prefill-chunk", "100"], {}, ["--prefill-chunk", "GRU_SERVE_PREFILL_CHUNK", "multiple of 64"]),
+        ([], {"GRU_SERVE_PREFILL_CHUNK": "0"}, ["--prefill-chunk", "an integer >= 64", "'0'"]),
         (["--port", "65536"], {}, ["--port", "GRU_SERVE_PORT", "0..65535"]),
         ([], {"GRU_SERVE_DEVICE": "gpu"}, ["--device", "one of auto, cuda, cpu", "'gpu'"]),
         (["--default-new-tokens", "9", "--max-new-tokens", "8"], {}, ["--default-new-tokens", "<="]),

@@ -9,13 +9,13 @@ import grpc
 import numpy as np
 import pytest
 
-from gru_serve import snapshots
 from gru_serve.client import Client, sampling
-from gru_serve.errors import FailedPrecondition, InvalidArgument, ModelLoadError
+from gru_serve.core import snapshots
+from gru_serve.engine.sampling import SamplingParams
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
-from gru_serve.sampling import SamplingParams
+from gru_serve.ops.errors import FailedPrecondition, InvalidArgument, ModelLoadError
+from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-from gru_serve.settings import Settings
 from gru_serve.shipped import shipped_models
 
 from .conftest import D2L, reference_generate, start_server

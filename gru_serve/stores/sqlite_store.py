@@ -8,7 +8,7 @@ order the Redis store uses).
 
 Tables: ``sessions`` (one row a session: metadata, ``state`` and ``logits`` as raw
 little-endian float32 with the state's shape, the checkpoints packed by
-``gru_serve.sessions.pack_checkpoints``, and ``expires`` = last_used + TTL, indexed: expiry
+``gru_serve.stores.sessions.pack_checkpoints``, and ``expires`` = last_used + TTL, indexed: expiry
 and LRU order) and ``tombstones`` (id, 'expired' | 'evicted', owner, until: a day after the
 session would have expired). Every create and commit is one transaction, written before the
 call returns.
@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from gru_serve.errors import (
+from gru_serve.ops.errors import (
     ResourceExhausted,
     SessionBusy,
     SessionExpired,
@@ -51,7 +51,7 @@ from gru_serve.errors import (
     Unavailable,
     VersionConflict,
 )
-from gru_serve.sessions import (
+from gru_serve.stores.sessions import (
     Clock,
     SessionRecord,
     SessionStore,

@@ -15,7 +15,7 @@ Keys (PREFIX defaults to ``gru:``):
 - ``PREFIX gone:{id}``   a tombstone, ``expired|OWNER`` or ``evicted|OWNER``, written with every
   create and commit and living a day longer than the session: a missing session with a
   tombstone has expired (or was evicted), one without is unknown. Delete removes both.
-- ``PREFIX pfx:{key}``   a prefix state (gru_serve.prefix_cache): the raw float32 state then
+- ``PREFIX pfx:{key}``   a prefix state (gru_serve.engine.prefix_cache): the raw float32 state then
   logits after a zero-state prompt's first whole blocks, keyed by their hash chain; written by
   the replica that prefilled them, read by any on a local miss; expires after the session TTL.
 - ``PREFIX sessions``    a sorted set of ids scored by their expiry deadline (ms, Redis clock):
@@ -58,7 +58,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from gru_serve.errors import (
+from gru_serve.ops.errors import (
     ResourceExhausted,
     SessionBusy,
     SessionExpired,
@@ -67,7 +67,13 @@ from gru_serve.errors import (
     VersionConflict,
     WrongModel,
 )
-from gru_serve.sessions import SessionRecord, SessionStore, StoreStats, pack_checkpoints, unpack_checkpoints
+from gru_serve.stores.sessions import (
+    SessionRecord,
+    SessionStore,
+    StoreStats,
+    pack_checkpoints,
+    unpack_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
@@ -528,7 +534,7 @@ class RedisStore(SessionStore):
         self.stats.expirations += int(expired)
         return int(n)
 
-    # -- prefix states shared between replicas (gru_serve.prefix_cache) --
+    # -- prefix states shared between replicas (gru_serve.engine.prefix_cache) --
 
     async def get_prefix_blocks(self, keys: list[str]) -> list[bytes | None]:
         names = [f"{self.prefix}pfx:{k}" for k in keys]

@@ -16,19 +16,17 @@ native API, in the same store, so it has the same lease, TTL, eviction and owner
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
-import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from gru_serve.errors import InvalidArgument, NotFound, PermissionDenied, SessionExpired, SessionNotFound
-from gru_serve.runtime import ModelRuntime
-from gru_serve.service import GenerationService
-from gru_serve.sessions import SessionRecord
+from gru_serve.core.service import GenerationService
+from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.ops.errors import InvalidArgument, NotFound, PermissionDenied, SessionExpired, SessionNotFound
+from gru_serve.stores.sessions import SessionRecord
 
 SEQUENCE_PREFIX = "seq-"
 MAX_SEQUENCE_ID_CHARS = 256
@@ -58,23 +56,11 @@ class Sequence:
 
 @dataclass
 class RunTimes:
-    """When a request's model run began and ended (time.perf_counter_ns, taken on the worker
-    thread), for the inference protocol's statistics."""
+    """When a request's model run began and ended (time.perf_counter_ns, one clock for every
+    process of a host, taken by the scheduler), for the inference protocol's statistics."""
 
     start: int = 0
     end: int = 0
-
-
-def _step(
-    rt: ModelRuntime, ids: np.ndarray, state: np.ndarray, times: RunTimes | None
-) -> tuple[np.ndarray, np.ndarray]:
-    if times is None:
-        return rt.step(ids, state)
-    times.start = time.perf_counter_ns()
-    try:
-        return rt.step(ids, state)
-    finally:
-        times.end = time.perf_counter_ns()
 
 
 def sequence_session_id(owner: str, model: str, sequence_id: int | str) -> str:
@@ -89,6 +75,16 @@ class Sequences:
 
     def __init__(self, service: GenerationService) -> None:
         self.service = service
+
+    async def _run(
+        self, rt: ModelRuntime, ids: np.ndarray, state: np.ndarray, times: RunTimes | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The model over ids from state, through the engine's queue; `times` gets the run's
+        start and end as the engine timed them."""
+        done = await self.service.run_model(rt, ids, state)
+        if times is not None:
+            times.start, times.end = done.start_ns, done.end_ns
+        return done.logits, done.state
 
     def check_ids(self, rt: ModelRuntime, ids: np.ndarray, name: str = "input_ids") -> None:
         """ids must be int64 [batch, seq], batch <= max_batch_size, 1 to max_prompt_tokens tokens
@@ -184,15 +180,14 @@ class Sequences:
         rt = self.service.runtime(model)
         self.check_ids(rt, ids)
         if seq is None:
-            logits, _ = await asyncio.to_thread(_step, rt, ids, rt.zero_state(ids.shape[0]), times)
-            return logits
+            return (await self._run(rt, ids, rt.zero_state(ids.shape[0]), times))[0]
         if ids.shape[0] != 1:
             raise InvalidArgument(f"input_ids: a sequence request has batch 1, got {ids.shape[0]}")
         store = self.service.store
         rec, created = await self._lease(rt, seq, owner)
         leased = True
         try:
-            logits, state = await asyncio.to_thread(_step, rt, ids, rec.state[None], times)
+            logits, state = await self._run(rt, ids, rec.state[None], times)
             await store.commit(rec.advanced(state[0], logits[0, -1], ids.shape[1], self.service.clock()))
             leased = False
         finally:

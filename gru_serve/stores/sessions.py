@@ -18,7 +18,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from gru_serve.errors import ResourceExhausted, SessionBusy, SessionExpired, SessionNotFound, VersionConflict
+from gru_serve.ops.errors import (
+    ResourceExhausted,
+    SessionBusy,
+    SessionExpired,
+    SessionNotFound,
+    VersionConflict,
+)
 
 Clock = Callable[[], float]
 
@@ -163,7 +169,7 @@ class SessionStore(abc.ABC):
         return None
 
     async def ping(self) -> None:
-        """Raise gru_serve.errors.Unavailable when the store cannot serve (health follows it)."""
+        """Raise gru_serve.ops.errors.Unavailable when the store cannot serve (health follows it)."""
         return None
 
     def expires(self, record: SessionRecord) -> float:
@@ -206,12 +212,15 @@ class MemoryStore(SessionStore):
 
     def _sweep(self) -> None:
         now = self.clock()
-        for sid, rec in list(self._records.items()):  # oldest first
+        expired = []
+        for sid, rec in self._records.items():  # oldest first: stops at the first live one
             if now < self.expires(rec):
                 break
             if sid not in self._busy:
-                self._bury(sid, "expired")
-                self.stats.expirations += 1
+                expired.append(sid)
+        for sid in expired:
+            self._bury(sid, "expired")
+            self.stats.expirations += 1
 
     async def create(self, record: SessionRecord) -> None:
         self._sweep()

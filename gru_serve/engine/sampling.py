@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gru_serve.errors import InvalidArgument
+from gru_serve.ops.errors import InvalidArgument
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 64

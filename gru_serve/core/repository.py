@@ -36,27 +36,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from gru_serve.errors import FailedPrecondition, ModelLoadError, NotFound
-from gru_serve.runtime import ModelRuntime, RuntimeOptions
-from gru_serve.service import GenerationService
-from gru_serve.settings import Settings
+from gru_serve.core.service import GenerationService
+from gru_serve.engine.runtime import load_runtime
+from gru_serve.ops.errors import FailedPrecondition, ModelLoadError, NotFound
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
-
-
-def load_runtime(path: Path, settings: Settings, name: str = "") -> ModelRuntime:
-    """A model file as the server serves it: checked against the contract, in onnxruntime with
-    the settings' device and threads, warmed up (the first run allocates). Any problem is one
-    ModelLoadError naming the file."""
-    options = RuntimeOptions(settings.device, settings.intra_op_threads, settings.inter_op_threads)
-    rt = ModelRuntime(path, options, name)
-    rt.step(np.zeros((1, 1), np.int64), rt.zero_state())
-    return rt
 
 
 def repository_models(folder: Path) -> dict[str, Path]:
@@ -150,7 +137,8 @@ class ModelRepository:
             async with self._locks[name]:
                 self._loading.add(name)
                 try:
-                    rt = await asyncio.to_thread(load_runtime, path, self.service.settings, name)
+                    s = self.service.settings
+                    rt = await asyncio.to_thread(load_runtime, path, s, name, s.engine == "thread")
                 except ModelLoadError as e:
                     self._why[name] = f"load failed: {e}"
                     raise FailedPrecondition(f"model '{name}' cannot be loaded: {e}") from e

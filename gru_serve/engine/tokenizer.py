@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gru_serve.contract import ContractError, ModelMetadata
-from gru_serve.errors import InvalidArgument
+from gru_serve.ops.errors import InvalidArgument
 
 if TYPE_CHECKING:
     import tokenizers

@@ -6,9 +6,9 @@
   elementwise ops) instead of the GRU operator; 10-40% faster than the exported graph here.
 - the fused K-token graph: an ONNX Loop that runs the decode step, samples the next token
   (greedy, or temperature / top-k / top-p with the uniforms passed in, exactly as
-  gru_serve.sampling does in numpy) and feeds it back, K times in one session.run.
+  gru_serve.engine.sampling does in numpy) and feeds it back, K times in one session.run.
 
-gru_serve.runtime builds sessions from them and checks them against the exported graph.
+gru_serve.engine.runtime builds sessions from them and checks them against the exported graph.
 """
 
 from __future__ import annotations
@@ -515,7 +515,7 @@ def _sampling_rows(g: _Graph, V: int) -> dict[str, str]:
 
 
 def _sample(g: _Graph, logits: str, u: str, rows: dict[str, str], V: int, filters: bool) -> str:
-    """gru_serve.sampling.sample in ONNX, op for op in float64: temperature, top-k, softmax,
+    """gru_serve.engine.sampling.sample in ONNX, op for op in float64: temperature, top-k, softmax,
     top-p, inverse CDF with the uniform `u` [B]; rows with temperature 0 take the argmax.
     Without `filters` (no row limits top-k or top-p) the top-k and top-p ops, which leave such
     rows unchanged, are left out."""

@@ -16,7 +16,7 @@ token, with the cache on or off, so a hit skips exactly the runs that made the c
 Local tier: LRU bounded in bytes, used on the event loop only (the service looks up before it
 submits a job and stores the blocks the job's prefill made). Shared tier, with the Redis store:
 entries as raw float32 under ``PREFIX pfx:KEY`` with the session TTL, read on a local miss and
-written after a prefill made new blocks (gru_serve.redis_store).
+written after a prefill made new blocks (gru_serve.stores.redis_store).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gru_serve.errors import FailedPrecondition, InvalidArgument
-from gru_serve.settings import Settings, read_secrets
+from gru_serve.ops.errors import FailedPrecondition, InvalidArgument
+from gru_serve.ops.settings import Settings, read_secrets
 
 MAGIC = b"GRUSNAP\0"
 FORMAT_VERSION = 1

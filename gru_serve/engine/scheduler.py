@@ -1,7 +1,7 @@
 """Continuous batching: one thread runs every active generation of a model.
 
 Each round samples the next token of every active job from its pending logits (vectorised,
-gru_serve.sampling), hands the tokens out at once, then runs the model for the whole batch:
+gru_serve.engine.sampling), hands the tokens out at once, then runs the model for the whole batch:
 
 - the fused path (when the runtime has it): one session.run feeds those tokens and then
   generates up to K - 1 more per job inside an ONNX Loop (decode step + the same sampler +
@@ -12,16 +12,27 @@ gru_serve.sampling), hands the tokens out at once, then runs the model for the w
   when `io_binding` is on.
 
 Both paths give the same tokens, bit for bit: the fused loop runs the same kernels as the
-decode step and draws the same counter-based uniforms. Jobs join between rounds (the
-prompts waiting then are prefilled in one call per prompt length, seq = that length; a prompt
-read from the zero state goes in chunks of gru_serve.prefix_cache.BLOCK tokens, one call per
-chunk length, so that its prefix states can be cached and reused bit for bit) and leave
-when they finish or are cancelled, so the batch grows and shrinks. The batch's state and
-logits live in arrays that are rebuilt only when its members change. Admission is first come,
-first served and every active job advances every round: nothing starves.
+decode step and draws the same counter-based uniforms. Jobs leave when they finish or are
+cancelled, so the batch grows and shrinks. The batch's state and logits live in arrays that are
+rebuilt only when its members change. Admission is first come, first served and every active
+job advances every round: nothing starves.
+
+Chunked prefill: a job admitted between rounds (it holds a batch slot from then on) first has
+its prompt read, interleaved with the rounds: between two rounds at most `prefill_chunk` prompt
+tokens are prefilled over all the jobs being read, in passes that give each of them (first come
+first) its next chunk while the budget allows, one call per chunk length (seq = that length).
+The first job's chunk always fits, so every prompt is read after those admitted before it, and
+a long prompt delays each round by one budget's prefill instead of stalling the running streams
+for all of it. A prompt read from the zero state goes in chunks of
+gru_serve.engine.prefix_cache.BLOCK tokens, so that its prefix states can be cached and reused bit
+for bit whatever the load; any other in chunks of `prefill_chunk` tokens from where it starts
+(one call for a prompt up to that long, as without chunking; splitting a longer one gave the
+same logits and state bit for bit as one call with the shipped models on CPU). A job whose
+prompt is read joins the batch in the round that follows; with no round to run, prefill goes on
+at once.
 
 Backpressure: a job whose consumer falls behind is marked `paused` (by its emit callback, on
-this thread; gru_serve.service decides when). Between rounds a paused job leaves the batch,
+this thread; gru_serve.core.service decides when). Between rounds a paused job leaves the batch,
 its state and pending logits written back to the job, and no longer holds a batch slot; once
 resumed (`Scheduler.resume`, from any thread) it rejoins ahead of the waiting prompts as slots
 allow, from exactly where it stopped. Sampling draws by (seed, position), so its tokens are
@@ -40,13 +51,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gru_serve.errors import GruServeError, Internal, ResourceExhausted, Unavailable
-from gru_serve.prefix_cache import BLOCK
-from gru_serve.runtime import Decoder, ModelRuntime
-from gru_serve.sampling import SamplingParams, sample, uniforms
-from gru_serve.scoring import token_logprobs
-from gru_serve.settings import Settings
-from gru_serve.tokenizer import PRIME_TOKENS, StopMatcher, TextStream
+from gru_serve.engine.prefix_cache import BLOCK
+from gru_serve.engine.runtime import Decoder, ModelRuntime
+from gru_serve.engine.sampling import SamplingParams, sample, uniforms
+from gru_serve.engine.scoring import token_logprobs
+from gru_serve.engine.tokenizer import PRIME_TOKENS, StopMatcher, TextStream
+from gru_serve.ops.errors import GruServeError, Internal, ResourceExhausted, Unavailable
+from gru_serve.ops.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +65,8 @@ log = logging.getLogger(__name__)
 # sized to take: the server's defaults.
 FUSED_TOKENS: int = Settings.model_fields["fused_tokens"].default
 ROUND_BUDGET_S: float = Settings.model_fields["round_budget_ms"].default / 1000
+# Most prompt tokens prefilled between two rounds: the server's default.
+PREFILL_CHUNK: int = Settings.model_fields["prefill_chunk"].default
 
 
 @dataclass(slots=True)
@@ -62,7 +75,7 @@ class Tokens:
     the request's generated tokens, and log-probabilities when asked for. One object per job and
     round (not one per token): the per-token work on the serving path is list slicing.
 
-    A token's text is its delta in the generation's text (gru_serve.tokenizer.TextStream): what
+    A token's text is its delta in the generation's text (gru_serve.engine.tokenizer.TextStream): what
     it adds, "" while it ends inside a UTF-8 character; the texts of every chunk of a generation
     that ends by length concatenate to the tokenizer's decoding of all its ids (the last text
     carries whatever was held back)."""
@@ -98,7 +111,36 @@ class FailedEvent:
     error: GruServeError
 
 
-Event = Tokens | DoneEvent | FailedEvent
+@dataclass(frozen=True)
+class RunDone:
+    logits: np.ndarray  # [batch, seq, vocab]
+    state: np.ndarray  # [batch, layers, hidden]
+    start_ns: int  # when its first model call began and its last ended (perf_counter_ns)
+    end_ns: int
+
+
+Event = Tokens | DoneEvent | FailedEvent | RunDone
+
+
+@dataclass(eq=False)
+class RunJob:
+    """A plain model run (Score, the inference protocol's ModelInfer): the exported graph over
+    `ids` [batch, seq] from `state`, in chunks of at most prefill_chunk positions between
+    decode rounds, queued and bounded with the generations."""
+
+    ids: np.ndarray
+    state: np.ndarray
+    emit: Callable[[Event], None]
+    cancelled: bool = False
+    ended: bool = False
+    paused: bool = False  # never: a run has no consumer to wait for
+    key: int = 0
+    offset: int = 0
+    parts: list[np.ndarray] = field(default_factory=list)
+    start_ns: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 @dataclass(eq=False)
@@ -122,10 +164,11 @@ class Job:
     # it has none; made from params.stop when not given).
     stream: TextStream | None = None
     stops: StopMatcher | None = None
+    prime: list[int] | None = None  # the ids its text stream reads first (default: the prompt's)
     first_token_at: float | None = None
     stop_hit: str = field(default="")
     # A prompt read from the zero state is prefilled in BLOCK-token chunks from its first token
-    # (gru_serve.prefix_cache), whether or not a prefix came from the cache, so that a cached
+    # (gru_serve.engine.prefix_cache), whether or not a prefix came from the cache, so that a cached
     # state is bit for bit what the skipped chunks would have made.
     chunked: bool = False
     offset: int = 0  # prompt tokens consumed so far (a cached prefix, then each chunk)
@@ -134,6 +177,7 @@ class Job:
     # Its consumer is behind: set by its emit callback (on the scheduler thread), cleared through
     # Scheduler.resume. A paused job sits out the rounds with its state kept on the job.
     paused: bool = False
+    key: int = 0  # its id between a front end and the engine process (gru_serve.engine.client)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -177,8 +221,17 @@ class Scheduler:
         io_binding: bool = False,
         fused_tokens: int = FUSED_TOKENS,
         round_budget_s: float = ROUND_BUDGET_S,
+        flush: Callable[[], None] | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
+        """flush: called after each round (and each failure) once its events are emitted, so a
+        consumer can deliver a round's events with one wake-up instead of one per job; it must
+        not raise. prefill_chunk: the most prompt tokens prefilled between two rounds, a
+        multiple of BLOCK."""
+        if prefill_chunk < BLOCK or prefill_chunk % BLOCK:
+            raise ValueError(f"prefill_chunk must be a positive multiple of {BLOCK}, got {prefill_chunk}")
         self.runtime = runtime
+        self.flush = flush
         # A "chars" token's text is the token itself, whatever came before: looked up directly
         # (the per-token work of today's d2l models stays list indexing); other kinds go
         # through each job's stream.
@@ -188,9 +241,13 @@ class Scheduler:
         # 1 turns the fused path off: every round is one decode step.
         self.fused_tokens = fused_tokens
         self.round_budget_s = round_budget_s
+        self.prefill_chunk = prefill_chunk
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._pending: collections.deque[Job] = collections.deque()
+        self._runs: list[RunJob] = []  # model runs waiting (their own queue: no batch slot)
+        self._running: list[RunJob] = []  # model runs part done
+        self._prefilling: list[Job] = []  # admitted, prompt being read (first come first)
         self._active: list[Job] = []
         self._paused: list[Job] = []  # out of the batch until resumed; state and logits on the job
         self._batch: _Batch | None = None
@@ -222,6 +279,11 @@ class Scheduler:
         return len(self._pending)
 
     @property
+    def prefilling(self) -> int:
+        """Jobs admitted whose prompts are still being read (they hold batch slots)."""
+        return len(self._prefilling)
+
+    @property
     def active(self) -> int:
         return len(self._active)
 
@@ -241,9 +303,27 @@ class Scheduler:
             job.paused = False
             self._cond.notify()
 
+    def cancel(self, job: Job) -> None:
+        """Stop a job (any thread): it leaves at the next round; a paused one is let go at once."""
+        job.cancel()
+        if job.paused:
+            self.resume(job)
+
+    def submit_run(self, job: RunJob) -> None:
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("the server is shutting down")
+            if len(self._pending) + len(self._runs) >= self.max_queue:
+                raise ResourceExhausted(
+                    f"scheduler queue is full ({self.max_queue} waiting requests; the limit is max_queue)"
+                )
+            self._runs.append(job)
+            self._cond.notify()
+
     def submit(self, job: Job) -> None:
         if job.stream is None:
-            job.stream = self.runtime.tokenizer.stream(job.prompt[-PRIME_TOKENS:].tolist())
+            prime = job.prompt.tolist() if job.prime is None else job.prime
+            job.stream = self.runtime.tokenizer.stream(prime[-PRIME_TOKENS:])
         if job.stops is None and job.params.stop:
             job.stops = StopMatcher(job.params.stop)
         elif job.stops is not None and not job.stops:
@@ -251,7 +331,7 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise Unavailable("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) + len(self._runs) >= self.max_queue:
                 raise ResourceExhausted(
                     f"scheduler queue is full ({self.max_queue} waiting requests; the limit is max_queue)"
                 )
@@ -266,37 +346,88 @@ class Scheduler:
             try:
                 self._park()
                 with self._cond:
-                    while not (self._stopping or self._pending or self._active or self._waking()):
+                    while not (
+                        self._stopping
+                        or self._pending
+                        or self._runs
+                        or self._running
+                        or self._prefilling
+                        or self._active
+                        or self._waking()
+                    ):
                         self._cond.wait()
                     if self._stopping:
                         break
-                    # Resumed jobs rejoin first (they came first), then newcomers, as slots allow.
+                    # Resumed jobs rejoin first (they came first), then newcomers, as slots allow;
+                    # a job whose prompt is being read holds a slot too.
+                    held = len(self._active) + len(self._prefilling)
                     resumed, kept = [], []
                     for job in self._paused:
                         if job.cancelled:
                             continue
-                        room = len(self._active) + len(resumed) < self.max_batch_size
+                        room = held + len(resumed) < self.max_batch_size
                         (resumed if room and not job.paused else kept).append(job)
                     self._paused = kept
                     self._active += resumed
-                    while self._pending and len(self._active) + len(admitted) < self.max_batch_size:
+                    while self._pending and held + len(resumed) + len(admitted) < self.max_batch_size:
                         admitted.append(self._pending.popleft())
-                self._active += self._prefill([j for j in admitted if not j.cancelled])
+                self._prefilling += admitted
+                self._model_runs()
+                self._active += self._prefill()
                 self._active = [j for j in self._active if not j.cancelled]
                 if self._active:
                     self._round()
             except Exception as e:
                 # A fault outside the model call (sampling, stop strings, handing out tokens)
                 # fails the requests it touched; the thread lives on for everyone else.
-                touched = dict.fromkeys([*admitted, *self._active])
+                touched = dict.fromkeys([*admitted, *self._prefilling, *self._active, *self._running])
                 self._fail([j for j in touched if not j.ended], e)
-                self._active, self._batch = [], None
+                self._running = []
+                self._active, self._prefilling, self._batch = [], [], None
+            if self.flush is not None:
+                self.flush()
         with self._cond:
-            leftovers = list(self._pending) + self._active + self._paused
+            leftovers = [*self._pending, *self._runs, *self._prefilling, *self._active, *self._paused]
             self._pending.clear()
-            self._active, self._paused = [], []
+            self._runs.clear()
+            self._active, self._prefilling, self._paused = [], [], []
         for job in leftovers:
             job.emit(FailedEvent(Unavailable("the server shut down before the request finished")))
+        if self.flush is not None:
+            self.flush()
+
+    def _model_runs(self) -> None:
+        """Advance the waiting model runs by up to prefill_chunk positions in all (the oldest
+        always moves), one model call per run and chunk; a finished run emits RunDone."""
+        with self._cond:
+            self._running += self._runs
+            self._runs.clear()
+        budget = self.prefill_chunk
+        still = []
+        for job in self._running:
+            if job.cancelled:
+                continue
+            if budget <= 0:
+                still.append(job)
+                continue
+            n = min(job.ids.shape[1] - job.offset, max(budget, BLOCK))
+            budget -= n
+            if not job.start_ns:
+                job.start_ns = time.perf_counter_ns()
+            try:
+                logits, job.state = self.runtime.step(job.ids[:, job.offset : job.offset + n], job.state)
+            except Exception as e:
+                self._fail([job], e)
+                continue
+            job.parts.append(logits)
+            job.offset += n
+            if job.offset < job.ids.shape[1]:
+                still.append(job)
+                continue
+            job.ended = True
+            logits = job.parts[0] if len(job.parts) == 1 else np.concatenate(job.parts, axis=1)
+            job.emit(RunDone(logits, job.state, job.start_ns, time.perf_counter_ns()))
+        self._running = still
 
     def _waking(self) -> bool:
         """A paused job was resumed or cancelled (read under the lock)."""
@@ -330,17 +461,25 @@ class Scheduler:
             job.ended = True
             job.emit(FailedEvent(Internal(f"generation failed (incident {incident})")))
 
-    def _prefill(self, jobs: list[Job]) -> list[Job]:
-        """Consume the newcomers' prompts, one call for all next chunks of a length (a chunked
-        prompt's next BLOCK tokens, any other prompt whole); returns the jobs that go on to
-        generate, having finished those that generate nothing."""
-        ready = []
+    def _prefill(self) -> list[Job]:
+        """Read at most prefill_chunk prompt tokens of the jobs being prefilled, in passes: each
+        pass gives every job, first come first, its next chunk (a chunked prompt's next BLOCK
+        tokens, any other's next prefill_chunk) if the budget left allows, the first job's
+        always, and runs one call for all the chunks of a length. Returns the jobs whose prompts
+        are read and go on to generate, having finished those that generate nothing; cancelled
+        jobs are let go."""
+        ready: list[Job] = []
+        budget = self.prefill_chunk
+        jobs = [j for j in self._prefilling if not j.cancelled]
         while jobs:
             by_length: dict[int, list[Job]] = collections.defaultdict(list)
             for job in jobs:
-                rest = len(job.prompt) - job.offset
-                by_length[min(rest, BLOCK) if job.chunked else rest].append(job)
-            jobs = []
+                length = min(len(job.prompt) - job.offset, BLOCK if job.chunked else self.prefill_chunk)
+                if length <= budget:  # the first job's chunk is at most the whole budget
+                    by_length[length].append(job)
+                    budget -= length
+            if not by_length:
+                break
             for length, group in by_length.items():
                 if length:
                     self.prefill_runs += 1
@@ -359,12 +498,16 @@ class Scheduler:
                             job.blocks.append((job.offset // BLOCK - 1, job.state.copy(), job.logits.copy()))
                 for job in group:
                     if job.offset < len(job.prompt):
-                        if not job.cancelled:
-                            jobs.append(job)
-                    elif job.max_new_tokens == 0:
+                        continue
+                    if job.max_new_tokens == 0:
                         self._finish(job, "length")
                     else:
                         ready.append(job)
+            jobs = [j for j in jobs if not (j.ended or j.cancelled or j.offset == len(j.prompt))]
+        # Ready: read (a zero-length rest goes in the first pass, whatever the budget left).
+        self._prefilling = [
+            j for j in self._prefilling if not (j.ended or j.cancelled) and j.offset < len(j.prompt)
+        ]
         return ready
 
     def _finish(self, job: Job, reason: str) -> None:
@@ -434,6 +577,8 @@ class Scheduler:
         for i, job in enumerate(jobs):
             if k == 1 or fresh[i]:
                 job.emit(firsts[i])
+        if self.flush is not None:
+            self.flush()  # before the model runs, as the comment above says
         try:
             if k > 1:
                 held = [None if fresh[i] else firsts[i] for i in range(n)]
@@ -542,3 +687,20 @@ class Scheduler:
         self._active = still
         cost = (time.perf_counter() - t0) / k  # the run and handing out its tokens, per step
         self._step_cost[n] = 0.8 * self._step_cost.get(n, cost) + 0.2 * cost
+
+
+def scheduler_for(
+    runtime: ModelRuntime, settings: Settings, flush: Callable[[], None] | None = None
+) -> Scheduler:
+    """A model's scheduler as the settings configure it (in the engine process or a thread)."""
+    s = settings
+    return Scheduler(
+        runtime,
+        s.max_batch_size,
+        s.max_queue,
+        s.io_binding == "on" or (s.io_binding == "auto" and runtime.device == "cuda"),
+        fused_tokens=s.fused_tokens,
+        round_budget_s=s.round_budget_ms / 1000,
+        prefill_chunk=s.prefill_chunk,
+        flush=flush,
+    )

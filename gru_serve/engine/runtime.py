@@ -2,7 +2,7 @@
 decode path.
 
 Besides the exported graph (which runs prompts of any length), a runtime builds the decode
-step and the fused K-token graph of gru_serve.decode_graphs from the model's own weights,
+step and the fused K-token graph of gru_serve.engine.decode_graphs from the model's own weights,
 when it recognises them as a GRU language model. Both compute the same function as the
 exported graph (checked at load, within 1e-4); every decode step (`step` with seq = 1) runs
 the derived graph, so the step path and the fused path give identical numbers, whatever the
@@ -21,17 +21,18 @@ import onnx
 import onnxruntime as ort
 
 from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT, ContractError, ModelMetadata, read_model
-from gru_serve.decode_graphs import (
+from gru_serve.engine.decode_graphs import (
     FUSED_OUTPUTS,
     NotAGRULanguageModel,
     decode_graph,
     fused_graph,
     gru_weights,
 )
-from gru_serve.errors import ModelLoadError
-from gru_serve.sampling import SamplingParams, sample, uniforms
-from gru_serve.scoring import StepFn
-from gru_serve.tokenizer import Tokenizer, load_tokenizer
+from gru_serve.engine.sampling import SamplingParams, sample, uniforms
+from gru_serve.engine.scoring import StepFn
+from gru_serve.engine.tokenizer import Tokenizer, load_tokenizer
+from gru_serve.ops.errors import ModelLoadError
+from gru_serve.ops.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -186,20 +187,21 @@ class ModelRuntime:
             # sees nothing else: about 7% faster per token here.
             single = ort.InferenceSession(fused_bytes, so, providers=providers)
             problem = self._check_derived(decode, single, batch=1)
-        if problem == "fused":
-            self.decode_session = decode
-            self.fast_path_note = (
-                "decode step only: the fused graph is not bit-identical to it on this provider"
-            )
-            log.warning("model %s: %s", self.name, self.fast_path_note)
-        elif problem:
-            self.fast_path_note = f"off: {problem}"
-            log.warning(
-                "model %s: fast path %s; every step runs the exported graph", self.name, self.fast_path_note
-            )
+        if problem:
+            self._refuse(problem)
         else:
             self.decode_session, self.fused_session, self.fused_single = decode, fused, single
             self.fast_path_note = "on: derived decode step (Gather + GRU cell) and fused K-token Loop"
+
+    def _refuse(self, problem: str) -> None:
+        """The derived graphs were built but do not compute what the exported graph computes:
+        serving them would give other tokens, and serving without them would be slower than
+        asked, so the load fails (exit 2 at start) and says how to serve it anyway."""
+        what = "the fused graph is not bit-identical to the decode step" if problem == "fused" else problem
+        raise ModelLoadError(
+            f"model {self.path}: the fast path failed its check at load ({what}); "
+            "--fast-path off serves it with the exported graph alone"
+        )
 
     def _decode_only(self, decode: ort.InferenceSession, weight_bytes: int) -> None:
         """A large model keeps the decode step and no fused loop: the loop holds three copies
@@ -207,9 +209,7 @@ class ModelRuntime:
         14 GB and 47 s to load), for a few percent per token."""
         problem = self._check_derived(decode, None)
         if problem:
-            self.fast_path_note = f"off: {problem}"
-            log.warning("model %s: fast path %s", self.name, self.fast_path_note)
-            return
+            self._refuse(problem)
         self.decode_session = decode
         self.fast_path_note = (
             f"decode step only: the fused loop is skipped for weights of {weight_bytes / 2**20:.0f} MiB "
@@ -304,7 +304,7 @@ class ModelRuntime:
         uniforms: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Feed tokens [B], then K = uniforms.shape[1] times: sample the next token with
-        uniforms[:, k] (as gru_serve.sampling.sample does) and feed it. Returns time-major
+        uniforms[:, k] (as gru_serve.engine.sampling.sample does) and feed it. Returns time-major
         sampled [K, B], step_logits [K, B, V] and step_states [K, B, L, H]: entry k is what
         follows the k-th fed token (the given one is k = 0)."""
         if self.fused_session is None:
@@ -441,3 +441,19 @@ def fused_generate(
         logits, state = step_logits[kk - 1], step_states[kk - 1]
         done += kk
     return out, logits, state
+
+
+def load_runtime(path: Path, settings: Settings, name: str = "", fast_path: bool = True) -> ModelRuntime:
+    """A model file as the server serves it: checked against the contract, in onnxruntime with
+    the settings' device and threads, warmed up (the first run allocates). Any problem is one
+    ModelLoadError naming the file. A front end whose generations run in the engine process
+    loads it without the fast path (it runs only Score and the inference protocol's steps)."""
+    options = RuntimeOptions(
+        settings.device,
+        settings.intra_op_threads,
+        settings.inter_op_threads,
+        fast_path=fast_path and settings.fast_path == "on",
+    )
+    rt = ModelRuntime(path, options, name)
+    rt.step(np.zeros((1, 1), np.int64), rt.zero_state())
+    return rt

@@ -18,7 +18,24 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from gru_serve.errors import (
+from gru_serve.core.snapshots import Snapshot, load_keys, open_, require_keys, seal
+from gru_serve.engine.client import EngineClient, RemoteScheduler
+from gru_serve.engine.prefix_cache import BLOCK, Entry, PrefixCache, SharedBlocks, block_keys
+from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.scheduler import (
+    DoneEvent,
+    FailedEvent,
+    Job,
+    RunDone,
+    RunJob,
+    Scheduler,
+    Tokens,
+    scheduler_for,
+)
+from gru_serve.engine.scoring import perplexity, stream_logprobs
+from gru_serve.engine.tokenizer import PRIME_TOKENS
+from gru_serve.ops.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -29,16 +46,9 @@ from gru_serve.errors import (
     Unavailable,
     WrongModel,
 )
-from gru_serve.metrics import Metrics
-from gru_serve.prefix_cache import BLOCK, Entry, PrefixCache, SharedBlocks, block_keys
-from gru_serve.runtime import ModelRuntime
-from gru_serve.sampling import SamplingParams
-from gru_serve.scheduler import DoneEvent, FailedEvent, Job, Scheduler, Tokens
-from gru_serve.scoring import perplexity, stream_logprobs
-from gru_serve.sessions import SessionRecord, SessionStore, new_session_id
-from gru_serve.settings import Settings
-from gru_serve.snapshots import Snapshot, load_keys, open_, require_keys, seal
-from gru_serve.tokenizer import PRIME_TOKENS, StopMatcher
+from gru_serve.ops.metrics import Metrics
+from gru_serve.ops.settings import Settings
+from gru_serve.stores.sessions import SessionRecord, SessionStore, new_session_id
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,35 @@ MAX_SESSION_ID_CHARS = 128
 # so an event loop a round or two behind under load never pauses a reader that keeps up, while
 # an unread stream holds a few KiB. On the step path (one token a chunk) it is 256 rounds.
 BACKLOG_TOKENS = 256
+
+
+class _Delivery:
+    """Events on their way from the schedulers to the streams' queues on their event loops:
+    collected as a round emits them, handed over at the round's flush with one wake-up per loop
+    (not one per stream and round)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]] = []
+
+    def put(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, ev: object) -> None:
+        with self.lock:
+            self.items.append((loop, queue, ev))
+
+    def flush(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for loop, queue, ev in items:
+            by_loop.setdefault(loop, []).append((queue, ev))
+        for loop, group in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                loop.call_soon_threadsafe(_deliver, group)
+
+
+def _deliver(group: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, ev in group:
+        queue.put_nowait(ev)
 
 
 class _Backlog:
@@ -235,7 +274,10 @@ class GenerationService:
         settings: Settings,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        engine: EngineClient | None = None,
     ) -> None:
+        """engine: the engine process's connection (settings.engine == "process"); None runs
+        every model's scheduler in a thread of this process."""
         if not runtimes:
             raise ValueError("at least one model is needed")
         if any(name != rt.name for name, rt in runtimes.items()):
@@ -246,6 +288,8 @@ class GenerationService:
         # Models come and go (add_model, remove_model). Both dicts are replaced, never changed
         # in place, so a reader on another thread (a metrics scrape) iterates a stable copy.
         self.runtimes = dict(runtimes)
+        self.engine = engine
+        self._delivery = _Delivery()
         self.schedulers = {name: self._scheduler_for(rt) for name, rt in runtimes.items()}
         self._first_model = next(iter(runtimes))
         self.unloaded: set[str] = set()  # names removed and not loaded again
@@ -282,16 +326,10 @@ class GenerationService:
             return self._first_model
         return next(iter(self.runtimes), "")
 
-    def _scheduler_for(self, rt: ModelRuntime) -> Scheduler:
-        s = self.settings
-        return Scheduler(
-            rt,
-            s.max_batch_size,
-            s.max_queue,
-            self._io_binding(rt),
-            fused_tokens=s.fused_tokens,
-            round_budget_s=s.round_budget_ms / 1000,
-        )
+    def _scheduler_for(self, rt: ModelRuntime) -> Scheduler | RemoteScheduler:
+        if self.engine is not None:
+            return RemoteScheduler(self.engine, rt, self._delivery.flush)
+        return scheduler_for(rt, self.settings, self._delivery.flush)
 
     def _scheduler(self, rt: ModelRuntime) -> Scheduler:
         """The scheduler running `rt`: a retiring one's (replaced by a reload), else its name's."""
@@ -386,10 +424,6 @@ class GenerationService:
                 await asyncio.to_thread(sched.stop)
 
     # -- helpers --
-
-    def _io_binding(self, rt: ModelRuntime) -> bool:
-        mode = self.settings.io_binding
-        return mode == "on" or (mode == "auto" and rt.device == "cuda")
 
     def runtime(self, model: str) -> ModelRuntime:
         name = model or self.default_model
@@ -608,7 +642,7 @@ class GenerationService:
         def emit(ev: object) -> None:
             if isinstance(ev, Tokens):
                 backlog.emitted(len(ev))
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            self._delivery.put(loop, queue, ev)
 
         job = Job(
             np.asarray(ids, dtype=np.int64),
@@ -619,8 +653,7 @@ class GenerationService:
             rec.tokens_seen + len(ids),
             logprobs,
             emit,
-            stream=rt.tokenizer.stream((ids if prime is None else prime)[-PRIME_TOKENS:]),
-            stops=StopMatcher(params.stop) if params.stop else None,
+            prime=(ids if prime is None else prime)[-PRIME_TOKENS:],
         )
         backlog.job = job
         keys: list[str] = []
@@ -656,9 +689,7 @@ class GenerationService:
                 if ev is None:
                     ev = await queue.get()
         finally:
-            job.cancel()
-            if job.paused:
-                scheduler.resume(job)  # a paused job is let go at once
+            scheduler.cancel(job)  # a paused job is let go at once
 
     async def _reuse_prefix(self, rt: ModelRuntime, job: Job, keys: list[str]) -> None:
         """Start the job after the longest cached prefix of its prompt: this replica's, or a
@@ -911,6 +942,22 @@ class GenerationService:
 
     # -- scoring and info --
 
+    async def run_model(self, rt: ModelRuntime, ids: np.ndarray, state: np.ndarray) -> RunDone:
+        """The exported graph over ids [batch, seq] from state, through the model's scheduler
+        (queued and bounded with the generations, in chunks between their rounds)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        scheduler = self._scheduler(rt)
+        job = RunJob(ids, state, lambda ev: self._delivery.put(loop, queue, ev))
+        scheduler.submit_run(job)
+        try:
+            ev = await queue.get()
+        finally:
+            scheduler.cancel(job)
+        if isinstance(ev, FailedEvent):
+            raise ev.error
+        return ev
+
     async def score(
         self, text: str, session_id: str = "", commit: bool = False, model: str = "", owner: str = ""
     ) -> ScoreResult:
@@ -933,8 +980,9 @@ class GenerationService:
                         f"text has {len(ids)} token(s): it must have at least 2 tokens from a fresh "
                         "state (the first is context), or 1 in a session with text"
                     )
-                lp, state, last = await asyncio.to_thread(
-                    stream_logprobs, rt.step, ids, rec.state[None], rec.logits
+                run = await self.run_model(rt, np.asarray([ids], np.int64), rec.state[None])
+                lp, state, last = stream_logprobs(
+                    lambda _ids, _state: (run.logits, run.state), ids, rec.state[None], rec.logits, len(ids)
                 )
                 context = 0 if rec.logits is not None else 1
                 scored = ids[context:]

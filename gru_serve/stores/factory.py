@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gru_serve.sessions import MemoryStore, SessionStore
-from gru_serve.settings import REDIS_SCHEMES, SQLITE_SCHEME, Settings
+from gru_serve.ops.settings import REDIS_SCHEMES, SQLITE_SCHEME, Settings
+from gru_serve.stores.sessions import MemoryStore, SessionStore
 
 
 def build_store(settings: Settings) -> SessionStore:
@@ -11,13 +11,13 @@ def build_store(settings: Settings) -> SessionStore:
     if url == "memory":
         return MemoryStore(settings.session_ttl_s, settings.max_sessions)
     if url.startswith(REDIS_SCHEMES):
-        from gru_serve.redis_store import RedisStore
+        from gru_serve.stores.redis_store import RedisStore
 
         return RedisStore(
             url, settings.session_ttl_s, settings.max_sessions, local_cache=settings.session_cache
         )
     if url.startswith(SQLITE_SCHEME):
-        from gru_serve.sqlite_store import SQLiteStore
+        from gru_serve.stores.sqlite_store import SQLiteStore
 
         return SQLiteStore(
             url.removeprefix(SQLITE_SCHEME),

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
-from gru_serve.errors import ModelLoadError
+from gru_serve.engine.prefix_cache import BLOCK
+from gru_serve.ops.errors import ModelLoadError
 
 ENV_PREFIX = "GRU_SERVE_"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -50,6 +51,21 @@ class Settings(BaseSettings):
     """onnxruntime threads across operators (0: onnxruntime's choice)"""
     io_binding: Literal["auto", "on", "off"] = "auto"
     """auto (on with CUDA: the state stays on the GPU), on, off"""
+    fast_path: Literal["on", "off"] = "on"
+    """on: run the decode step and the fused K-token loop derived from the model's weights,
+    checked against the exported graph at load (a model that fails the check does not start);
+    off: every step runs the exported graph"""
+    engine: Literal["process", "thread"] = "process"
+    """where generation runs: process (an engine process owns the models and the schedulers;
+    the front end talks to it over ZeroMQ, and a crashed engine is restarted) or thread (in the
+    front end's process, beside its event loop)"""
+    frontends: int = Field(1, ge=1, le=64)
+    """front-end processes (gRPC and HTTP) sharing the ports (SO_REUSEPORT) and one engine
+    process; more than 1 needs --engine process and a Redis session store, which every front
+    end shares, and gives front end i the metrics port --metrics-port + i"""
+    engine_address: str = ""
+    """the engine process to use, as ipc://PATH, instead of starting one (--frontends sets it
+    for the front ends it starts)"""
     max_batch_size: int = Field(256, ge=1)
     """most streams decoded in one batched step"""
     max_queue: int = Field(1024, ge=1)
@@ -58,6 +74,11 @@ class Settings(BaseSettings):
     """most tokens a stream gets from one fused K-token run; 1: the step path only"""
     round_budget_ms: float = Field(16.0, gt=0)
     """a fused round is sized to take about this long (bounds inter-token latency)"""
+    prefill_chunk: int = Field(512, ge=BLOCK)
+    """most prompt tokens prefilled between two decode rounds, over all the prompts being read
+    (one chunk always goes), so a long prompt does not stall the running streams; a multiple of
+    64: a prompt read from the zero state goes in 64-token chunks (the prefix cache's blocks),
+    any other in chunks of this many tokens"""
     session_ttl_s: float = Field(3600.0, gt=0)
     """seconds an idle session lives"""
     max_sessions: int = Field(10_000, ge=1)
@@ -128,6 +149,13 @@ class Settings(BaseSettings):
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
 
+    @field_validator("prefill_chunk")
+    @classmethod
+    def _whole_blocks(cls, v: int) -> int:
+        if v % BLOCK:
+            raise ValueError(f"must be a multiple of {BLOCK} (the prefix cache's block of prompt tokens)")
+        return v
+
     @field_validator("session_store")
     @classmethod
     def _store(cls, v: str) -> str:
@@ -148,6 +176,13 @@ class Settings(BaseSettings):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.frontends > 1 and self.engine != "process":
+            raise ValueError(f"--frontends {self.frontends} needs --engine process (one engine for them all)")
+        if self.frontends > 1 and not self.session_store.startswith(REDIS_SCHEMES):
+            raise ValueError(
+                f"--frontends {self.frontends} needs --session-store redis://HOST:PORT/DB: every front end "
+                "serves every session, and the memory and sqlite stores belong to one process"
+            )
         return self
 
     @classmethod

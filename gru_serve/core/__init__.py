@@ -1,0 +1,1 @@
+"""The transport-free core: sessions, generation requests, sequences, snapshots, the model repository."""

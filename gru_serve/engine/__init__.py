@@ -1,0 +1,1 @@
+"""The engine: continuous batching, onnxruntime, the derived decode graphs, sampling, tokenizers."""

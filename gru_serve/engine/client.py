@@ -1,0 +1,256 @@
+"""A front end's side of the engine process: the connection, and each model's scheduler as the
+service sees one (RemoteScheduler has the Scheduler methods the service calls).
+
+Everything here runs on the front end's event loop, the only user of its socket. A job's events
+come in one Batch per engine round and go to the job's `emit` as the scheduler thread would call
+it, then the scheduler's `flush`, so the service's code is the same for both engines.
+
+The engine going away (it crashed, or was killed) shows as the socket's peer disconnecting: every
+job under way fails at once with UNAVAILABLE, new ones are refused the same way, and `on_change`
+tells the server (health NOT_SERVING). ZeroMQ reconnects by itself once the supervisor has
+started a new engine; Hello and Ready follow and `on_change` reports it up again. Messages are
+never queued for an engine that is not connected (ZMQ_IMMEDIATE), so nothing sent to a dead
+engine reaches its successor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from gru_serve.engine import protocol as proto
+from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.scheduler import FailedEvent, Job, RunJob
+from gru_serve.ops.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class RemoteScheduler:
+    """One model's scheduler in the engine process."""
+
+    def __init__(self, client: EngineClient, runtime: ModelRuntime, flush: Callable[[], None]) -> None:
+        self.client = client
+        self.runtime = runtime
+        self.flush = flush
+        # The engine's name for it: a reload of another file under the same name is another
+        # scheduler there, so requests in flight on the old one finish on it.
+        self.key = f"{runtime.name}@{runtime.model_hash[:16]}"
+        self.stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0)
+
+    @property
+    def last_batch_size(self) -> int:
+        return self.stats.last_batch_size
+
+    @property
+    def peak_batch_size(self) -> int:
+        return self.stats.peak_batch_size
+
+    @property
+    def queue_depth(self) -> int:
+        return self.stats.queue_depth
+
+    @property
+    def active(self) -> int:
+        return self.stats.active
+
+    @property
+    def paused(self) -> int:
+        return self.stats.paused
+
+    @property
+    def pauses(self) -> int:
+        return self.stats.pauses
+
+    def start(self) -> None:
+        self.client.add(self)
+
+    def stop(self) -> None:
+        """Any thread: the engine drops the model once it has no more requests on it."""
+        self.client.loop.call_soon_threadsafe(self.client.remove, self)
+
+    def submit(self, job: Job) -> None:
+        self.client.submit(self, job)
+
+    def submit_run(self, job: RunJob) -> None:
+        self.client.submit(self, job)
+
+    def resume(self, job: Job) -> None:
+        job.paused = False
+        self.client.control(job, proto.Resume)
+
+    def cancel(self, job: Job | RunJob) -> None:
+        job.cancel()
+        self.client.control(job, proto.Cancel)
+        self.client.forget(job)
+
+
+class EngineClient:
+    def __init__(self, address: str, on_change: Callable[[bool], None] | None = None) -> None:
+        self.address = address
+        self.on_change = on_change
+        self.loop = asyncio.get_running_loop()
+        # The process's one context: never collected (a collected context with a socket still
+        # open waits forever in its finaliser), and sockets are what each client closes.
+        self.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.schedulers: dict[str, RemoteScheduler] = {}
+        self.jobs: dict[int, tuple[RemoteScheduler, Job | RunJob]] = {}
+        self.paused_sent: set[int] = set()
+        self.rids = itertools.count(1)
+        self.up = False
+        self.boot = ""
+        self.ready = asyncio.Event()
+        self.restarts = 0  # engines seen after the first
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self, timeout: float) -> None:
+        """Connect and wait for the engine's Ready (it loads the models first)."""
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
+        self.sock.connect(self.address)
+        await asyncio.wait_for(self.ready.wait(), timeout)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._lost("the server is shutting down")
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
+
+    # -- to the engine --
+
+    def _send(self, msg: proto.ToEngine) -> bool:
+        fut = self.sock.send(proto.encoder.encode(msg), zmq.DONTWAIT)
+        return not (fut.done() and fut.exception() is not None)
+
+    def _hello(self) -> None:
+        sent = self._send(proto.Hello({s.key: str(s.runtime.path) for s in self.schedulers.values()}))
+        if not sent and not self.up:  # connected, not yet ready for messages: soon
+            self.loop.call_later(0.02, self._hello)
+
+    def add(self, sched: RemoteScheduler) -> None:
+        self.schedulers[sched.key] = sched
+        if self.up:
+            self._hello()  # the engine loads it before reading anything sent after this
+
+    def remove(self, sched: RemoteScheduler) -> None:
+        if self.schedulers.get(sched.key) is sched:
+            del self.schedulers[sched.key]
+            self._send(proto.Unload(sched.key))
+        self._lost("the server shut down before the request finished", sched)
+
+    def submit(self, sched: RemoteScheduler, job: Job | RunJob) -> None:
+        if not self.up:
+            raise Unavailable("the engine is restarting; retry shortly")
+        job.key = next(self.rids)
+        self.jobs[job.key] = (sched, job)
+        msg = (
+            proto.run(job.key, sched.key, job)
+            if isinstance(job, RunJob)
+            else proto.submit(job.key, sched.key, job)
+        )
+        if not self._send(msg):
+            del self.jobs[job.key]
+            raise Unavailable("the engine is not connected; retry shortly")
+
+    def control(self, job: Job, kind: type[proto.Cancel | proto.Pause | proto.Resume]) -> None:
+        if job.key in self.jobs:
+            self._send(kind(job.key))
+            if kind is proto.Pause:
+                self.paused_sent.add(job.key)
+            else:
+                self.paused_sent.discard(job.key)
+
+    def forget(self, job: Job | RunJob) -> None:
+        self.jobs.pop(job.key, None)
+        self.paused_sent.discard(job.key)
+
+    # -- from the engine --
+
+    async def _read(self) -> None:
+        while True:
+            data = await self.sock.recv()
+            try:
+                msg = proto.from_engine.decode(data)
+            except Exception:
+                log.exception("a message from the engine could not be read (%d bytes)", len(data))
+                continue
+            if isinstance(msg, proto.Batch):
+                if msg.model in self.schedulers:
+                    self.schedulers[msg.model].stats = msg.stats
+                self._dispatch(msg.events)
+            elif isinstance(msg, proto.Stats):
+                for key, stats in msg.models.items():
+                    if key in self.schedulers:
+                        self.schedulers[key].stats = stats
+            else:
+                self._ready(msg)
+
+    def _dispatch(self, events: list[proto.EventOut]) -> None:
+        touched: dict[int, RemoteScheduler] = {}
+        for out in events:
+            found = self.jobs.get(out.rid)
+            if found is None:
+                continue  # cancelled here already
+            sched, job = found
+            shape = sched.runtime.state_shape
+            if isinstance(out, proto.TokensOut | proto.DoneOut) and out.blocks is not None:
+                job.blocks = proto.blocks_in(out.blocks, shape)
+            if not isinstance(out, proto.TokensOut):
+                del self.jobs[out.rid]
+                self.paused_sent.discard(out.rid)
+            job.emit(proto.event_in(out, shape, sched.runtime.metadata.vocab_size))
+            # Its consumer fell behind (the service's emit said so): the engine parks it.
+            if job.paused and out.rid in self.jobs and out.rid not in self.paused_sent:
+                self.control(job, proto.Pause)
+            touched[id(sched)] = sched
+        for sched in touched.values():
+            sched.flush()
+
+    def _ready(self, msg: proto.Ready) -> None:
+        for name, why in msg.failed.items():
+            log.error("the engine could not load model %s: %s", name, why)
+        if msg.boot != self.boot:
+            if self.boot:
+                self.restarts += 1
+                log.info("engine %s is up (restart %d)", msg.boot, self.restarts)
+            self.boot = msg.boot
+        self.up = True
+        self.ready.set()
+        if self.on_change is not None:
+            self.on_change(True)
+
+    async def _watch(self) -> None:
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._hello()
+            elif event == zmq.EVENT_DISCONNECTED and self.up:
+                log.error("the engine process went away; failing its requests and waiting for a new one")
+                self.up = False
+                self._lost("the engine process stopped before the request finished; retry")
+                if self.on_change is not None:
+                    self.on_change(False)
+
+    def _lost(self, why: str, only: RemoteScheduler | None = None) -> None:
+        """Fail the jobs under way (of one scheduler, or all)."""
+        jobs = {rid: found for rid, found in self.jobs.items() if only is None or found[0] is only}
+        for rid in jobs:
+            del self.jobs[rid]
+            self.paused_sent.discard(rid)
+        touched = {}
+        for sched, job in jobs.values():
+            job.emit(FailedEvent(Unavailable(why)))
+            touched[id(sched)] = sched
+        for sched in touched.values():
+            sched.flush()

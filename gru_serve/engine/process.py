@@ -1,0 +1,244 @@
+"""The engine process: every model's onnxruntime sessions and scheduler, serving front ends.
+
+`python -m gru_serve.engine.process ADDRESS` with the settings as JSON in GRU_SERVE_ENGINE_SETTINGS
+(gru_serve.engine.supervisor starts it so). One I/O thread owns the ROUTER socket at ADDRESS:
+it reads the front ends' messages (gru_serve.engine.protocol) and sends what the scheduler
+threads hand it. A scheduler thread never touches that socket: during a round its jobs' events
+collect in its Outbox, and after the round (the scheduler's flush) one Batch per front end goes
+to the I/O thread over an inproc PUSH socket of its own. So the engine loop never waits for a
+front end, and a front end gets one message per round however many of its streams ran.
+
+A front end's Hello names its models (by name and file) and the engine loads those it lacks, so
+the first Hello, and the first after a restart, waits for the loading. It exits when the process that
+started it goes away, so an engine is never orphaned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import zmq
+
+from gru_serve.engine import protocol as proto
+from gru_serve.engine.runtime import load_runtime
+from gru_serve.engine.scheduler import Event, FailedEvent, Job, RunJob, Scheduler, Tokens, scheduler_for
+from gru_serve.ops.errors import GruServeError, Unavailable
+from gru_serve.ops.logs import configure
+from gru_serve.ops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SETTINGS_ENV = "GRU_SERVE_ENGINE_SETTINGS"
+EVENTS = "inproc://events"
+STATS_EVERY_S = 0.25
+
+
+class Outbox:
+    """One scheduler's events of the current round, by front end; sent at its flush."""
+
+    def __init__(self, engine: Engine, model: str) -> None:
+        self.engine = engine
+        self.model = model
+        self.scheduler: Scheduler | None = None
+        self.pending: dict[bytes, list[proto.EventOut]] = {}
+        self.push: zmq.Socket | None = None  # made on the scheduler thread, its only user
+
+    def add(self, front: bytes, rid: int, job: Job | RunJob, ev: Event) -> None:
+        blocks = None
+        if getattr(job, "blocks", None) is not None:  # a Job's first event: its blocks are done
+            blocks, job.blocks = proto.blocks_out(job.blocks), None
+        self.pending.setdefault(front, []).append(proto.event_out(rid, ev, blocks))
+        if not isinstance(ev, Tokens):
+            self.engine.jobs.pop((front, rid), None)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        if self.push is None:
+            self.push = self.engine.ctx.socket(zmq.PUSH)
+            self.push.setsockopt(zmq.SNDHWM, 0)
+            self.push.connect(EVENTS)
+        stats = proto.SchedulerStats.of(self.scheduler)
+        for front, events in self.pending.items():
+            self.push.send_multipart([front, proto.encoder.encode(proto.Batch(self.model, stats, events))])
+        self.pending = {}
+
+
+class Engine:
+    def __init__(self, settings: Settings, address: str) -> None:
+        self.settings = settings
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.bind(address)
+        self.events = self.ctx.socket(zmq.PULL)
+        # No high-water mark inside the process: a scheduler thread must never block on a send
+        # while the I/O thread is busy (loading a model for a Hello).
+        self.events.setsockopt(zmq.RCVHWM, 0)
+        self.events.bind(EVENTS)
+        self.boot = uuid.uuid4().hex[:12]
+        self.schedulers: dict[str, Scheduler] = {}
+        self.outboxes: dict[str, Outbox] = {}
+        self.paths: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+        self.fronts: set[bytes] = set()
+        self.users: dict[str, set[bytes]] = {}  # model -> the front ends that serve it
+        # Jobs under way by (front end, request id): added here, removed by their scheduler's
+        # outbox as their last event goes out (dict operations are atomic under the GIL).
+        self.jobs: dict[tuple[bytes, int], tuple[Scheduler, Job]] = {}
+        self.stopping = threading.Event()
+
+    def load(self, name: str, path: str) -> None:
+        if self.paths.get(name) == path or name in self.failed:
+            return
+        try:
+            rt = load_runtime(Path(path), self.settings, name.partition("@")[0])
+        except GruServeError as e:
+            self.failed[name] = str(e)
+            log.error("engine: model %s not loaded: %s", name, e)
+            return
+        outbox = Outbox(self, name)
+        outbox.scheduler = sched = scheduler_for(rt, self.settings, outbox.flush)
+        self.outboxes[name] = outbox
+        old = self.schedulers.get(name)
+        self.schedulers = {**self.schedulers, name: sched}
+        self.paths[name] = path
+        sched.start()
+        if old is not None:
+            old.stop()
+        log.info("engine: model %s loaded from %s on %s", name, path, rt.provider)
+
+    def _send(self, front: bytes, msg: proto.FromEngine) -> None:
+        self.router.send_multipart([front, proto.encoder.encode(msg)])
+
+    def _refuse(self, front: bytes, rid: int, err: GruServeError) -> None:
+        self.jobs.pop((front, rid), None)
+        stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0)
+        self._send(front, proto.Batch("", stats, [proto.event_out(rid, FailedEvent(err))]))
+
+    def handle(self, front: bytes, msg: proto.ToEngine) -> None:
+        if isinstance(msg, proto.Submit):
+            sched = self.schedulers.get(msg.model)
+            if sched is None:
+                self._refuse(front, msg.rid, Unavailable(f"model {msg.model!r} is not loaded in the engine"))
+                return
+            outbox = self.outboxes[msg.model]
+            job = proto.job_of(msg, sched.runtime.state_shape, None)
+            job.emit = lambda ev, rid=msg.rid, job=job: outbox.add(front, rid, job, ev)
+            self.jobs[(front, msg.rid)] = (sched, job)
+            try:
+                sched.submit(job)
+            except GruServeError as e:
+                self._refuse(front, msg.rid, e)
+            return
+        if isinstance(msg, proto.Run):
+            sched = self.schedulers.get(msg.model)
+            if sched is None:
+                self._refuse(front, msg.rid, Unavailable(f"model {msg.model!r} is not loaded in the engine"))
+                return
+            outbox = self.outboxes[msg.model]
+            run = proto.run_job_of(msg, sched.runtime.state_shape)
+            run.emit = lambda ev, rid=msg.rid, run=run: outbox.add(front, rid, run, ev)
+            self.jobs[(front, msg.rid)] = (sched, run)
+            try:
+                sched.submit_run(run)
+            except GruServeError as e:
+                self._refuse(front, msg.rid, e)
+            return
+        if isinstance(msg, proto.Hello):
+            self.fronts.add(front)
+            for name, path in msg.models.items():
+                self.load(name, path)
+                self.users.setdefault(name, set()).add(front)
+            self._send(front, proto.Ready(self.boot, dict(self.failed)))
+            return
+        if isinstance(msg, proto.Unload):
+            users = self.users.get(msg.model, set())
+            users.discard(front)
+            sched = self.schedulers.get(msg.model)
+            if sched is not None and not users:  # no other front end serves it
+                self.schedulers = {k: v for k, v in self.schedulers.items() if k != msg.model}
+                del self.paths[msg.model]
+                self.outboxes.pop(msg.model, None)
+                threading.Thread(target=sched.stop, daemon=True).start()  # off the I/O thread
+            return
+        found = self.jobs.get((front, msg.rid))
+        if found is None:
+            return  # it has ended: its last event is on its way
+        sched, job = found
+        if isinstance(msg, proto.Cancel):
+            sched.cancel(job)
+            self.jobs.pop((front, msg.rid), None)  # a cancelled job sends nothing more
+        elif isinstance(msg, proto.Pause):
+            job.paused = True  # it leaves the batch between rounds
+        else:
+            sched.resume(job)
+
+    def stats(self) -> proto.Stats:
+        return proto.Stats({name: proto.SchedulerStats.of(s) for name, s in self.schedulers.items()})
+
+    def run(self) -> None:
+        parent = os.getppid()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.events, zmq.POLLIN)
+        next_stats = time.monotonic()
+        while not self.stopping.is_set():
+            ready = dict(poller.poll(STATS_EVERY_S * 1000))
+            if self.events in ready:
+                self._forward()
+            if self.router in ready:
+                while True:
+                    try:
+                        front, payload = self.router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        self.handle(front, proto.to_engine.decode(payload))
+                    except Exception:  # one bad message must not take every front end's work down
+                        log.exception("engine: a message from a front end could not be handled")
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + STATS_EVERY_S
+                if os.getppid() != parent:
+                    log.warning("engine: the process that started it is gone; stopping")
+                    break
+                stats = proto.encoder.encode(self.stats())
+                for front in self.fronts:
+                    self.router.send_multipart([front, stats])
+        for sched in self.schedulers.values():
+            sched.stop()  # jobs still under way fail with UNAVAILABLE
+        self._forward()
+
+    def _forward(self) -> None:
+        while True:
+            try:
+                frames = self.events.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.router.send_multipart(frames)
+
+
+def main(argv: list[str] | None = None) -> int:
+    address = (argv or sys.argv[1:])[0]
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    configure(settings.log_level)
+    # The I/O thread and the scheduler threads share the GIL; a scheduler thread back from
+    # session.run should not wait 5 ms for it (as in the front end: gru_serve.server.serve).
+    sys.setswitchinterval(0.0005)
+    engine = Engine(settings, address)
+    signal.signal(signal.SIGTERM, lambda *_: engine.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: engine.stopping.set())
+    print(f"gru-serve engine {engine.boot} ready at {address}", flush=True)
+    engine.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""The messages between front-end processes and the engine process (msgpack, by msgspec).
+
+A front end connects a ZeroMQ DEALER to the engine's ROUTER (docs/architecture.md, Processes).
+It says Hello (the models it serves, by name and file) and gets Ready (Hello again when its models
+change; Unload when one goes); then it sends one Submit
+per generation and, for one that is under way, Cancel, Pause (its client stopped reading) and
+Resume. The engine answers with one Batch per front end per scheduler round: every event of
+that round for that front end's generations, in order, and the scheduler's gauges as of that
+round (for metrics; Stats brings them a few times a second while nothing runs).
+
+A job's arrays travel as raw float32 / int64 bytes: the receiver knows the model's shapes. A
+GRU's state is a few KB, so a whole session crosses in one message.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+
+from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.scheduler import DoneEvent, Event, FailedEvent, Job, RunDone, RunJob, Scheduler, Tokens
+from gru_serve.engine.tokenizer import PRIME_TOKENS
+from gru_serve.ops import errors
+
+
+class Hello(msgspec.Struct, tag=True, array_like=True):
+    models: dict[str, str]  # name -> model file
+
+
+class Submit(msgspec.Struct, tag=True, array_like=True):
+    rid: int
+    model: str
+    prompt: bytes  # int64 ids
+    state: bytes  # float32 [layers, hidden]
+    logits: bytes | None  # float32 [vocab]
+    max_new_tokens: int
+    params: tuple[float, int, float, int, tuple[str, ...]]  # SamplingParams' fields, in order
+    position: int
+    want_logprobs: bool
+    prime: list[int]  # the ids the job's text stream reads first
+    chunked: bool
+    offset: int
+    want_blocks: bool
+
+
+class Unload(msgspec.Struct, tag=True, array_like=True):
+    model: str
+
+
+class Run(msgspec.Struct, tag=True, array_like=True):
+    rid: int
+    model: str
+    ids: bytes  # int64 [batch, seq]
+    shape: tuple[int, int]
+    state: bytes  # float32 [batch, layers, hidden]
+
+
+class Cancel(msgspec.Struct, tag=True, array_like=True):
+    rid: int
+
+
+class Pause(msgspec.Struct, tag=True, array_like=True):
+    rid: int
+
+
+class Resume(msgspec.Struct, tag=True, array_like=True):
+    rid: int
+
+
+ToEngine = Hello | Unload | Submit | Run | Cancel | Pause | Resume
+
+
+class Ready(msgspec.Struct, tag=True, array_like=True):
+    boot: str  # one id per engine process: a new one after a restart
+    failed: dict[str, str]  # models the engine could not load: name -> why
+
+
+class TokensOut(msgspec.Struct, tag=True, array_like=True):
+    rid: int
+    ids: list[int]
+    texts: list[str]
+    index: int
+    logprobs: list[float] | None
+    blocks: list[tuple[int, bytes, bytes]] | None = None  # with the job's first event
+
+
+class DoneOut(msgspec.Struct, tag=True, array_like=True):
+    rid: int
+    reason: str
+    state: bytes
+    logits: bytes | None
+    generated: int
+    stop: str
+    first_token_at: float | None  # time.perf_counter(): one clock for every process of a host
+    blocks: list[tuple[int, bytes, bytes]] | None = None
+
+
+class FailedOut(msgspec.Struct, tag=True, array_like=True):
+    rid: int
+    error: str  # the class's name in gru_serve.ops.errors
+    message: str
+
+
+class RunOut(msgspec.Struct, tag=True, array_like=True):
+    rid: int
+    logits: bytes  # float32 [batch, seq, vocab]
+    state: bytes
+    start_ns: int
+    end_ns: int
+
+
+EventOut = TokensOut | DoneOut | FailedOut | RunOut
+
+
+class SchedulerStats(msgspec.Struct, array_like=True):
+    last_batch_size: int
+    peak_batch_size: int
+    queue_depth: int
+    active: int
+    paused: int
+    pauses: int
+
+    @classmethod
+    def of(cls, s: Scheduler) -> SchedulerStats:
+        return cls(s.last_batch_size, s.peak_batch_size, s.queue_depth, s.active, s.paused, s.pauses)
+
+
+class Batch(msgspec.Struct, tag=True, array_like=True):
+    model: str
+    stats: SchedulerStats  # as of the round that made the events
+    events: list[EventOut]
+
+
+class Stats(msgspec.Struct, tag=True, array_like=True):
+    models: dict[str, SchedulerStats]
+
+
+FromEngine = Ready | Batch | Stats
+
+encoder = msgspec.msgpack.Encoder()
+to_engine = msgspec.msgpack.Decoder(ToEngine)
+from_engine = msgspec.msgpack.Decoder(FromEngine)
+
+
+def _bytes(a: np.ndarray | None) -> bytes | None:
+    return None if a is None else np.ascontiguousarray(a, np.float32).tobytes()
+
+
+def submit(rid: int, model: str, job: Job) -> Submit:
+    p = job.params
+    return Submit(
+        rid,
+        model,
+        np.ascontiguousarray(job.prompt, np.int64).tobytes(),
+        _bytes(job.state),
+        _bytes(job.logits),
+        job.max_new_tokens,
+        (p.temperature, p.top_k, p.top_p, p.seed, tuple(p.stop)),
+        job.position,
+        job.want_logprobs,
+        job.prime if job.prime is not None else job.prompt.tolist()[-PRIME_TOKENS:],
+        job.chunked,
+        job.offset,
+        job.blocks is not None,
+    )
+
+
+def job_of(msg: Submit, state_shape: tuple[int, ...], emit) -> Job:
+    """The engine's Job for a Submit; its text stream and stop strings are made by the scheduler."""
+    logits = None if msg.logits is None else np.frombuffer(msg.logits, np.float32).copy()
+    job = Job(
+        np.frombuffer(msg.prompt, np.int64).copy(),
+        np.frombuffer(msg.state, np.float32).reshape(state_shape).copy(),
+        logits,
+        msg.max_new_tokens,
+        SamplingParams(*msg.params),
+        msg.position,
+        msg.want_logprobs,
+        emit,
+        prime=msg.prime,
+        chunked=msg.chunked,
+        offset=msg.offset,
+        blocks=[] if msg.want_blocks else None,
+    )
+    return job
+
+
+def blocks_out(blocks: list[tuple[int, np.ndarray, np.ndarray]]) -> list[tuple[int, bytes, bytes]]:
+    return [(i, _bytes(state), _bytes(logits)) for i, state, logits in blocks]
+
+
+def event_out(rid: int, ev: Event, blocks: list | None = None) -> EventOut:
+    if isinstance(ev, Tokens):
+        return TokensOut(rid, ev.ids, ev.texts, ev.index, ev.logprobs, blocks)
+    if isinstance(ev, DoneEvent):
+        return DoneOut(
+            rid,
+            ev.reason,
+            _bytes(ev.state),
+            _bytes(ev.logits),
+            ev.generated,
+            ev.stop,
+            ev.first_token_at,
+            blocks,
+        )
+    if isinstance(ev, RunDone):
+        return RunOut(rid, _bytes(ev.logits), _bytes(ev.state), ev.start_ns, ev.end_ns)
+    err = ev.error
+    return FailedOut(rid, type(err).__name__, str(err))
+
+
+def event_in(ev: EventOut, state_shape: tuple[int, ...], vocab: int) -> Event:
+    if isinstance(ev, TokensOut):
+        return Tokens(ev.ids, ev.texts, ev.index, ev.logprobs)
+    if isinstance(ev, DoneOut):
+        logits = None if ev.logits is None else np.frombuffer(ev.logits, np.float32).copy()
+        state = np.frombuffer(ev.state, np.float32).reshape(state_shape).copy()
+        return DoneEvent(ev.reason, state, logits, ev.generated, ev.stop, ev.first_token_at)
+    if isinstance(ev, RunOut):
+        state = np.frombuffer(ev.state, np.float32).reshape(-1, *state_shape).copy()
+        logits = np.frombuffer(ev.logits, np.float32).reshape(state.shape[0], -1, vocab).copy()
+        return RunDone(logits, state, ev.start_ns, ev.end_ns)
+    kind = getattr(errors, ev.error, None)
+    if isinstance(kind, type) and issubclass(kind, errors.GruServeError):
+        try:
+            return FailedEvent(kind(ev.message))
+        except TypeError:
+            pass  # a class whose constructor takes other arguments
+    return FailedEvent(errors.Internal(ev.message))
+
+
+def blocks_in(
+    blocks: list[tuple[int, bytes, bytes]], state_shape: tuple[int, ...]
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    return [
+        (i, np.frombuffer(s, np.float32).reshape(state_shape).copy(), np.frombuffer(lg, np.float32).copy())
+        for i, s, lg in blocks
+    ]
+
+
+def run(rid: int, model: str, job: RunJob) -> Run:
+    ids = np.ascontiguousarray(job.ids, np.int64)
+    return Run(rid, model, ids.tobytes(), ids.shape, _bytes(job.state))
+
+
+def run_job_of(msg: Run, state_shape: tuple[int, ...]) -> RunJob:
+    ids = np.frombuffer(msg.ids, np.int64).reshape(msg.shape).copy()
+    state = np.frombuffer(msg.state, np.float32).reshape(msg.shape[0], *state_shape).copy()
+    return RunJob(ids, state, None)

@@ -1,0 +1,104 @@
+"""Starts the engine process and starts it again whenever it exits while the server runs.
+
+The engine listens on a Unix socket in a private temporary folder (ZeroMQ's ipc transport),
+the same path across restarts, so front ends reconnect by themselves. It gets only the settings
+it uses (no tokens, keys or certificates), as JSON in its environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+from gru_serve.engine.process import SETTINGS_ENV
+from gru_serve.ops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ENGINE_SETTINGS = (
+    "device",
+    "intra_op_threads",
+    "inter_op_threads",
+    "io_binding",
+    "fast_path",
+    "max_batch_size",
+    "max_queue",
+    "fused_tokens",
+    "round_budget_ms",
+    "prefill_chunk",
+    "log_level",
+)
+RESTART_DELAY_S = 0.2  # between an exit and the next start: a crash loop does not spin
+
+
+class EngineSupervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.folder = tempfile.mkdtemp(prefix="gru-serve-engine-")
+        self.address = f"ipc://{self.folder}/engine.sock"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+
+    def _spawn(self) -> None:
+        env = {**os.environ, SETTINGS_ENV: self.settings.model_dump_json(include=set(ENGINE_SETTINGS))}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gru_serve.engine.process", self.address],
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        self.starts += 1
+        log.info("engine process %d started (%s)", self.proc.pid, self.address)
+
+    def start(self) -> None:
+        self._spawn()
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            proc = self.proc
+            code = await exit_of(proc)
+            if self._stopping:
+                return
+            log.error("engine process %d exited with %s; starting another", proc.pid, code)
+            await asyncio.sleep(RESTART_DELAY_S)
+            if self._stopping:
+                return
+            self._spawn()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(exit_of(proc), timeout)
+            except TimeoutError:
+                proc.kill()
+                await exit_of(proc)
+        if self._task is not None:
+            await self._task
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def exit_of(proc: subprocess.Popen) -> asyncio.Future[int]:
+    """The process's exit code, awaited on a daemon thread: a server left running when the
+    interpreter exits must not keep it waiting for an engine that waits for it to go."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+
+    def wait() -> None:
+        code = proc.wait()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(code))
+
+    threading.Thread(target=wait, daemon=True, name=f"engine-{proc.pid}-exit").start()
+    return fut

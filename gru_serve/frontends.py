@@ -1,0 +1,127 @@
+"""`--frontends N`: one engine process and N front-end processes on the same ports.
+
+This process is the family's parent: it starts the engine (EngineSupervisor), reserves the
+ports (a socket bound with SO_REUSEPORT and never listening, so `--port 0` names one port for
+all), and starts N `gru-serve serve` processes with the same flags plus `--engine-address`, the
+reserved ports and `--frontends 1`. Each front end binds the ports with SO_REUSEPORT (gRPC does
+by default), so the kernel spreads connections over them; all talk to the one engine, and a
+Redis session store lets any of them serve any session. A front end or engine that exits is
+started again. On SIGTERM the front ends drain (each its own grace) and then the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import threading
+
+from gru_serve.engine.supervisor import EngineSupervisor, exit_of
+from gru_serve.http.server import bind
+from gru_serve.ops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class FrontEnd:
+    """One front-end process: started, watched for its ready lines, started again on exit."""
+
+    def __init__(self, argv: list[str], ready_lines: int) -> None:
+        self.argv = argv
+        self.ready_lines = ready_lines
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+
+    async def start(self) -> list[str]:
+        """Start it; its ready lines once it prints them."""
+        proc = self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[list[str]] = loop.create_future()
+
+        def read() -> None:  # its stdout, on a daemon thread: ready lines, then passed on
+            lines = []
+            for line in proc.stdout:
+                if len(lines) < self.ready_lines:
+                    lines.append(line.rstrip("\n"))
+                    if len(lines) == self.ready_lines:
+                        with contextlib.suppress(RuntimeError):
+                            loop.call_soon_threadsafe(lambda: ready.done() or ready.set_result(lines))
+                    continue
+                sys.stdout.write(line)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(lambda: ready.done() or ready.set_result(lines))
+
+        threading.Thread(target=read, daemon=True, name=f"frontend-{proc.pid}-out").start()
+        self.lines = await ready
+        if len(self.lines) < self.ready_lines:
+            raise OSError(f"front end {proc.pid} exited before it was ready (exit {proc.wait()})")
+        return self.lines
+
+
+def frontend_argv(settings: Settings, i: int, address: str, port: int, http_port: int) -> list[str]:
+    argv = [sys.executable, "-m", "gru_serve.cli", *sys.argv[1:]]
+    argv += [
+        "--frontends",
+        "1",
+        "--engine-address",
+        address,
+        "--port",
+        str(port),
+        "--http-port",
+        str(http_port),
+    ]
+    if settings.metrics_port:
+        argv += ["--metrics-port", str(settings.metrics_port + i)]
+    return argv
+
+
+async def serve_family(settings: Settings, ready_line: str, http_ready_line: str) -> int:
+    s = settings
+    engine = EngineSupervisor(s)
+    engine.start()
+    grpc_port = bind(s.host, s.port, shared=True, listen=False)
+    http_port = bind(s.host, s.http_port, shared=True, listen=False) if s.http_port else None
+    port = grpc_port.getsockname()[1]
+    hport = http_port.getsockname()[1] if http_port is not None else 0
+    fronts = [
+        FrontEnd(frontend_argv(s, i, engine.address, port, hport), 2 if hport else 1)
+        for i in range(s.frontends)
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await asyncio.gather(*(f.start() for f in fronts))
+        print(ready_line.format(name="gru-serve", host=s.host, port=port), flush=True)
+        if hport:
+            print(http_ready_line.format(name="gru-serve", host=s.host, port=hport), flush=True)
+        log.info("%d front ends on %s:%d, one engine at %s", len(fronts), s.host, port, engine.address)
+        watchers = [asyncio.create_task(_keep(f, stop)) for f in fronts]
+        await stop.wait()
+        for f in fronts:
+            if f.proc is not None and f.proc.poll() is None:
+                f.proc.terminate()  # each drains within its grace
+        await asyncio.gather(*watchers)
+    finally:
+        for f in fronts:
+            if f.proc is not None and f.proc.poll() is None:
+                f.proc.kill()
+        await engine.stop()
+        grpc_port.close()
+        if http_port is not None:
+            http_port.close()
+    return 0
+
+
+async def _keep(front: FrontEnd, stop: asyncio.Event) -> None:
+    """Start a front end again when it exits, until the family stops."""
+    while True:
+        code = await exit_of(front.proc)
+        if stop.is_set():
+            return
+        log.error("front end %d exited with %s; starting another", front.proc.pid, code)
+        await front.start()

@@ -1,0 +1,1 @@
+"""Operations: settings, metrics, logs, the error table, bearer tokens."""

@@ -1,0 +1,1 @@
+"""Session stores: the record and interface, in memory, Redis, SQLite."""
