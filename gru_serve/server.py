@@ -78,7 +78,7 @@ def load_runtimes(settings: Settings) -> dict[str, ModelRuntime]:
     model repository loads later ones through the same load_runtime)."""
     runtimes: dict[str, ModelRuntime] = {}
     for name, path in model_specs(settings.models):
-        rt = load_runtime(path, settings, name, fast_path=settings.engine == "thread")
+        rt = load_runtime(path, settings, name, front_end=settings.engine == "process")
         if rt.name in runtimes:
             raise ModelLoadError(f"model name {rt.name!r} is given twice; use NAME=PATH to rename one")
         runtimes[rt.name] = rt
@@ -153,7 +153,13 @@ class GruServer:
         self.inference = InferenceServicer(self.service)
         self.service.start()
         if engine is not None:
-            await engine.start(ENGINE_START_TIMEOUT_S)
+            try:
+                await engine.start(ENGINE_START_TIMEOUT_S)
+            except BaseException:
+                await engine.close()
+                if self.supervisor is not None:
+                    await self.supervisor.stop()
+                raise
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -193,7 +199,7 @@ class GruServer:
             asyncio.create_task(self.metrics.refresh_sessions(self.service)),
             asyncio.create_task(self._watch_store()),
         ]
-        providers = ", ".join(f"{n} on {rt.provider}" for n, rt in runtimes.items())
+        providers = ", ".join(f"{n} on {self.service.provider(rt)}" for n, rt in runtimes.items())
         log.info(
             "listening on %s:%d (HTTP %s); models: %s", s.host, self.port, self.http_port or "off", providers
         )

@@ -138,7 +138,7 @@ class ModelRepository:
                 self._loading.add(name)
                 try:
                     s = self.service.settings
-                    rt = await asyncio.to_thread(load_runtime, path, s, name, s.engine == "thread")
+                    rt = await asyncio.to_thread(load_runtime, path, s, name, s.engine == "process")
                 except ModelLoadError as e:
                     self._why[name] = f"load failed: {e}"
                     raise FailedPrecondition(f"model '{name}' cannot be loaded: {e}") from e
@@ -146,7 +146,7 @@ class ModelRepository:
                     self._loading.discard(name)
                 self.service.add_model(rt)
                 self._why.pop(name, None)
-                log.info("model %s loaded from %s on %s", name, path, rt.provider)
+                log.info("model %s loaded from %s", name, path)
 
         await self._to_the_end(work)
 

@@ -425,6 +425,10 @@ class GenerationService:
 
     # -- helpers --
 
+    def provider(self, rt: ModelRuntime) -> str:
+        """The onnxruntime provider that runs `rt` (in the engine process: as it reported)."""
+        return self._scheduler(rt).provider
+
     def runtime(self, model: str) -> ModelRuntime:
         name = model or self.default_model
         rt = self.runtimes.get(name)
@@ -1017,6 +1021,6 @@ class GenerationService:
             m.hidden_size,
             m.num_layers,
             rt.model_hash,
-            rt.provider,
+            self.provider(rt),
             dict(m.perplexity),
         )

@@ -27,7 +27,7 @@ from zmq.utils.monitor import parse_monitor_message
 from gru_serve.engine import protocol as proto
 from gru_serve.engine.runtime import ModelRuntime
 from gru_serve.engine.scheduler import FailedEvent, Job, RunJob
-from gru_serve.ops.errors import Unavailable
+from gru_serve.ops.errors import ModelLoadError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class RemoteScheduler:
         # scheduler there, so requests in flight on the old one finish on it.
         self.key = f"{runtime.name}@{runtime.model_hash[:16]}"
         self.stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0)
+        self.provider = ""  # the engine's, from its Ready
 
     @property
     def last_batch_size(self) -> int:
@@ -111,13 +112,17 @@ class EngineClient:
         self.boot = ""
         self.ready = asyncio.Event()
         self.restarts = 0  # engines seen after the first
+        self.failed: dict[str, str] = {}  # models the engine could not load, as it last said
         self._tasks: list[asyncio.Task] = []
 
     async def start(self, timeout: float) -> None:
-        """Connect and wait for the engine's Ready (it loads the models first)."""
+        """Connect and wait for the engine's Ready (it loads the models first); a model the
+        engine could not load fails the start, as it would in one process."""
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
         self.sock.connect(self.address)
         await asyncio.wait_for(self.ready.wait(), timeout)
+        if self.failed:
+            raise ModelLoadError("; ".join(self.failed.values()))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -218,8 +223,12 @@ class EngineClient:
             sched.flush()
 
     def _ready(self, msg: proto.Ready) -> None:
+        self.failed = msg.failed
         for name, why in msg.failed.items():
             log.error("the engine could not load model %s: %s", name, why)
+        for key, provider in msg.providers.items():
+            if key in self.schedulers:
+                self.schedulers[key].provider = provider
         if msg.boot != self.boot:
             if self.boot:
                 self.restarts += 1

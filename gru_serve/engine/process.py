@@ -91,7 +91,7 @@ class Engine:
         self.users: dict[str, set[bytes]] = {}  # model -> the front ends that serve it
         # Jobs under way by (front end, request id): added here, removed by their scheduler's
         # outbox as their last event goes out (dict operations are atomic under the GIL).
-        self.jobs: dict[tuple[bytes, int], tuple[Scheduler, Job]] = {}
+        self.jobs: dict[tuple[bytes, int], tuple[Scheduler, Job | RunJob]] = {}
         self.stopping = threading.Event()
 
     def load(self, name: str, path: str) -> None:
@@ -123,31 +123,18 @@ class Engine:
         self._send(front, proto.Batch("", stats, [proto.event_out(rid, FailedEvent(err))]))
 
     def handle(self, front: bytes, msg: proto.ToEngine) -> None:
-        if isinstance(msg, proto.Submit):
+        if isinstance(msg, proto.Submit | proto.Run):
             sched = self.schedulers.get(msg.model)
             if sched is None:
                 self._refuse(front, msg.rid, Unavailable(f"model {msg.model!r} is not loaded in the engine"))
                 return
             outbox = self.outboxes[msg.model]
-            job = proto.job_of(msg, sched.runtime.state_shape, None)
+            shape = sched.runtime.state_shape
+            job = proto.job_of(msg, shape) if isinstance(msg, proto.Submit) else proto.run_job_of(msg, shape)
             job.emit = lambda ev, rid=msg.rid, job=job: outbox.add(front, rid, job, ev)
             self.jobs[(front, msg.rid)] = (sched, job)
             try:
-                sched.submit(job)
-            except GruServeError as e:
-                self._refuse(front, msg.rid, e)
-            return
-        if isinstance(msg, proto.Run):
-            sched = self.schedulers.get(msg.model)
-            if sched is None:
-                self._refuse(front, msg.rid, Unavailable(f"model {msg.model!r} is not loaded in the engine"))
-                return
-            outbox = self.outboxes[msg.model]
-            run = proto.run_job_of(msg, sched.runtime.state_shape)
-            run.emit = lambda ev, rid=msg.rid, run=run: outbox.add(front, rid, run, ev)
-            self.jobs[(front, msg.rid)] = (sched, run)
-            try:
-                sched.submit_run(run)
+                (sched.submit if isinstance(msg, proto.Submit) else sched.submit_run)(job)
             except GruServeError as e:
                 self._refuse(front, msg.rid, e)
             return
@@ -156,7 +143,8 @@ class Engine:
             for name, path in msg.models.items():
                 self.load(name, path)
                 self.users.setdefault(name, set()).add(front)
-            self._send(front, proto.Ready(self.boot, dict(self.failed)))
+            providers = {name: s.runtime.provider for name, s in self.schedulers.items()}
+            self._send(front, proto.Ready(self.boot, dict(self.failed), providers))
             return
         if isinstance(msg, proto.Unload):
             users = self.users.get(msg.model, set())

@@ -73,6 +73,7 @@ ToEngine = Hello | Unload | Submit | Run | Cancel | Pause | Resume
 class Ready(msgspec.Struct, tag=True, array_like=True):
     boot: str  # one id per engine process: a new one after a restart
     failed: dict[str, str]  # models the engine could not load: name -> why
+    providers: dict[str, str]  # the onnxruntime provider running each model it has
 
 
 class TokensOut(msgspec.Struct, tag=True, array_like=True):
@@ -165,10 +166,11 @@ def submit(rid: int, model: str, job: Job) -> Submit:
     )
 
 
-def job_of(msg: Submit, state_shape: tuple[int, ...], emit) -> Job:
-    """The engine's Job for a Submit; its text stream and stop strings are made by the scheduler."""
+def job_of(msg: Submit, state_shape: tuple[int, ...]) -> Job:
+    """The engine's Job for a Submit (its emit is set by the caller); its text stream and stop
+    strings are made by the scheduler."""
     logits = None if msg.logits is None else np.frombuffer(msg.logits, np.float32).copy()
-    job = Job(
+    return Job(
         np.frombuffer(msg.prompt, np.int64).copy(),
         np.frombuffer(msg.state, np.float32).reshape(state_shape).copy(),
         logits,
@@ -176,13 +178,12 @@ def job_of(msg: Submit, state_shape: tuple[int, ...], emit) -> Job:
         SamplingParams(*msg.params),
         msg.position,
         msg.want_logprobs,
-        emit,
+        None,
         prime=msg.prime,
         chunked=msg.chunked,
         offset=msg.offset,
         blocks=[] if msg.want_blocks else None,
     )
-    return job
 
 
 def blocks_out(blocks: list[tuple[int, np.ndarray, np.ndarray]]) -> list[tuple[int, bytes, bytes]]:

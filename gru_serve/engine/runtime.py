@@ -443,16 +443,19 @@ def fused_generate(
     return out, logits, state
 
 
-def load_runtime(path: Path, settings: Settings, name: str = "", fast_path: bool = True) -> ModelRuntime:
+def load_runtime(path: Path, settings: Settings, name: str = "", front_end: bool = False) -> ModelRuntime:
     """A model file as the server serves it: checked against the contract, in onnxruntime with
     the settings' device and threads, warmed up (the first run allocates). Any problem is one
-    ModelLoadError naming the file. A front end whose generations run in the engine process
-    loads it without the fast path (it runs only Score and the inference protocol's steps)."""
+    ModelLoadError naming the file. front_end: the copy of a front end whose engine is another
+    process: its metadata and tokenizer, with the exported graph opened on the CPU (never run:
+    the engine runs everything)."""
+    if front_end:
+        return ModelRuntime(path, RuntimeOptions("cpu", 1, 1, fast_path=False), name)
     options = RuntimeOptions(
         settings.device,
         settings.intra_op_threads,
         settings.inter_op_threads,
-        fast_path=fast_path and settings.fast_path == "on",
+        fast_path=settings.fast_path == "on",
     )
     rt = ModelRuntime(path, options, name)
     rt.step(np.zeros((1, 1), np.int64), rt.zero_state())

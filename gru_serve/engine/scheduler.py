@@ -252,6 +252,7 @@ class Scheduler:
         self._paused: list[Job] = []  # out of the batch until resumed; state and logits on the job
         self._batch: _Batch | None = None
         self._step_cost: dict[int, float] = {}  # batch size -> seconds per fused step (EMA)
+        self._read_s = 0.0  # prefill and model runs before this round (its budget shrinks by it)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{runtime.name}", daemon=True)
@@ -273,6 +274,10 @@ class Scheduler:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
+
+    @property
+    def provider(self) -> str:
+        return self.runtime.provider
 
     @property
     def queue_depth(self) -> int:
@@ -372,8 +377,10 @@ class Scheduler:
                     while self._pending and held + len(resumed) + len(admitted) < self.max_batch_size:
                         admitted.append(self._pending.popleft())
                 self._prefilling += admitted
+                t0 = time.perf_counter()
                 self._model_runs()
                 self._active += self._prefill()
+                self._read_s = time.perf_counter() - t0
                 self._active = [j for j in self._active if not j.cancelled]
                 if self._active:
                     self._round()
@@ -571,7 +578,7 @@ class Scheduler:
             lp = lps.get(i)
             firsts.append(Tokens([tid], [text], job.generated - 1, None if lp is None else [float(lp)]))
         self.tokens += n
-        k = self._fused_steps(n, int(left.max()))
+        k = self._fused_steps(n, int(left.max()), self._read_s)
         # A newcomer's first token goes out now, before the model runs; in a fused round the
         # others' goes out with the tokens the loop makes (one message instead of two).
         for i, job in enumerate(jobs):
@@ -592,13 +599,14 @@ class Scheduler:
             return
         self.rounds += 1
 
-    def _fused_steps(self, n: int, most_left: int) -> int:
+    def _fused_steps(self, n: int, most_left: int, spent_s: float = 0.0) -> int:
         """Steps for this round: 1 (a decode step) or K for the fused loop, K - 1 being the
-        tokens the longest-running job still takes, within fused_tokens and the time budget."""
+        tokens the longest-running job still takes, within fused_tokens and the time budget
+        less `spent_s` (the prompts and model runs read before it: the streams wait for both)."""
         if self.fused_tokens <= 1 or most_left < 1 or not self.runtime.has_fused:
             return 1
         cost = self._step_cost.get(n, 15e-6 + 2.2e-6 * n)
-        budget = max(2, int(self.round_budget_s / cost))
+        budget = max(2, int((self.round_budget_s - spent_s) / cost))
         return min(self.fused_tokens, most_left + 1, budget)
 
     def _step_round(self, batch: _Batch, tokens: np.ndarray) -> None:

@@ -50,7 +50,7 @@ from gru_serve.contract import INPUT_IDS, LOGITS
 from gru_serve.core.repository import ModelRepository
 from gru_serve.core.sequences import RunTimes, Sequences, sequence_session_id
 from gru_serve.core.service import Finished, GenerateRequest, GenerationService, Progress
-from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.runtime import CUDA, ModelRuntime
 from gru_serve.engine.scheduler import Tokens
 from gru_serve.grpc import model_config as triton_config
 from gru_serve.grpc.auth import owner_of
@@ -223,8 +223,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def model_config(self, ep: Endpoint) -> mc.ModelConfig:
         rt, s = ep.runtime, self.service.settings
-        kind = mc.ModelInstanceGroup.KIND_GPU if rt.device == "cuda" else mc.ModelInstanceGroup.KIND_CPU
-        group = mc.ModelInstanceGroup(name=f"{ep.name}_{rt.device}", kind=kind, count=1)
+        device = "cuda" if self.service.provider(rt) == CUDA else "cpu"
+        kind = mc.ModelInstanceGroup.KIND_GPU if device == "cuda" else mc.ModelInstanceGroup.KIND_CPU
+        group = mc.ModelInstanceGroup(name=f"{ep.name}_{device}", kind=kind, count=1)
         if not ep.generate:
             # Triton's configuration for the model, as this server runs it. Built under a
             # placeholder name: Triton's name rules are stricter than ours.

@@ -191,7 +191,7 @@ class _ServiceCollector(Collector):
             queue.add_metric([name], sched.queue_depth)
             paused.add_metric([name], sched.paused)
             pauses.add_metric([name], sched.pauses)
-            provider.add_metric([name, sched.runtime.provider], 1)
+            provider.add_metric([name, sched.provider], 1)
         yield from (batch, queue, paused, pauses, provider)
         pc = s.prefix_cache
         lookups = CounterMetricFamily(

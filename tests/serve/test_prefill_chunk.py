@@ -6,12 +6,23 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from gru_serve.client import Client
 from gru_serve.engine.prefix_cache import BLOCK
 from gru_serve.engine.sampling import SamplingParams
-from gru_serve.engine.scheduler import DoneEvent, Event, FailedEvent, Job, Scheduler, Tokens, scheduler_for
+from gru_serve.engine.scheduler import (
+    DoneEvent,
+    Event,
+    FailedEvent,
+    Job,
+    RunDone,
+    RunJob,
+    Scheduler,
+    Tokens,
+    scheduler_for,
+)
 from gru_serve.ops.settings import Settings
 
 from .conftest import reference_generate, start_server
@@ -208,3 +219,47 @@ def test_the_server_reads_prompts_in_its_budget(runtime, prefix_cache_mb):
         assert (srv.service.prefix_cache.hits > 0) == (prefix_cache_mb > 0)
     finally:
         srv.stop()
+
+
+def test_a_long_model_run_is_read_in_chunks_between_the_rounds(runtime):
+    """Score and ModelInfer are RunJobs in the same queue: a 16,000-position run while a stream
+    generates lets the stream go on (counted in emit order, as above), and its logits and state
+    are those of the exported graph in one plain onnxruntime call."""
+    log: list = []
+    sched = Scheduler(runtime, prefill_chunk=64)
+    streaming, submitted, ran = threading.Event(), threading.Event(), threading.Event()
+
+    def handshake(ev: Event) -> None:
+        if not streaming.is_set():
+            streaming.set()
+            assert submitted.wait(timeout=30)
+
+    running = Run(runtime, "time traveller", 2000, log, on_event=handshake)
+    ids = np.array([runtime.tokenizer.encode(long_text(16_000, seed=3))], np.int64)
+    done: list[Event] = []
+
+    def emit(ev: Event) -> None:
+        done.append(ev)
+        log.append(("run", ev))
+        ran.set()
+
+    sched.start()
+    try:
+        sched.submit(running.job)
+        assert streaming.wait(timeout=30)
+        log.append(("submit", None))
+        sched.submit_run(RunJob(ids, runtime.zero_state(), emit))
+        submitted.set()
+        assert ran.wait(timeout=120)
+        running.wait()
+    finally:
+        sched.stop()
+    (ev,) = done
+    assert isinstance(ev, RunDone), ev
+    start, end = log.index(("submit", None)), log.index(("run", ev))
+    assert sum(1 for run, e in log[start:end] if run is running and isinstance(e, Tokens)) >= 10
+    session = ort.InferenceSession(str(runtime.path), providers=["CPUExecutionProvider"])
+    logits, state = session.run(None, {"input_ids": ids, "state": runtime.zero_state()})
+    np.testing.assert_allclose(ev.logits, logits, atol=1e-5)
+    np.testing.assert_allclose(ev.state, state, atol=1e-6)
+    assert running.text == reference_generate(runtime, "time traveller", 2000)

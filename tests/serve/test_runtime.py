@@ -95,3 +95,30 @@ def test_missing_and_truncated_models_are_refused(tmp_path):
     cut.write_bytes(D2L.read_bytes()[:5000])
     with pytest.raises(ModelLoadError, match=r"not an ONNX model|cannot load"):
         ModelRuntime(cut)
+
+
+@pytest.mark.parametrize("problem", ["logits differ by up to 0.3 (atol 1e-4)", "fused"])
+def test_a_fast_path_that_fails_its_check_fails_the_load(monkeypatch, problem):
+    """A derived graph that does not compute what the exported graph computes is not served,
+    nor silently dropped: the load fails, naming the way to serve the model anyway."""
+    calls = []
+
+    def check(self, decode, fused, batch=3):
+        calls.append(batch)
+        return problem
+
+    monkeypatch.setattr(ModelRuntime, "_check_derived", check)
+    with pytest.raises(ModelLoadError, match=r"fast path failed its check at load .*--fast-path off"):
+        ModelRuntime(D2L)
+    assert calls
+    assert not ModelRuntime(D2L, RuntimeOptions(fast_path=False)).has_fused
+
+
+def test_the_front_ends_copy_runs_nothing_and_the_engine_reports_its_provider():
+    srv = start_server()  # the engine in its own process
+    try:
+        rt = srv.service.runtimes["timemachine-d2l"]
+        assert not rt.has_fused and rt.session.get_providers() == ["CPUExecutionProvider"]
+        assert srv.service.model_info().provider == ModelRuntime(D2L).provider
+    finally:
+        srv.stop()
