@@ -42,7 +42,7 @@ class RemoteScheduler:
         # The engine's name for it: a reload of another file under the same name is another
         # scheduler there, so requests in flight on the old one finish on it.
         self.key = f"{runtime.name}@{runtime.model_hash[:16]}"
-        self.stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0)
+        self.stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0, 0)
         self.provider = ""  # the engine's, from its Ready
 
     @property
@@ -68,6 +68,10 @@ class RemoteScheduler:
     @property
     def pauses(self) -> int:
         return self.stats.pauses
+
+    @property
+    def decoders(self) -> int:
+        return self.stats.decoders
 
     def start(self) -> None:
         self.client.add(self)

@@ -119,7 +119,7 @@ class Engine:
 
     def _refuse(self, front: bytes, rid: int, err: GruServeError) -> None:
         self.jobs.pop((front, rid), None)
-        stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0)
+        stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0, 0)
         self._send(front, proto.Batch("", stats, [proto.event_out(rid, FailedEvent(err))]))
 
     def handle(self, front: bytes, msg: proto.ToEngine) -> None:

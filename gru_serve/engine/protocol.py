@@ -120,10 +120,13 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     active: int
     paused: int
     pauses: int
+    decoders: int
 
     @classmethod
     def of(cls, s: Scheduler) -> SchedulerStats:
-        return cls(s.last_batch_size, s.peak_batch_size, s.queue_depth, s.active, s.paused, s.pauses)
+        return cls(
+            s.last_batch_size, s.peak_batch_size, s.queue_depth, s.active, s.paused, s.pauses, s.decoders
+        )
 
 
 class Batch(msgspec.Struct, tag=True, array_like=True):

@@ -264,6 +264,7 @@ class Scheduler:
         self.fused_tokens_generated = 0
         self.prefill_runs = 0
         self.pauses = 0  # times a job left the batch paused
+        self.decoders = 0  # IOBinding decode loops made (one per batch on the step path)
 
     def start(self) -> None:
         self._thread.start()
@@ -616,6 +617,7 @@ class Scheduler:
         if self.io_binding and (self.fused_tokens <= 1 or not self.runtime.has_fused):
             if batch.decoder is None:
                 batch.decoder = self.runtime.decoder(batch.state())
+                self.decoders += 1
                 batch.decoder_current = True
             elif not batch.decoder_current:
                 batch.decoder.load(batch.state())
