@@ -284,6 +284,16 @@ def _scaleout_goal(so: dict) -> dict:
 # -- terminal --
 
 
+def _table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> Table:
+    """A section's console table: the server column left, figures right."""
+    t = Table(title=title, title_justify="left")
+    for col in columns:
+        t.add_column(col, justify="left" if col == "server" else "right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
 def _fmt(x: float | None, spec: str = ",.0f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -392,33 +402,21 @@ def print_tables(results: dict, console: Console) -> None:
         console.print(f"Scale-out skipped: {so.get('skipped') or so.get('error')}")
     pc = results.get("prefix_cache") or {}
     if pc.get("rows"):
-        t = Table(title="Prefix cache: requests sharing a prompt prefix", title_justify="left")
-        for col in _PREFIX_COLUMNS:
-            t.add_column(col, justify="left" if col == "server" else "right")
-        for row in _prefix_rows(pc):
-            t.add_row(*row)
-        console.print(t)
+        console.print(
+            _table("Prefix cache: requests sharing a prompt prefix", _PREFIX_COLUMNS, _prefix_rows(pc))
+        )
         console.print(_prefix_summary(pc))
     elif pc:
         console.print(f"Prefix cache skipped: {pc.get('skipped') or pc.get('error')}")
     tr = results.get("transports") or {}
     if tr.get("rows"):
-        t = Table(title="HTTP/SSE beside gRPC (one server)", title_justify="left")
-        for col in _TRANSPORT_COLUMNS:
-            t.add_column(col, justify="right")
-        for row in _transport_rows(tr):
-            t.add_row(*row)
-        console.print(t)
+        console.print(_table("HTTP/SSE beside gRPC (one server)", _TRANSPORT_COLUMNS, _transport_rows(tr)))
     if tr.get("error"):
         console.print(f"HTTP/SSE beside gRPC stopped early: {tr['error']}")
     it = results.get("interference") or {}
     if it.get("rows"):
-        t = Table(title="Interference: streams while a long prompt is prefilled", title_justify="left")
-        for col in _INTERFERENCE_COLUMNS:
-            t.add_column(col, justify="left" if col == "server" else "right")
-        for row in _interference_rows(it):
-            t.add_row(*row)
-        console.print(t)
+        title = "Interference: streams while a long prompt is prefilled"
+        console.print(_table(title, _INTERFERENCE_COLUMNS, _interference_rows(it)))
     if it.get("error"):
         console.print(f"Interference stopped early: {it['error']}")
     t = Table(title="Goals (ratios from this run)", title_justify="left")

@@ -45,33 +45,12 @@ class RemoteScheduler:
         self.stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0, 0)
         self.provider = ""  # the engine's, from its Ready
 
-    @property
-    def last_batch_size(self) -> int:
-        return self.stats.last_batch_size
-
-    @property
-    def peak_batch_size(self) -> int:
-        return self.stats.peak_batch_size
-
-    @property
-    def queue_depth(self) -> int:
-        return self.stats.queue_depth
-
-    @property
-    def active(self) -> int:
-        return self.stats.active
-
-    @property
-    def paused(self) -> int:
-        return self.stats.paused
-
-    @property
-    def pauses(self) -> int:
-        return self.stats.pauses
-
-    @property
-    def decoders(self) -> int:
-        return self.stats.decoders
+    def __getattr__(self, name: str) -> int:
+        """The scheduler's gauges (last_batch_size, queue_depth, active, paused, ...), as the
+        engine last sent them."""
+        if name in proto.SchedulerStats.__struct_fields__:
+            return getattr(self.stats, name)
+        raise AttributeError(name)
 
     def start(self) -> None:
         self.client.add(self)
