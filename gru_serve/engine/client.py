@@ -101,7 +101,7 @@ class EngineClient:
     async def start(self, timeout: float) -> None:
         """Connect and wait for the engine's Ready (it loads the models first); a model the
         engine could not load fails the start, as it would in one process."""
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
+        self._tasks = [asyncio.create_task(t) for t in (self._read(), self._watch(), self._ping())]
         self.sock.connect(self.address)
         await asyncio.wait_for(self.ready.wait(), timeout)
         if self.failed:
@@ -120,6 +120,12 @@ class EngineClient:
     def _send(self, msg: proto.ToEngine) -> bool:
         fut = self.sock.send(proto.encoder.encode(msg), zmq.DONTWAIT)
         return not (fut.done() and fut.exception() is not None)
+
+    async def _ping(self) -> None:
+        while True:
+            await asyncio.sleep(proto.PING_EVERY_S)
+            if self.up:
+                self._send(proto.Ping())
 
     def _hello(self) -> None:
         sent = self._send(proto.Hello({s.key: str(s.runtime.path) for s in self.schedulers.values()}))

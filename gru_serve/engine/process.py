@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SETTINGS_ENV = "GRU_SERVE_ENGINE_SETTINGS"
 EVENTS = "inproc://events"
 STATS_EVERY_S = 0.25
+FRONT_END_SILENCE_S = 5.0  # a front end silent this long is gone (it pings every PING_EVERY_S)
 
 
 class Outbox:
@@ -88,6 +89,7 @@ class Engine:
         self.paths: dict[str, str] = {}
         self.failed: dict[str, str] = {}
         self.fronts: set[bytes] = set()
+        self.seen: dict[bytes, float] = {}  # front end -> when it last sent anything
         self.users: dict[str, set[bytes]] = {}  # model -> the front ends that serve it
         # Jobs under way by (front end, request id): added here, removed by their scheduler's
         # outbox as their last event goes out (dict operations are atomic under the GIL).
@@ -138,6 +140,8 @@ class Engine:
             except GruServeError as e:
                 self._refuse(front, msg.rid, e)
             return
+        if isinstance(msg, proto.Ping):
+            return
         if isinstance(msg, proto.Hello):
             self.fronts.add(front)
             for name, path in msg.models.items():
@@ -168,6 +172,21 @@ class Engine:
         else:
             sched.resume(job)
 
+    def gone(self, front: bytes) -> None:
+        """A front end fell silent (it pings every PING_EVERY_S): nobody reads its jobs' tokens
+        any more, so they stop now rather than run to their ends; the models it alone served
+        stay loaded for its return. (ZeroMQ's disconnect notice for ROUTER sockets is a draft API
+        that the released libzmq lacks.)"""
+        mine = [key for key in self.jobs if key[0] == front]
+        for key in mine:
+            sched, job = self.jobs.pop(key)
+            sched.cancel(job)
+        self.fronts.discard(front)
+        for users in self.users.values():
+            users.discard(front)
+        if mine:
+            log.warning("engine: a front end fell silent; its %d request(s) stopped", len(mine))
+
     def stats(self) -> proto.Stats:
         return proto.Stats({name: proto.SchedulerStats.of(s) for name, s in self.schedulers.items()})
 
@@ -187,6 +206,7 @@ class Engine:
                         front, payload = self.router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                    self.seen[front] = time.monotonic()
                     try:
                         self.handle(front, proto.to_engine.decode(payload))
                     except Exception:  # one bad message must not take every front end's work down
@@ -197,6 +217,10 @@ class Engine:
                 if os.getppid() != parent:
                     log.warning("engine: the process that started it is gone; stopping")
                     break
+                for front, last in list(self.seen.items()):
+                    if now - last > FRONT_END_SILENCE_S:
+                        del self.seen[front]
+                        self.gone(front)
                 stats = proto.encoder.encode(self.stats())
                 for front in self.fronts:
                     self.router.send_multipart([front, stats])

@@ -67,7 +67,14 @@ class Resume(msgspec.Struct, tag=True, array_like=True):
     rid: int
 
 
-ToEngine = Hello | Unload | Submit | Run | Cancel | Pause | Resume
+class Ping(msgspec.Struct, tag=True, array_like=True):
+    """A front end is alive (sent every PING_EVERY_S): the engine stops the jobs of one that
+    falls silent."""
+
+
+PING_EVERY_S = 0.5
+
+ToEngine = Hello | Unload | Submit | Run | Cancel | Pause | Resume | Ping
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):

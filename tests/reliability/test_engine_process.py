@@ -17,17 +17,25 @@ import functools
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
 import grpc
+import numpy as np
 import psutil
 import pytest
+import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gru_serve.client import Client, sampling
-from gru_serve.engine.runtime import load_metadata
+from gru_serve.engine import protocol as proto
+from gru_serve.engine.process import SETTINGS_ENV
+from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions, load_metadata
 from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.scheduler import Job
+from gru_serve.engine.supervisor import ENGINE_SETTINGS
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.ops.settings import Settings
@@ -669,3 +677,53 @@ def test_io_binding_gives_the_plain_paths_tokens_and_is_used():
         finally:
             srv.stop()
     record("IOBinding on the step path", process_engine="identical to io_binding=off and the reference")
+
+
+# -- 8. A front end that goes away --
+
+
+def test_the_engine_stops_the_requests_of_a_front_end_that_went_away(tmp_path):
+    """The engine process alone, spoken to over its protocol: a front end submits a generation of
+    10^8 tokens (half an hour here) and goes away; once it has been silent FRONT_END_SILENCE_S
+    the engine stops that generation (another front end's Stats show no active job), rather
+    than running it to its end for nobody."""
+    address = f"ipc://{tmp_path}/engine.sock"
+    env = {**os.environ, SETTINGS_ENV: Settings().model_dump_json(include=set(ENGINE_SETTINGS))}
+    engine = subprocess.Popen([sys.executable, "-m", "gru_serve.engine.process", address], env=env)
+    ctx = zmq.Context()
+    rt = ModelRuntime(D2L, RuntimeOptions(fast_path=False))
+    key = f"{MODEL}@{rt.model_hash[:16]}"
+
+    def connect() -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        sock.send(proto.encoder.encode(proto.Hello({key: str(D2L)})))
+        assert isinstance(receive(sock, lambda m: isinstance(m, proto.Ready)), proto.Ready)
+        return sock
+
+    def receive(sock: zmq.Socket, want, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sock.send(proto.encoder.encode(proto.Ping()))  # alive, as a front end says it
+            if sock.poll(100):
+                msg = proto.from_engine.decode(sock.recv())
+                if want(msg):
+                    return msg
+        raise TimeoutError("no such message from the engine")
+
+    try:
+        first = connect()
+        ids = np.array(rt.tokenizer.encode(START), np.int64)
+        job = Job(ids, rt.zero_state()[0], None, 100_000_000, SamplingParams(), len(ids), False, None)
+        first.send(proto.encoder.encode(proto.submit(1, key, job)))
+        receive(first, lambda m: isinstance(m, proto.Batch) and any(e.rid == 1 for e in m.events))
+        first.close()  # the front end goes away mid-generation
+        second = connect()
+        stats = receive(second, lambda m: isinstance(m, proto.Stats) and m.models[key].active == 0, 30.0)
+        assert stats.models[key].queue_depth == 0
+        second.close()
+    finally:
+        engine.terminate()
+        assert engine.wait(timeout=30) == 0
+        ctx.destroy(linger=0)  # closes the sockets a failure left open
