@@ -22,8 +22,10 @@ its prompt read, interleaved with the rounds: between two rounds at most `prefil
 tokens are prefilled over all the jobs being read, in passes that give each of them (first come
 first) its next chunk while the budget allows, one call per chunk length (seq = that length).
 The first job's chunk always fits, so every prompt is read after those admitted before it, and
-a long prompt delays each round by one budget's prefill instead of stalling the running streams
-for all of it. A prompt read from the zero state goes in chunks of
+the round that follows runs fewer fused steps by the time the prefill took: a long prompt costs
+the running streams about one round budget per round instead of stalling them for all of it.
+Plain model runs (RunJob: Score, ModelInfer) wait in the same queue and are read the same way,
+up to prefill_chunk positions between two rounds. A prompt read from the zero state goes in chunks of
 gru_serve.engine.prefix_cache.BLOCK tokens, so that its prefix states can be cached and reused bit
 for bit whatever the load; any other in chunks of `prefill_chunk` tokens from where it starts
 (one call for a prompt up to that long, as without chunking; splitting a longer one gave the
