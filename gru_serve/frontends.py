@@ -27,16 +27,15 @@ log = logging.getLogger(__name__)
 
 
 class FrontEnd:
-    """One front-end process: started, watched for its ready lines, started again on exit."""
+    """One front-end process, started (again) and watched for its ready lines."""
 
     def __init__(self, argv: list[str], ready_lines: int) -> None:
         self.argv = argv
         self.ready_lines = ready_lines
         self.proc: subprocess.Popen | None = None
-        self.lines: list[str] = []
 
-    async def start(self) -> list[str]:
-        """Start it; its ready lines once it prints them."""
+    async def start(self) -> None:
+        """Start it; returns once it has printed its ready lines."""
         proc = self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[list[str]] = loop.create_future()
@@ -55,10 +54,8 @@ class FrontEnd:
                 loop.call_soon_threadsafe(lambda: ready.done() or ready.set_result(lines))
 
         threading.Thread(target=read, daemon=True, name=f"frontend-{proc.pid}-out").start()
-        self.lines = await ready
-        if len(self.lines) < self.ready_lines:
+        if len(await ready) < self.ready_lines:
             raise OSError(f"front end {proc.pid} exited before it was ready (exit {proc.wait()})")
-        return self.lines
 
 
 def frontend_argv(settings: Settings, i: int, address: str, port: int, http_port: int) -> list[str]:

@@ -26,8 +26,9 @@ from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.ops.settings import Settings
 
 # key, label, server flags
+DEFAULT_CHUNK = Settings.model_fields["prefill_chunk"].default
 CONFIGS = (
-    ("chunked", "default (--prefill-chunk 512)", ("--prefill-chunk", "512")),
+    ("chunked", f"default (--prefill-chunk {DEFAULT_CHUNK})", ("--prefill-chunk", str(DEFAULT_CHUNK))),
     ("whole", "whole prompt in one prefill (--prefill-chunk 16384)", ("--prefill-chunk", "16384")),
 )
 # without the corpus (an installed package): a sentence of the book, repeated

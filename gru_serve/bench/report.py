@@ -107,24 +107,17 @@ def goals(results: dict) -> list[dict]:
             ),
         )
     )
+    for n, level in ((64, many), (256, most)):
+        best = _best_batched(ip, n)
+        out.append(
+            _goal(
+                f"served, {n} streams: fraction of in-process batch-{n} tokens/s",
+                level["tokens_per_s"] / best if level and best else None,
+                0.8,
+                note=f"the best in-process batch-{n} figure (step path or fused)",
+            )
+        )
     ceiling = _best_batched(ip, 64)
-    out.append(
-        _goal(
-            "served, 64 streams: fraction of in-process batch-64 tokens/s",
-            many["tokens_per_s"] / ceiling if many and ceiling else None,
-            0.8,
-            note="the best in-process batch-64 figure (step path or fused)",
-        )
-    )
-    ceiling_256 = _best_batched(ip, 256)
-    out.append(
-        _goal(
-            "served, 256 streams: fraction of in-process batch-256 tokens/s",
-            most["tokens_per_s"] / ceiling_256 if most and ceiling_256 else None,
-            0.8,
-            note="the best in-process batch-256 figure (step path or fused)",
-        )
-    )
     x_one = 6.0
     out.append(
         _goal(

@@ -73,6 +73,15 @@ SKIP_HELP = {
 }
 
 
+# Sections that start their own servers: (the flag that skips it, results key, label, module
+# with mode_config(name) and run(model, config, on_step)).
+SECTIONS = (
+    ("no_prefix", "prefix_cache", "prefix cache", prefix),
+    ("no_http", "transports", "HTTP/SSE beside gRPC", transports),
+    ("no_interference", "interference", "interference", interference),
+)
+
+
 @dataclass(frozen=True)
 class Mode:
     inproc: inprocess.InProcessConfig
@@ -420,22 +429,12 @@ def main(args: argparse.Namespace) -> int:
                 scaleout.mode_config(name), lambda label: step(f"scale-out: {label}")
             )
             progress.advance(task)
-        if not args.no_prefix:
-            step("prefix cache")
-            results["prefix_cache"] = prefix.run(
-                model, prefix.mode_config(name), lambda label: step(f"prefix cache: {label}")
-            )
-            progress.advance(task)
-        if not args.no_http:
-            step("HTTP/SSE beside gRPC")
-            results["transports"] = transports.run(
-                model, transports.mode_config(name), lambda label: step(f"HTTP/SSE beside gRPC: {label}")
-            )
-            progress.advance(task)
-        if not args.no_interference:
-            step("interference")
-            results["interference"] = interference.run(
-                model, interference.mode_config(name), lambda label: step(f"interference: {label}")
+        for skip, key, label, section in SECTIONS:
+            if getattr(args, skip):
+                continue
+            step(label)
+            results[key] = section.run(
+                model, section.mode_config(name), lambda what, label=label: step(f"{label}: {what}")
             )
             progress.advance(task)
     results["goals"] = report.goals(results)

@@ -81,7 +81,14 @@ class _Delivery:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         for loop, queue, ev in items:
             by_loop.setdefault(loop, []).append((queue, ev))
+        try:
+            here = asyncio.get_running_loop()  # the engine client flushes on the loop itself
+        except RuntimeError:
+            here = None  # a scheduler thread
         for loop, group in by_loop.items():
+            if loop is here:
+                _deliver(group)
+                continue
             with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
                 loop.call_soon_threadsafe(_deliver, group)
 
