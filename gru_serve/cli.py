@@ -227,6 +227,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, v in sorted(m.perplexity.items()):
         print(f"perplexity {k} = {v:.4f}")
     print(f"limits     {str(m.limits).strip().replace(chr(10), ', ')}")
+    from gru_serve.engine.runtime import cuda_status
+
+    # CUDA on this machine, as onnxruntime sees it: its own reason when it cannot start.
+    ok, reason = cuda_status()
+    print(f"cuda here  {'starts' if ok else 'cannot start: ' + reason}")
     return 0
 
 

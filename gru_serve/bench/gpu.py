@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT
+from gru_serve.engine.placement import Placement, profiling_options, read_profile
 from gru_serve.engine.runtime import (
     CPU,
     CUDA,
@@ -22,7 +23,9 @@ from gru_serve.engine.runtime import (
     ModelRuntime,
     RuntimeOptions,
     chained_run,
+    cuda_status,
     fused_generate,
+    prepare_cuda,
     step_generate,
 )
 from gru_serve.engine.sampling import SamplingParams
@@ -47,13 +50,34 @@ def nvidia_gpu_present() -> bool:
         return False
 
 
-def _on_cuda(what: str, session: ort.InferenceSession) -> None:
-    # onnxruntime falls back to the CPU provider, with no error, when CUDA does not initialise.
-    first = session.get_providers()[0]
-    if first != CUDA:
+def exported_on_cuda(raw: bytes, batch: int = 7) -> tuple[ort.InferenceSession, Placement]:
+    """The exported graph in a session asked for CUDA, profiled over one run: where its nodes
+    ran (get_providers() lists the providers registered, not where nodes run)."""
+    prepare_cuda()
+    so = ort.SessionOptions()
+    profiling_options(so)
+    session = ort.InferenceSession(raw, so, providers=[(CUDA, CUDA_OPTIONS), CPU])
+    meta = session.get_inputs()
+    layers, hidden = meta[1].shape[1], meta[1].shape[2]
+    session.run(
+        None,
+        {INPUT_IDS: np.zeros((batch, 3), np.int64), STATE: np.zeros((batch, layers, hidden), np.float32)},
+    )
+    return session, read_profile(session.end_profiling(), CUDA)
+
+
+def _on_cuda(what: str, placement: Placement) -> None:
+    # onnxruntime falls back to the CPU provider, with no error, when CUDA does not initialise,
+    # and may place single nodes on the CPU: the profile says where each node ran.
+    problem = placement.problem(what)
+    if problem:
+        elsewhere = ", ".join(sorted(p for p in placement.counts if p != CUDA)) or "no provider"
+        ok, reason = cuda_status()
         raise CheckFailed(
-            f"CUDA was asked for, but {what} runs on {first} "
-            f"(onnxruntime providers: {', '.join(ort.get_available_providers())})"
+            f"CUDA was asked for, but {what} runs on {elsewhere} ({problem}; onnxruntime providers: "
+            f"{', '.join(ort.get_available_providers())}"
+            + ("" if ok else f"; onnxruntime says: {reason}")
+            + ")"
         )
 
 
@@ -67,18 +91,24 @@ def _max_diff(a: list, b: list) -> dict[str, float]:
 
 def _parity(model: Path, report: dict) -> tuple[bool, ModelRuntime]:
     raw = model.read_bytes()
-    cuda = ort.InferenceSession(raw, providers=[(CUDA, CUDA_OPTIONS), CPU])
-    _on_cuda("the check's session of the exported graph", cuda)
+    cuda, placement = exported_on_cuda(raw)
+    _on_cuda("the check's session of the exported graph", placement)
     try:
+        # The runtime profiles its sessions at load under CUDA and refuses misplaced nodes.
         gpu = ModelRuntime(model, RuntimeOptions("cuda"))
     except ModelLoadError as e:
         raise CheckFailed(str(e)) from e
     if not gpu.has_fused:
         raise CheckFailed(f"the fast path is off on CUDA: {gpu.fast_path_note}")
-    for what in ("session", "decode_session", "fused_session", "fused_single"):
-        _on_cuda(f"the server runtime's {what}", getattr(gpu, what))
+    for graph, where in gpu.placement.items():
+        _on_cuda(f"the server runtime's {graph} graph", where)
     cpu = ModelRuntime(model, RuntimeOptions("cpu"))
-    report.update(providers=ort.get_available_providers(), fast_path_cuda=gpu.fast_path_note)
+    report.update(
+        providers=ort.get_available_providers(),
+        fast_path_cuda=gpu.fast_path_note,
+        placement={g: {"nodes": p.counts, "memcpy": p.memcpy} for g, p in gpu.placement.items()},
+        fused_cost_cuda=gpu.fused_cost,
+    )
 
     def plain(session: ort.InferenceSession):
         return lambda ids, state: tuple(session.run([LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE: state}))

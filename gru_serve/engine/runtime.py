@@ -11,8 +11,16 @@ batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +35,10 @@ from gru_serve.engine.decode_graphs import (
     decode_graph,
     fused_graph,
     gru_weights,
+    rebuild_graph,
+    take_graph,
 )
+from gru_serve.engine.placement import Placement, profiling_options, read_profile
 from gru_serve.engine.sampling import SamplingParams, sample, uniforms
 from gru_serve.engine.scoring import StepFn
 from gru_serve.engine.tokenizer import Tokenizer, load_tokenizer
@@ -40,7 +51,11 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # onnxruntime's CUDA provider turns TF32 on by default: 10-bit mantissas in every MatMul, which
 # would put the derived graphs outside the load-time check's bounds and the output off PyTorch's.
+# use_tf32 reaches cuBLAS only; cuDNN (the exported graph's GRU) keeps its default math mode,
+# TF32 on Ampere and later, unless NVIDIA_TF32_OVERRIDE=0 is in the environment when the
+# libraries load (the engine's environment and the CUDA image set it; so does _want_cuda).
 CUDA_OPTIONS = {"use_tf32": "0"}
+TF32_ENV = {"NVIDIA_TF32_OVERRIDE": "0"}
 # Weights beyond which a model gets the decode step but no fused loop (see _decode_only). The
 # shipped models hold 0.1 to 2.4 MiB.
 FUSED_MAX_WEIGHT_BYTES = 64 << 20
@@ -60,6 +75,93 @@ class RuntimeOptions:
     inter_op_threads: int = 1
     graph_optimization: str = "all"  # off | basic | extended | all
     fast_path: bool = True  # derive the decode-step and fused graphs from the weights
+    # Profile every session at load and refuse a compute node outside the provider in use
+    # (always on under CUDA: gru_serve.engine.placement).
+    check_placement: bool = False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextlib.contextmanager
+def _ort_log() -> Iterator[list[str]]:
+    """onnxruntime's own log lines written during the block (its logger writes to fd 2, not
+    through Python), each also logged here (info) so that nothing it said is lost; the caller
+    warns once, with the reason."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            for line in _ANSI.sub("", f.read().decode(errors="replace")).splitlines():
+                if line.strip():
+                    lines.append(line.strip())
+                    log.info("onnxruntime: %s", line.strip())
+
+
+def _reason(lines: list[str]) -> str:
+    """onnxruntime's reason in its log lines: the text after its last 'FAIL : ' or ']'."""
+    for line in reversed(lines):
+        if "FAIL : " in line:
+            return line.rsplit("FAIL : ", 1)[1]
+    return lines[-1].rsplit("] ", 1)[-1] if lines else ""
+
+
+_preloaded: list[str] = []
+
+
+def prepare_cuda() -> str:
+    """Before the first CUDA session: TF32 off for cuBLAS and cuDNN alike, and the CUDA 13,
+    cuBLAS and cuDNN 9 libraries of the `cuda` extra (the nvidia-* wheels) loaded with
+    onnxruntime.preload_dlls. Returns what preload_dlls said (it prints the libraries it could
+    not load), once."""
+    os.environ.update(TF32_ENV)
+    if not _preloaded:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                ort.preload_dlls()
+            except Exception as e:  # a missing folder or a library that will not load: said below
+                print(f"{type(e).__name__}: {e}")
+        _preloaded.append(" ".join(out.getvalue().split()))
+    return _preloaded[0]
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(True, '') when onnxruntime starts its CUDA provider here, else (False, onnxruntime's
+    reason): a one-node session asked for CUDA, with onnxruntime's log read back."""
+    if CUDA not in ort.get_available_providers():
+        return False, f"this onnxruntime build ({ort.__version__}) has no CUDA provider"
+    preload = prepare_cuda()
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Neg", ["x"], ["y"])],
+            "probe",
+            [x],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    ort.set_default_logger_severity(3)
+    try:
+        with _ort_log() as lines:
+            session = ort.InferenceSession(model.SerializeToString(), providers=[(CUDA, CUDA_OPTIONS), CPU])
+    except Exception as e:
+        return False, str(e).splitlines()[0]
+    finally:
+        ort.set_default_logger_severity(2)
+    if CUDA in session.get_providers():
+        return True, ""
+    return False, _reason(lines) or preload or "onnxruntime fell back to the CPU without saying why"
 
 
 def load_metadata(path: Path) -> tuple[ModelMetadata, bytes]:
@@ -92,15 +194,31 @@ class ModelRuntime:
             self.tokenizer: Tokenizer = load_tokenizer(self.metadata)
         except ContractError as e:
             raise ModelLoadError(f"model {self.path}: {e}") from e
+        self.cuda_reason = ""  # onnxruntime's reason when CUDA was wanted and did not start
+        self._profiles: dict[str, str] = {}  # graph -> profiling folder, until checked
+        self.placement: dict[str, Placement] = {}  # graph -> where its nodes ran (when checked)
         self.session, self.provider = self._create_session(raw, options)
+        self._reference: ort.InferenceSession | None = None
         self.decode_session: ort.InferenceSession | None = None
         self.fused_session: ort.InferenceSession | None = None
         self.fused_single: ort.InferenceSession | None = None  # the fused graph for batch 1
+        self.take_session: ort.InferenceSession | None = None  # rows of a device tensor
+        self.rebuild_session: ort.InferenceSession | None = None  # a batch's state, rows changed
+        self.fused_cost = (15e-6, 2.2e-6)  # seconds per fused step: a + b x batch (measured at load)
         self.fast_path_note = "off (RuntimeOptions.fast_path=False)"
         if options.fast_path:
             self._derive(onnx.load_from_string(raw))
+        if self.profiling:
+            self._check_placement()
+        if self.fused_session is not None:
+            self.fused_cost = self._measure_fused_cost()
 
-    def _session_options(self, options: RuntimeOptions) -> ort.SessionOptions:
+    @property
+    def profiling(self) -> bool:
+        """Whether this load profiles its sessions to check where their nodes run."""
+        return self.options.check_placement or self.provider == CUDA
+
+    def _session_options(self, options: RuntimeOptions, graph: str = "") -> ort.SessionOptions:
         if options.graph_optimization not in GRAPH_OPTIMIZATION:
             raise ModelLoadError(
                 f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATION)}, "
@@ -110,22 +228,32 @@ class ModelRuntime:
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = GRAPH_OPTIMIZATION[options.graph_optimization]
+        if graph:
+            self._profiles[graph] = profiling_options(so)
         return so
 
     def _providers(self) -> list:
         return [(CUDA, CUDA_OPTIONS), CPU] if self.provider == CUDA else [CPU]
 
+    def _derived_session(self, model: bytes, graph: str) -> ort.InferenceSession:
+        so = self._session_options(self.options, graph if self.profiling else "")
+        return ort.InferenceSession(model, so, providers=self._providers())
+
     def _create_session(self, raw: bytes, options: RuntimeOptions) -> tuple[ort.InferenceSession, str]:
         if options.device not in ("auto", "cuda", "cpu"):
             raise ModelLoadError(f"device must be auto, cuda or cpu, got {options.device!r}")
-        so = self._session_options(options)
-        # onnxruntime logs two errors when CUDA libraries are missing; we say it once, below.
-        ort.set_default_logger_severity(4)
         want_cuda = options.device != "cpu" and CUDA in ort.get_available_providers()
+        # Profiled when it may run on CUDA (or when asked): where its nodes run is checked.
+        so = self._session_options(options, "exported" if want_cuda or options.check_placement else "")
         providers = [(CUDA, CUDA_OPTIONS), CPU] if want_cuda else [CPU]
+        preload = prepare_cuda() if want_cuda else ""
+        # onnxruntime's errors (why CUDA did not start) are read back, logged and reported once.
+        ort.set_default_logger_severity(3)
         try:
-            session = ort.InferenceSession(raw, so, providers=providers)
+            with _ort_log() as lines:
+                session = ort.InferenceSession(raw, so, providers=providers)
         except Exception as e:
+            shutil.rmtree(self._profiles.pop("exported", ""), ignore_errors=True)
             raise ModelLoadError(
                 f"model {self.path}: onnxruntime cannot load it: {str(e).splitlines()[0]}"
             ) from e
@@ -136,20 +264,41 @@ class ModelRuntime:
         # session knows whether CUDA really initialised.
         if CUDA in active:
             return session, CUDA
+        if want_cuda:
+            self.cuda_reason = _reason(lines) or preload or "no reason given"
+        if not options.check_placement:
+            self._drop_profile(session, "exported")
         if options.device == "cuda":
             raise ModelLoadError(
-                "--device cuda: CUDA is not active in onnxruntime (installed providers: "
-                f"{', '.join(ort.get_available_providers())}; session got {', '.join(active)}); "
-                "check the GPU, the CUDA 12/13 and cuDNN 9 libraries, or use --device cpu"
+                f"--device cuda: CUDA is not active in onnxruntime {ort.__version__} (built for CUDA 13 "
+                f"and cuDNN 9): {self.cuda_reason or 'no CUDA provider'}; "
+                "install gru-serve[cuda] for the CUDA libraries, check the GPU, or use --device cpu"
             )
         if options.device == "auto":
             why = (
-                "onnxruntime could not initialise CUDA (no GPU or CUDA/cuDNN libraries)"
+                f"onnxruntime could not initialise CUDA: {self.cuda_reason}"
                 if want_cuda
                 else "this onnxruntime build has no CUDA provider"
             )
             log.warning("running on CPU: %s", why)
         return session, CPU
+
+    def _drop_profile(self, session: ort.InferenceSession, graph: str) -> None:
+        folder = self._profiles.pop(graph, None)
+        if folder is not None:
+            read_profile(session.end_profiling(), CPU)  # only to remove the file
+
+    @property
+    def reference(self) -> ort.InferenceSession:
+        """The load check's reference: the exported graph in a CPU session, whatever the device,
+        so the check does not share the device's numerics (TF32, cuDNN's GRU)."""
+        if self._reference is None:
+            if self.provider == CPU:
+                self._reference = self.session
+            else:
+                so = self._session_options(self.options)
+                self._reference = ort.InferenceSession(self.path.read_bytes(), so, providers=[CPU])
+        return self._reference
 
     def _derive(self, model: onnx.ModelProto) -> None:
         """Build the decode and fused sessions; keep them only if they compute what the
@@ -160,18 +309,14 @@ class ModelRuntime:
             self.fast_path_note = f"off: {e}"
             log.info("model %s: no fast decode path (%s); every step runs the exported graph", self.name, e)
             return
-        so = self._session_options(self.options)
-        providers = self._providers()
         weight_bytes = weights.head_w.nbytes + sum(a.nbytes for layer in weights.layers for a in layer)
         try:
-            decode = ort.InferenceSession(
-                decode_graph(model, weights).SerializeToString(), so, providers=providers
-            )
+            decode = self._derived_session(decode_graph(model, weights).SerializeToString(), "decode")
             if weight_bytes > FUSED_MAX_WEIGHT_BYTES:
                 self._decode_only(decode, weight_bytes)
                 return
             fused_bytes = fused_graph(model, weights).SerializeToString()
-            fused = ort.InferenceSession(fused_bytes, so, providers=providers)
+            fused = self._derived_session(fused_bytes, "fused")
         except Exception as e:  # e.g. a large vocabulary's tables past protobuf's 2 GB, or memory
             why = str(e).splitlines()[0] if str(e) else ""
             self.fast_path_note = f"off: the derived graphs cannot be built ({type(e).__name__}: {why})"
@@ -185,13 +330,82 @@ class ModelRuntime:
             # onnxruntime plans a Loop body's memory for the batch size a session sees first;
             # batch 1 (one stream, where latency counts most) keeps a session of its own that
             # sees nothing else: about 7% faster per token here.
-            single = ort.InferenceSession(fused_bytes, so, providers=providers)
+            single = self._derived_session(fused_bytes, "fused_single")
             problem = self._check_derived(decode, single, batch=1)
         if problem:
             self._refuse(problem)
-        else:
-            self.decode_session, self.fused_session, self.fused_single = decode, fused, single
-            self.fast_path_note = "on: derived decode step (Gather + GRU cell) and fused K-token Loop"
+        self.decode_session, self.fused_session, self.fused_single = decode, fused, single
+        self.take_session = self._derived_session(take_graph().SerializeToString(), "take")
+        self.rebuild_session = self._derived_session(rebuild_graph().SerializeToString(), "rebuild")
+        self.fast_path_note = "on: derived decode step (Gather + GRU cell) and fused K-token Loop"
+
+    def _measure_fused_cost(self) -> tuple[float, float]:
+        """Seconds per fused step as a + b x batch on the device in use: K = 8 steps at batch 1
+        and 64 (the best of two runs each, after a warm-up), for the scheduler's round budget."""
+        per_step = []
+        for batch in (1, 64):
+            fb = FusedBatch(
+                self, self.zero_state(batch), np.zeros(batch), np.zeros(batch, np.int64), np.ones(batch)
+            )
+            tokens, u = np.zeros(batch, np.int64), np.zeros((batch, 8))
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fb.run(tokens, u)
+                best = min(best, time.perf_counter() - t0)
+            per_step.append(best / 8)
+        b = max((per_step[1] - per_step[0]) / 63, 0.0)
+        return max(per_step[0] - b, 1e-7), b
+
+    def fused_step_cost(self, batch: int) -> float:
+        """The measured seconds per fused step at this batch size."""
+        a, b = self.fused_cost
+        return a + b * batch
+
+    def _check_placement(self) -> None:
+        """Run each profiled session on inputs reaching every branch, read where its nodes ran,
+        and refuse the model when a compute node ran outside the provider in use."""
+        for graph in list(self._profiles):
+            session = self._session_of(graph)
+            if session is None:
+                self._profiles.pop(graph)
+                continue
+            self._exercise(graph, session)
+            self.placement[graph] = read_profile(session.end_profiling(), self.provider)
+            self._profiles.pop(graph)
+        problems = [p.problem(g) for g, p in self.placement.items() if p.problem(g)]
+        if problems:
+            raise ModelLoadError(
+                f"model {self.path}: onnxruntime does not run it all on {self.provider}: "
+                + "; ".join(problems)
+            )
+
+    def _session_of(self, graph: str) -> ort.InferenceSession | None:
+        return {
+            "exported": self.session,
+            "decode": self.decode_session,
+            "fused": self.fused_session,
+            "fused_single": self.fused_single,
+            "take": self.take_session,
+            "rebuild": self.rebuild_session,
+        }.get(graph)
+
+    def _exercise(self, graph: str, session: ort.InferenceSession) -> None:
+        """Runs that reach every node of `graph` (the fused graph's three branches)."""
+        batch = 1 if graph == "fused_single" else 2
+        state = self.zero_state(batch)
+        if graph in ("exported", "decode"):
+            session.run(
+                None, {INPUT_IDS: np.zeros((batch, 1 if graph == "decode" else 3), np.int64), STATE: state}
+            )
+        elif graph in ("fused", "fused_single"):
+            for t, k, p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (1.0, 3, 0.9)):
+                fb = FusedBatch(self, state, np.full(batch, t), np.full(batch, k), np.full(batch, p), session)
+                fb.run(np.zeros(batch, np.int64), np.full((batch, 2), 0.5))
+                fb.rows_logits([(0, 0)])
+        elif graph == "rebuild":
+            fb = FusedBatch(self, state, np.zeros(batch), np.zeros(batch, np.int64), np.ones(batch))
+            fb.rebuild(np.array([1, 2]), self.zero_state(1))
 
     def _refuse(self, problem: str) -> None:
         """The derived graphs were built but do not compute what the exported graph computes:
@@ -221,19 +435,21 @@ class ModelRuntime:
         self, decode: ort.InferenceSession, fused: ort.InferenceSession | None, batch: int = 3
     ) -> str:
         """'' when the decode graph computes the exported graph's function (logits within 1e-4,
-        state within 1e-5) and the fused graph is bit-identical to chained decode steps."""
+        state within 1e-5, against the exported graph on the CPU) and the fused graph is
+        bit-identical to chained decode steps."""
+        reference = self.reference
         # Every token id once (up to 1024 of them) through one decode step, so a fault that
         # touches only some ids of the input table cannot hide from the random sample below.
         every = np.arange(min(self.metadata.vocab_size, 1024), dtype=np.int64)[:, None]
         zero = np.zeros((len(every), *self.state_shape), np.float32)
-        want = self.session.run([LOGITS], {INPUT_IDS: every, STATE: zero})[0]
+        want = reference.run([LOGITS], {INPUT_IDS: every, STATE: zero})[0]
         if not np.allclose(decode.run([LOGITS], {INPUT_IDS: every, STATE: zero})[0], want, atol=1e-4, rtol=0):
             return "the derived decode graph's logits differ from the model's"
         rng = np.random.default_rng(0)
         length = 5
         ids = rng.integers(0, self.metadata.vocab_size, (batch, length), dtype=np.int64)
         state = (rng.standard_normal((batch, *self.state_shape)) * 0.5).astype(np.float32)
-        want_logits, want_state = self.session.run([LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE: state})
+        want_logits, want_state = reference.run([LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE: state})
         got_state, steps = state, []
         for t in range(length):
             got_logits, got_state = decode.run(
@@ -322,6 +538,110 @@ class ModelRuntime:
             },
         )
         return sampled, logits, states
+
+
+class FusedBatch:
+    """The fused loop of one batch with IOBinding: the batch's state and the sampler's settings
+    stay where the model runs (on the GPU under CUDA) from one round to the next. A round sends
+    its tokens and uniforms, and brings back only the sampled tokens; logits and states of
+    single rows (those that finish or leave, the logprob rows) are fetched by `rows_logits`
+    and `rows_states`. On the CPU the same calls run with CPU OrtValues."""
+
+    def __init__(
+        self,
+        rt: ModelRuntime,
+        state: np.ndarray | ort.OrtValue,
+        temperature: np.ndarray,
+        top_k: np.ndarray,
+        top_p: np.ndarray,
+        session: ort.InferenceSession | None = None,
+    ) -> None:
+        if rt.fused_session is None or rt.take_session is None:
+            raise RuntimeError(f"model {rt.name}: no fused graph ({rt.fast_path_note})")
+        self.rt = rt
+        self.device = rt.device
+        self.batch = len(temperature)
+        self.session = session or (rt.fused_single if self.batch == 1 else rt.fused_session)
+        # [B, L, H], where the model runs
+        self.state = state if isinstance(state, ort.OrtValue) else self._put(state, np.float32)
+        self._params = {
+            "temperature": self._put(temperature, np.float64),
+            "top_k": self._put(top_k, np.int64),
+            "top_p": self._put(top_p, np.float64),
+        }
+        self._logits: ort.OrtValue | None = None  # step_logits [K, B, V] of the last run
+        self._states: ort.OrtValue | None = None  # step_states [K, B, L, H] of the last run
+        self.k = 0
+
+    def _put(self, a: np.ndarray, dtype) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype), self.device, 0)
+
+    def run(self, tokens: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        """Feed tokens [B], then K = uniforms.shape[1] sampled steps (as ModelRuntime.fused).
+        Returns sampled [K, B] on the host; the state moves on to the one after step K - 1."""
+        b = self.session.io_binding()
+        b.bind_ortvalue_input("tokens", self._put(tokens, np.int64))
+        b.bind_ortvalue_input(STATE, self.state)
+        for name, value in self._params.items():
+            b.bind_ortvalue_input(name, value)
+        b.bind_ortvalue_input("uniforms", self._put(uniforms, np.float64))
+        b.bind_output(FUSED_OUTPUTS[0], "cpu")
+        b.bind_output(FUSED_OUTPUTS[1], self.device)
+        b.bind_output(FUSED_OUTPUTS[2], self.device)
+        self.session.run_with_iobinding(b)
+        sampled, self._logits, self._states = b.get_outputs()
+        self.k = uniforms.shape[1]
+        last = np.stack([np.full(self.batch, self.k - 1), np.arange(self.batch)], axis=1)
+        self.state = self._take(self._states, last, self.device)
+        return sampled.numpy()
+
+    def _take(self, x: ort.OrtValue, index: np.ndarray, where: str) -> ort.OrtValue:
+        """x[index[i, 0], index[i, 1]] for each i, on `where`."""
+        session = self.rt.take_session
+        b = session.io_binding()
+        b.bind_ortvalue_input("x", x)
+        b.bind_ortvalue_input("index", self._put(index, np.int64))
+        b.bind_output("rows", where)
+        session.run_with_iobinding(b)
+        return b.get_outputs()[0]
+
+    def rows_logits(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+        """step_logits[k, i] of the last run for each (k, i), on the host: [len(pairs), V]."""
+        assert self._logits is not None
+        return self._take(self._logits, np.array(pairs, np.int64).reshape(-1, 2), "cpu").numpy()
+
+    def rows_states(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+        """step_states[k, i] of the last run for each (k, i), on the host: [len(pairs), L, H]."""
+        assert self._states is not None
+        return self._take(self._states, np.array(pairs, np.int64).reshape(-1, 2), "cpu").numpy()
+
+    def host_state(self) -> np.ndarray:
+        """The whole current state [B, L, H] on the host."""
+        return self.state.numpy()
+
+    def rebuild(self, order: np.ndarray, new_rows: np.ndarray) -> ort.OrtValue:
+        """A state for another batch, without leaving the device: row j is this batch's row
+        order[j] when order[j] < B, else new_rows[order[j] - B] (new_rows [N, L, H] from the host)."""
+        session = self.rt.rebuild_session
+        assert session is not None
+        b = session.io_binding()
+        b.bind_ortvalue_input("x", self.state)
+        b.bind_ortvalue_input("extra", self._put(new_rows, np.float32))
+        b.bind_ortvalue_input("order", self._put(order, np.int64))
+        b.bind_output("rows", self.device)
+        session.run_with_iobinding(b)
+        return b.get_outputs()[0]
+
+    def with_members(
+        self,
+        order: np.ndarray,
+        new_rows: np.ndarray,
+        temperature: np.ndarray,
+        top_k: np.ndarray,
+        top_p: np.ndarray,
+    ) -> FusedBatch:
+        """The FusedBatch of the batch whose rows `order` and `new_rows` give (see rebuild)."""
+        return FusedBatch(self.rt, self.rebuild(order, new_rows), temperature, top_k, top_p)
 
 
 class Decoder:

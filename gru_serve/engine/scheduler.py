@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gru_serve.engine.prefix_cache import BLOCK
-from gru_serve.engine.runtime import Decoder, ModelRuntime
+from gru_serve.engine.runtime import Decoder, FusedBatch, ModelRuntime
 from gru_serve.engine.sampling import SamplingParams, sample, uniforms
 from gru_serve.engine.scoring import token_logprobs
 from gru_serve.engine.tokenizer import PRIME_TOKENS, StopMatcher, TextStream
@@ -188,12 +188,21 @@ class Job:
 class _Batch:
     """The active jobs' state [B, L, H], pending logits [B, V] and sampling settings, in one
     order; rebuilt when the members change. With a Decoder the state may live in its
-    buffers (on the GPU under CUDA) and is fetched only when needed."""
+    buffers (on the GPU under CUDA) and is fetched only when needed. After a fused round the
+    state stays in its FusedBatch (on the device) with the logits, and the next round's tokens
+    are those the loop already drew from them (`next_tokens`): host copies of the state and
+    logits are made only for the rows that need them."""
 
-    def __init__(self, jobs: list[Job], state: np.ndarray, logits: np.ndarray) -> None:
+    def __init__(self, jobs: list[Job], state: np.ndarray | None, logits: np.ndarray | None) -> None:
         self.jobs = jobs
         self.host_state: np.ndarray | None = state
-        self.logits = logits
+        self.logits = logits  # [B, V] on the host, or None while they are on the device
+        self.fused: FusedBatch | None = None  # holds the state after a fused round
+        self.next_tokens: np.ndarray | None = None  # the tokens drawn from the pending logits
+        # Where pending logits on the device are: (the FusedBatch, its step), and per row the
+        # row there (-1: a newcomer, whose logits are on its job).
+        self.device_logits: tuple[FusedBatch, int] | None = None
+        self.origin = np.arange(len(jobs))
         self.decoder: Decoder | None = None
         self.decoder_current = False  # the decoder holds the batch's current state
         params = [j.params for j in jobs]
@@ -206,9 +215,23 @@ class _Batch:
 
     def state(self) -> np.ndarray:
         if self.host_state is None:
-            assert self.decoder is not None
-            self.host_state = self.decoder.state()
+            if self.fused is not None:
+                self.host_state = self.fused.host_state()
+            else:
+                assert self.decoder is not None
+                self.host_state = self.decoder.state()
         return self.host_state
+
+    def logits_rows(self, rows: list[int]) -> np.ndarray:
+        """The pending logits of these rows [len(rows), V], fetched from the device if there."""
+        if self.logits is not None:
+            return self.logits[rows]
+        assert self.device_logits is not None
+        fused, step = self.device_logits
+        on_device = [r for r in rows if self.origin[r] >= 0]
+        got = fused.rows_logits([(step, int(self.origin[r])) for r in on_device]) if on_device else None
+        where = {r: i for i, r in enumerate(on_device)}
+        return np.stack([got[where[r]] if r in where else self.jobs[r].logits for r in rows])
 
     def positions(self) -> np.ndarray:
         return np.array([j.position + j.generated for j in self.jobs], np.uint64)
@@ -458,7 +481,7 @@ class Scheduler:
                 continue
             i = rows.get(id(job))
             if i is not None:  # else it never ran in a batch: its state is on it already
-                job.state, job.logits = state[i].copy(), batch.logits[i].copy()
+                job.state, job.logits = state[i].copy(), batch.logits_rows([i])[0].copy()
             parked.append(job)
         self._active = still
         self._paused += parked
@@ -530,6 +553,8 @@ class Scheduler:
         old = self._batch
         if old is not None and old.jobs == jobs:
             return old
+        if old is not None and old.fused is not None:
+            return self._members_on_device(old, jobs)
         if old is None:
             state = np.stack([j.state for j in jobs])
             logits = np.stack([j.logits for j in jobs])
@@ -541,6 +566,37 @@ class Scheduler:
         self._batch = _Batch(list(jobs), state, logits)
         return self._batch
 
+    def _members_on_device(self, old: _Batch, jobs: list[Job]) -> _Batch:
+        """The batch for `jobs` from one whose state is on the device: the staying rows' state,
+        next tokens and logits stay there; the newcomers' come from their jobs."""
+        assert old.fused is not None and old.next_tokens is not None
+        rows = {id(j): i for i, j in enumerate(old.jobs)}
+        new = [r for r, j in enumerate(jobs) if id(j) not in rows]
+        origin = np.array([rows.get(id(j), -1) for j in jobs], np.int64)
+        order, extra = origin.copy(), np.arange(len(old.jobs), len(old.jobs) + len(new))
+        order[new] = extra
+        shape = (0, *self.runtime.state_shape)
+        new_rows = np.stack([jobs[r].state for r in new]) if new else np.zeros(shape, np.float32)
+        batch = _Batch(list(jobs), None, None)
+        batch.fused = old.fused.with_members(order, new_rows, batch.temperature, batch.top_k, batch.top_p)
+        batch.device_logits, batch.origin = old.device_logits, origin
+        tokens = np.zeros(len(jobs), np.int64)
+        kept = origin >= 0
+        tokens[kept] = old.next_tokens[origin[kept]]
+        if new:
+            # Sampling is per row (counter-based uniforms): the newcomers alone draw what they
+            # would draw in the whole batch.
+            logits = np.stack([jobs[r].logits for r in new])
+            u = uniforms(batch.seeds[new], batch.positions()[new])
+            tokens[new] = (
+                sample(logits, batch.temperature[new], batch.top_k[new], batch.top_p[new], u)
+                if batch.any_sampled
+                else logits.argmax(axis=1)
+            )
+        batch.next_tokens = tokens
+        self._batch = batch
+        return batch
+
     def _round(self) -> None:
         jobs = self._active
         n = len(jobs)
@@ -548,15 +604,16 @@ class Scheduler:
         self.peak_batch_size = max(self.peak_batch_size, n)
         batch = self._members(jobs)
         positions = batch.positions()
-        if batch.any_sampled:
+        if batch.next_tokens is not None:  # drawn on the device by the last fused round
+            tokens = batch.next_tokens
+        elif batch.any_sampled:
             tokens = sample(
                 batch.logits, batch.temperature, batch.top_k, batch.top_p, uniforms(batch.seeds, positions)
             )
         else:
             tokens = batch.logits.argmax(axis=1)
-        first_lp = (
-            token_logprobs(batch.logits[batch.logprobs], tokens[batch.logprobs]) if batch.logprobs else ()
-        )
+        lp_rows = batch.logprobs
+        first_lp = token_logprobs(batch.logits_rows(lp_rows), tokens[lp_rows]) if lp_rows else ()
         lps = dict(zip(batch.logprobs, first_lp, strict=True))
         now = time.perf_counter()
         lookup = self._lookup
@@ -608,7 +665,8 @@ class Scheduler:
         less `spent_s` (the prompts and model runs read before it: the streams wait for both)."""
         if self.fused_tokens <= 1 or most_left < 1 or not self.runtime.has_fused:
             return 1
-        cost = self._step_cost.get(n, 15e-6 + 2.2e-6 * n)
+        # Measured on this batch size's rounds, else the runtime's measure at load (its device).
+        cost = self._step_cost.get(n) or self.runtime.fused_step_cost(n)
         budget = max(2, int((self.round_budget_s - spent_s) / cost))
         return min(self.fused_tokens, most_left + 1, budget)
 
@@ -629,6 +687,7 @@ class Scheduler:
         else:
             logits, batch.host_state = self.runtime.step(tokens[:, None].astype(np.int64), batch.state())
             batch.logits = logits[:, 0]
+        batch.fused, batch.next_tokens, batch.device_logits = None, None, None
         still = []
         for i, job in enumerate(batch.jobs):
             if job.stop_hit or job.generated >= job.max_new_tokens:
@@ -658,13 +717,14 @@ class Scheduler:
             else np.zeros(n * k)
         ).reshape(n, k)
         t0 = time.perf_counter()
-        sampled, step_logits, step_states = self.runtime.fused(
-            tokens, batch.state(), batch.temperature, batch.top_k, batch.top_p, u
-        )
+        if batch.fused is None:
+            batch.fused = FusedBatch(self.runtime, batch.state(), batch.temperature, batch.top_k, batch.top_p)
+        fused = batch.fused
+        sampled = fused.run(tokens, u)
         self.fused_rounds += 1
         lookup = self._lookup
         lp_rows = set(batch.logprobs)
-        still = []
+        chunks, ends, finished = [], [], []
         for i, job in enumerate(batch.jobs):
             take = int(min(left[i], k - 1))  # tokens from the loop: sampled[0 .. take - 1]
             ids = sampled[:take, i].tolist()
@@ -677,7 +737,26 @@ class Scheduler:
                 del ids[end:], texts[end:]
             elif take and lookup is None and job.generated + take >= job.max_new_tokens:
                 texts[-1] += job.stream.flush()  # its last token: the text held back goes too
-            lps = token_logprobs(step_logits[:end, i], sampled[:end, i]).tolist() if i in lp_rows else None
+            chunks.append((ids, texts))
+            ends.append(end)
+            if job.stop_hit or job.generated + end >= job.max_new_tokens:
+                finished.append(i)
+        # Only these rows come back from the device: the logprob rows' logits, and the logits
+        # and state of the rows that finish (one fetch each).
+        lp_pairs = [(j, i) for i in sorted(lp_rows) for j in range(ends[i])]
+        lp_logits = fused.rows_logits(lp_pairs) if lp_pairs else None
+        lp_at = {pair: r for r, pair in enumerate(lp_pairs)}
+        done_pairs = [(ends[i], i) for i in finished]
+        done_logits = fused.rows_logits(done_pairs) if done_pairs else None
+        done_states = fused.rows_states(done_pairs) if done_pairs else None
+        done_at = {i: r for r, i in enumerate(finished)}
+        still = []
+        for i, job in enumerate(batch.jobs):
+            (ids, texts), end = chunks[i], ends[i]
+            lps = None
+            if i in lp_rows:
+                rows = lp_logits[[lp_at[(j, i)] for j in range(end)]] if end else np.zeros((0, 1), np.float32)
+                lps = token_logprobs(rows, sampled[:end, i]).tolist()
             chunk = Tokens(ids, texts, job.generated, lps)
             job.generated += end
             first = held[i]
@@ -688,13 +767,14 @@ class Scheduler:
                 job.emit(chunk)
             self.tokens += end
             self.fused_tokens_generated += end
-            if job.stop_hit or job.generated >= job.max_new_tokens:
-                job.logits, job.state = step_logits[end, i].copy(), step_states[end, i].copy()
+            if i in done_at:
+                job.logits, job.state = done_logits[done_at[i]].copy(), done_states[done_at[i]].copy()
                 self._finish(job, "stop" if job.stop_hit else "length")
             elif not job.cancelled:
                 still.append(job)
-        batch.logits = step_logits[k - 1]
-        batch.host_state = step_states[k - 1]
+        batch.logits, batch.host_state = None, None
+        batch.next_tokens = sampled[k - 1]
+        batch.device_logits, batch.origin = (fused, k - 1), np.arange(n)
         batch.decoder_current = False
         self._active = still
         cost = (time.perf_counter() - t0) / k  # the run and handing out its tokens, per step
