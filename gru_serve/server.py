@@ -32,9 +32,10 @@ from gru_serve.grpc.interceptors import ServerInterceptor
 from gru_serve.http.app import HttpFront
 from gru_serve.http.server import HttpServer
 from gru_serve.http.server import bind as bind_http
+from gru_serve.ops.auth import load_tokens
 from gru_serve.ops.errors import ModelLoadError
 from gru_serve.ops.metrics import Metrics
-from gru_serve.ops.settings import Settings, read_secrets
+from gru_serve.ops.settings import Settings
 from gru_serve.shipped import shipped_models
 from gru_serve.stores.factory import build_store
 from gru_serve.stores.sessions import SessionStore
@@ -83,11 +84,6 @@ def load_runtimes(settings: Settings) -> dict[str, ModelRuntime]:
             raise ModelLoadError(f"model name {rt.name!r} is given twice; use NAME=PATH to rename one")
         runtimes[rt.name] = rt
     return runtimes
-
-
-def load_tokens(settings: Settings) -> frozenset[str]:
-    """Accepted bearer tokens (flags/env and file); empty means authentication is off."""
-    return frozenset(read_secrets(settings.auth_tokens, settings.auth_tokens_file, "auth_tokens_file"))
 
 
 def _read(path: str, name: str) -> bytes:

@@ -13,9 +13,11 @@ loaded.
   unloaded, or why a load failed).
 - load NAME: loads (or reloads) the repository's NAME (else the start-up model of that name)
   through `load_runtime`, the path and checks of start-up, off the event loop; the model then
-  serves under NAME on every API. A reload swaps at once: new requests go to the new model,
-  those in flight finish on the old one. A file that cannot be served is FAILED_PRECONDITION
-  with its problem, and the index keeps it as the reason.
+  serves under NAME on every API (with the engine process: once the engine has loaded it too,
+  and a file the engine cannot load fails the load with the engine's reason). A reload swaps
+  at once: new requests go to the new model, those in flight finish on the old one. A file
+  that cannot be served is FAILED_PRECONDITION with its problem, and the index keeps it as
+  the reason.
 - unload NAME: the model refuses new requests at once (UNAVAILABLE, "is unloading"), the
   requests and streams in flight on it finish (sequences mid-request included), then it goes
   and its name is NOT_FOUND. The call returns once the model is gone; the index shows it
@@ -90,7 +92,7 @@ class ModelRepository:
         try:
             return repository_models(self.folder)
         except OSError as e:
-            raise FailedPrecondition(f"model repository {self.folder}: {e.strerror or e}") from e
+            raise FailedPrecondition(f"the model repository: {e.strerror or type(e).__name__}") from e
 
     def _require_folder(self) -> Path:
         if self.folder is None:
@@ -99,6 +101,16 @@ class ModelRepository:
                 "to load and unload models"
             )
         return self.folder
+
+    def _public(self, text: str, path: Path) -> str:
+        """An error as clients see it: the model file relative to the repository (a start-up
+        model's by its file name), never where the server keeps its files."""
+        try:
+            shown = str(path.relative_to(self.folder)) if self.folder else path.name
+        except ValueError:
+            shown = path.name
+        text = text.replace(str(path.resolve()), shown).replace(str(path), shown)
+        return text.replace(str(self.folder.resolve()), "<repository>") if self.folder else text
 
     def index(self, ready_only: bool = False) -> list[ModelState]:
         """Every model this server knows, by name; only the READY ones with ready_only."""
@@ -127,11 +139,11 @@ class ModelRepository:
 
     async def load(self, name: str) -> None:
         """Load (or reload) a model; returns once it serves."""
-        folder = self._require_folder()
+        self._require_folder()
         path = self._scan().get(name) or self.started.get(name)
         if path is None:
             known = ", ".join(self._scan()) or "none"
-            raise NotFound(f"model '{name}' is not in the model repository {folder} (its models: {known})")
+            raise NotFound(f"model '{name}' is not in the model repository (its models: {known})")
 
         async def work() -> None:
             async with self._locks[name]:
@@ -139,9 +151,14 @@ class ModelRepository:
                 try:
                     s = self.service.settings
                     rt = await asyncio.to_thread(load_runtime, path, s, name, s.engine == "process")
+                    if self.service.engine is not None:
+                        # READY means the engine serves it: wait for its answer (its failure fails
+                        # the load, and the model is never registered half-loaded).
+                        await self.service.engine.load(rt)
                 except ModelLoadError as e:
-                    self._why[name] = f"load failed: {e}"
-                    raise FailedPrecondition(f"model '{name}' cannot be loaded: {e}") from e
+                    why = self._public(str(e), path)
+                    self._why[name] = f"load failed: {why}"
+                    raise FailedPrecondition(f"model '{name}' cannot be loaded: {why}") from e
                 finally:
                     self._loading.discard(name)
                 self.service.add_model(rt)

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import grpc
 
-from gru_serve.grpc.auth import bearer_token
-from gru_serve.ops.auth import refusal
+from gru_serve.grpc.auth import decide_caller, set_caller
+from gru_serve.ops import errors
+from gru_serve.ops.auth import ANONYMOUS, Caller, Tokens
 from gru_serve.ops.logs import request_id
 from gru_serve.ops.metrics import Metrics
 
@@ -29,12 +30,13 @@ OPEN_METHODS = (
 # Sent with every call a draining server refuses before doing any work: a load balancer may
 # replay exactly these on another replica (docker/envoy.yaml retries on it).
 REFUSED_HEADER = "x-gru-serve-refused"
+NO_TOKENS = Tokens()  # authentication off
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics, tokens: frozenset[str] = frozenset()) -> None:
+    def __init__(self, metrics: Metrics, tokens: Tokens = NO_TOKENS) -> None:
         self.metrics = metrics
-        self.tokens = tokens
+        self.tokens = tokens  # shared with the HTTP front end
         self.draining = False  # set by the server's drain: new calls are refused
         self.in_flight = 0  # calls being served, health checks aside
         self.idle = asyncio.Event()
@@ -50,17 +52,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if not self.in_flight:
             self.idle.set()
 
-    def _refusal(self, method: str, metadata) -> str:
-        if method.startswith(OPEN_METHODS):
-            return ""
-        return refusal(bearer_token(metadata), self.tokens)
+    def _caller(self, method: str, metadata) -> tuple[Caller, str]:
+        """Who calls, or why the call is refused (probes are never refused)."""
+        try:
+            return decide_caller(metadata, self.tokens), ""
+        except errors.Unauthenticated as e:
+            return ANONYMOUS, "" if method.startswith(OPEN_METHODS) else str(e)
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
-        refusal = self._refusal(method, details.invocation_metadata)
+        caller, refusal = self._caller(method, details.invocation_metadata)
         rid = (
             next((v for k, v in details.invocation_metadata or () if k == "x-request-id"), "")
             or uuid.uuid4().hex
@@ -80,6 +84,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             nonlocal peer, counted
             peer = context.peer()  # not after the call ends: a finished call's context may be gone
             request_id.set(rid)
+            set_caller(caller)  # in this call's task: its handler reads it (gru_serve.grpc.auth)
             if self.draining and not method.startswith(HEALTH):
                 await context.send_initial_metadata((("x-request-id", rid), (REFUSED_HEADER, "draining")))
                 await context.abort(

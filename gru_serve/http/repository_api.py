@@ -11,7 +11,8 @@ core as gRPC (gru_serve.grpc.inference, gru_serve.core.repository).
     POST /v2/repository/models/{m}/unload        body optional {"parameters": {...}}; 200 {}
                                                  once M is gone (503 for M's requests meanwhile)
 
-Registered before the inference routes, so /v2/models/stats is not read as a model named
+Load and unload need an admin token when authentication is on (gru_serve.ops.auth: 403
+otherwise). Registered before the inference routes, so /v2/models/stats is not read as a model named
 "stats". Errors: {"error": message} with the status of gru_serve.ops.errors' table (no repository
 configured: 400 FAILED_PRECONDITION; a model not in the repository: 404).
 """
@@ -25,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gru_serve.http.app import HttpFront, optional_body
+from gru_serve.http.app import HttpFront, caller, optional_body
 
 
 class IndexBody(BaseModel):
@@ -56,12 +57,12 @@ def routes(front: HttpFront) -> list[BaseRoute]:
 
     async def load(request: Request) -> Response:
         body = await optional_body(request, ModelBody)
-        await servicer.load_model(request.path_params["model"], list(body.parameters))
+        await servicer.load_model(caller(request), request.path_params["model"], list(body.parameters))
         return JSONResponse({})
 
     async def unload(request: Request) -> Response:
         await optional_body(request, ModelBody)  # unload_dependents means nothing here: no dependents
-        await servicer.unload_model(request.path_params["model"])
+        await servicer.unload_model(caller(request), request.path_params["model"])
         return JSONResponse({})
 
     return [

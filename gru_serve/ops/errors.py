@@ -28,7 +28,11 @@ class SessionNotFound(NotFound):
 
 class SessionExpired(NotFound):
     def __init__(self, session_id: str, evicted: bool = False, owner: str | None = None) -> None:
-        why = "was evicted (the server keeps max_sessions sessions)" if evicted else "has expired"
+        why = (
+            "was evicted (the server keeps max_sessions sessions, max_sessions_per_owner per token)"
+            if evicted
+            else "has expired"
+        )
         super().__init__(f"session '{session_id}' {why}")
         self.owner = owner  # who owned it, where the store remembers
 
@@ -59,8 +63,20 @@ class ResourceExhausted(GruServeError):
     pass
 
 
+class ResponseTooLarge(ResourceExhausted):
+    """A request whose answer would exceed a size limit: no retry helps, a smaller request does."""
+
+
 class Unauthenticated(GruServeError):
     pass
+
+
+class AmbiguousCredentials(Unauthenticated):
+    """A request with more than one `authorization` value: a malformed request over HTTP."""
+
+
+class UnsupportedMediaType(InvalidArgument):
+    """An HTTP body of a content type the route does not take."""
 
 
 class PermissionDenied(GruServeError):
@@ -69,6 +85,11 @@ class PermissionDenied(GruServeError):
 
 class Unavailable(GruServeError):
     pass
+
+
+class RequestTimeout(GruServeError):
+    """An HTTP client did not send its whole request in time (HTTP's own 408; gRPC has its
+    transport's keepalive for this and never sees it)."""
 
 
 class Internal(GruServeError):
@@ -87,9 +108,13 @@ STATUS: dict[type[GruServeError], tuple[str, int]] = {
     Aborted: ("ABORTED", 409),
     FailedPrecondition: ("FAILED_PRECONDITION", 400),
     ResourceExhausted: ("RESOURCE_EXHAUSTED", 429),
+    ResponseTooLarge: ("RESOURCE_EXHAUSTED", 413),
     Unauthenticated: ("UNAUTHENTICATED", 401),
+    AmbiguousCredentials: ("UNAUTHENTICATED", 400),
+    UnsupportedMediaType: ("INVALID_ARGUMENT", 415),
     PermissionDenied: ("PERMISSION_DENIED", 403),
     Unavailable: ("UNAVAILABLE", 503),
+    RequestTimeout: ("DEADLINE_EXCEEDED", 408),
     Internal: ("INTERNAL", 500),
 }
 INTERNAL_STATUS = ("INTERNAL", 500)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
@@ -21,6 +22,8 @@ SQLITE_SCHEME = "sqlite:///"
 REPEATABLE_FLAGS = {
     "models": ("--model", "[NAME=]PATH"),
     "auth_tokens": ("--auth-token", "TOKEN"),
+    "admin_tokens": ("--admin-token", "TOKEN"),
+    "allowed_hosts": ("--allowed-host", "HOST"),
     "snapshot_keys": ("--snapshot-key", "KEY"),
 }
 
@@ -65,7 +68,9 @@ class Settings(BaseSettings):
     end shares, and gives front end i the metrics port --metrics-port + i"""
     engine_address: str = ""
     """the engine process to use, as ipc://PATH, instead of starting one (--frontends sets it
-    for the front ends it starts)"""
+    for the front ends it starts); only ipc://, a Unix socket the file system's permissions
+    guard: the engine has no authentication, so a TCP address would let anyone who reaches it
+    run, cancel or unload models and make it open files"""
     max_batch_size: int = Field(256, ge=1)
     """most streams decoded in one batched step"""
     max_queue: int = Field(1024, ge=1)
@@ -83,6 +88,9 @@ class Settings(BaseSettings):
     """seconds an idle session lives"""
     max_sessions: int = Field(10_000, ge=1)
     """sessions kept; beyond it the least recently used idle one is evicted"""
+    max_sessions_per_owner: int = Field(1000, ge=1)
+    """with authentication on: sessions one token keeps; beyond it that token's own least
+    recently used idle session is evicted (never another token's)"""
     max_prompt_chars: int = Field(16_384, ge=1)
     """longest prompt or text accepted, in characters as sent (before the tokenizer)"""
     max_prompt_tokens: int = Field(16_384, ge=1)
@@ -111,6 +119,13 @@ class Settings(BaseSettings):
     prefix_cache_mb: float = Field(64.0, ge=0)
     """memory for the states after shared prompt prefixes, reused instead of prefilling them
     again (0: off)"""
+    prefix_cache_scope: Literal["owner", "shared"] = "owner"
+    """owner: a prompt reuses only prefixes its own token sent (with authentication on; without
+    it every caller is one owner); shared: every token's, so time to first token tells a token
+    whether another sent the same prefix"""
+    prefix_redis_mb: float = Field(64.0, ge=0)
+    """with the Redis store: bytes (MB) of prefix states shared through Redis, least recently
+    used evicted among themselves, never by Redis and never evicting sessions (0: not shared)"""
     session_cache: int = Field(10_000, ge=0)
     """with the Redis store: sessions this replica keeps a copy of, so a turn on a session it
     served last reads only the session's version from Redis (0: off, every turn reads the state)"""
@@ -119,6 +134,19 @@ class Settings(BaseSettings):
     protocol over REST and the playground at / (0: off)"""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """largest HTTP request body accepted (413 beyond it)"""
+    http_read_timeout_s: float = Field(10.0, gt=0)
+    """seconds an HTTP client has to send a request's head (from connecting, or from the
+    request's first byte on a kept-alive connection), and as many again for its body; past
+    either the server answers 408 and closes the connection (one that sent nothing: closed)"""
+    http_idle_timeout_s: float = Field(5.0, gt=0)
+    """seconds a kept-alive HTTP connection may wait for its next request before it is closed"""
+    http_write_timeout_s: float = Field(30.0, gt=0)
+    """seconds an HTTP response may wait on a client that reads none of it (its socket buffer
+    and the server's full) before the connection is dropped; an event stream so ended frees its
+    stream slot and leaves its session unchanged"""
+    http_max_connections: int = Field(1024, ge=1)
+    """HTTP connections (and requests running) one front end serves at once, whatever their
+    token (authentication on or off); a request over it gets 503"""
     metrics_port: int = Field(0, ge=0, le=65535)
     """serve Prometheus metrics over HTTP on this port (0: off)"""
     tls_cert: str = ""
@@ -131,6 +159,16 @@ class Settings(BaseSettings):
     """accepted bearer tokens; sessions belong to their token (empty, and no file: auth off)"""
     auth_tokens_file: str = ""
     """file with one accepted bearer token per line"""
+    admin_tokens: Csv = Field((), repr=False)
+    """bearer tokens that may also load and unload models (the model repository API); accepted
+    as ordinary tokens too, so any turns authentication on. With auth on and none, load and
+    unload are refused; with auth off entirely, anyone who reaches the port may use them"""
+    admin_tokens_file: str = ""
+    """file with one admin token per line"""
+    allowed_hosts: Csv = ()
+    """Host header values the HTTP front end answers, against DNS rebinding: a name or address
+    ('[::1]' for IPv6), '*.example.com' for its subdomains, '*' for any; any port (default:
+    localhost, 127.0.0.1 and [::1] when --host is a loopback address, else any)"""
     snapshot_keys: Csv = Field((), repr=False)
     """keys that sign and verify session snapshots (HMAC-SHA256): the first signs, every one
     verifies, so keys rotate; none (and no file): ExportSession is refused"""
@@ -138,11 +176,31 @@ class Settings(BaseSettings):
     """file with one snapshot key per line, read as --snapshot-key in order"""
     max_streams_per_token: int = Field(256, ge=1)
     """concurrent streams one token may hold"""
+    max_response_logits: int = Field(1_000_000, ge=1)
+    """most logit values (token ids x vocabulary) one request may produce: an inference-protocol
+    ModelInfer asking for more is refused (RESOURCE_EXHAUSTED, HTTP 413) before the model runs,
+    and Score runs its text in pieces of at most this many (the default keeps a binary response
+    under gRPC's 4 MiB message limit)"""
+    snapshot_max_age_s: float = Field(86_400.0, ge=0)
+    """seconds after its export that a snapshot is accepted (ImportSession, stateless Generate
+    and Converse); 0: no expiry"""
+    snapshot_bind_owner: bool = False
+    """a snapshot names its exporter (the token's principal, as a keyed hash) and only that token
+    may import it or continue from it; off: any token may"""
 
-    @field_validator("models", "auth_tokens", "snapshot_keys", mode="before")
+    @field_validator("models", "auth_tokens", "admin_tokens", "allowed_hosts", "snapshot_keys", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         return tuple(p for p in v.split(",") if p) if isinstance(v, str) else v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # Starlette's TrustedHostMiddleware, which applies them, asserts this shape.
+        for host in v:
+            if "*" in host[1:] or (host.startswith("*") and host != "*" and not host.startswith("*.")):
+                raise ValueError(f"a wildcard must be '*' or lead as '*.example.com', got {host!r}")
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -154,6 +212,16 @@ class Settings(BaseSettings):
     def _whole_blocks(cls, v: int) -> int:
         if v % BLOCK:
             raise ValueError(f"must be a multiple of {BLOCK} (the prefix cache's block of prompt tokens)")
+        return v
+
+    @field_validator("engine_address")
+    @classmethod
+    def _ipc_only(cls, v: str) -> str:
+        if v and not (v.startswith("ipc://") and len(v) > len("ipc://")):
+            raise ValueError(
+                "must be ipc://PATH (a Unix socket): the engine has no authentication, so it is "
+                "never reachable over tcp://"
+            )
         return v
 
     @field_validator("session_store")
@@ -205,9 +273,26 @@ class Settings(BaseSettings):
         shown = {
             **self.model_dump(),
             "auth_tokens": tuple("***" for _ in self.auth_tokens),
+            "admin_tokens": tuple("***" for _ in self.admin_tokens),
             "snapshot_keys": tuple("***" for _ in self.snapshot_keys),
+            "session_store": masked_url(self.session_store),
         }
         return " ".join(f"{k}={v!r}" for k, v in shown.items())
+
+
+def masked_url(url: str) -> str:
+    """A session store URL for the log: its password masked wherever redis-py reads one
+    (redis://USER:PASSWORD@HOST, or a password= query parameter as unix:// URLs carry it)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if parts.password is None and not any(k == "password" for k, _ in query):
+        return url
+    # Edited in place, not through urlunsplit, which turns unix:///path into unix:/path.
+    base, sep, _ = url.partition("?")
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        base = base.replace(parts.netloc, f"{parts.username or ''}:***@{host}", 1)
+    return base + sep + urlencode([(k, "***" if k == "password" else v) for k, v in query], safe="*")
 
 
 def flag(name: str) -> str:
