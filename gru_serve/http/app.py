@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -10,18 +11,20 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match
 
 from gru_serve.grpc.interceptors import REFUSED_HEADER  # a drain refused this before any work
 from gru_serve.ops import errors
-from gru_serve.ops.auth import bearer, principal_of_token, refusal
-from gru_serve.ops.errors import InvalidArgument
+from gru_serve.ops.auth import ANONYMOUS, Caller, authenticate
+from gru_serve.ops.errors import InvalidArgument, PermissionDenied, UnsupportedMediaType
 from gru_serve.ops.logs import request_id
 
 if TYPE_CHECKING:
@@ -36,6 +39,13 @@ M = TypeVar("M", bound=BaseModel)
 # Probes and the playground page itself need no token (the page sends the one typed into it).
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/", "/playground.js", "/playground.css")
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # else OTHER
+CALLER = "gru_serve.caller"  # the scope key of the Caller that Front decided
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# What a POST body may be with authentication off. A web page can post the CORS-safelisted
+# types (text/plain, forms) to any origin without asking; no type at all (tritonclient.http,
+# curl -X POST) stays accepted, as the Origin check refuses pages that send a body without one.
+POST_TYPES = ("application/json", "application/octet-stream")
+MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a JSON body (the API's own nest 5 deep)
 
 
 @dataclass
@@ -50,9 +60,70 @@ class HttpFront:
     max_body_bytes: int
 
 
+def caller(request: Request) -> Caller:
+    """Who makes this request, as Front decided it (handlers never read credentials)."""
+    return request.scope[CALLER]
+
+
 def owner(request: Request) -> str:
     """The principal that owns what this request creates ('' when anonymous)."""
-    return principal_of_token(bearer(request.headers.get("authorization")))
+    return caller(request).principal
+
+
+def allowed_hosts(host: str, configured: tuple[str, ...]) -> list[str]:
+    """The Host header values answered: the configured ones, else the loopback names when the
+    server listens on loopback only (a page cannot rebind a name to it), else any."""
+    if configured:
+        return list(configured)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    return list(LOOPBACK_HOSTS) if loopback else ["*"]
+
+
+def browser_refusal(headers: dict[str, str]) -> errors.GruServeError | None:
+    """Why a POST that a web page of another site could have sent is refused (CSRF): by its
+    Origin when a browser sent one, else by a content type a form or text/plain post has."""
+    origin = headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != headers.get("host", "").lower():
+        return PermissionDenied(
+            f"origin {origin[:100]!r} is another site than this server: with authentication off "
+            "only the server's own pages and clients that send no Origin may POST"
+        )
+    kind = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind and kind not in POST_TYPES:
+        return UnsupportedMediaType(
+            f"content-type {kind[:100]!r}: a POST body must be {' or '.join(POST_TYPES)} "
+            "(any page a browser shows can post this type to the server)"
+        )
+    return None
+
+
+def nesting(data: Any) -> int:
+    """How deep JSON arrays and objects nest (0 for a scalar), level by level: no recursion."""
+    depth, level = 0, [data]
+    while level := [c for c in level if isinstance(c, dict | list)]:
+        depth += 1
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def load_json(raw: bytes) -> Any:
+    """A JSON body, refused past MAX_JSON_DEPTH (json's C parser recurses: much deeper nesting
+    exhausts the interpreter's stack)."""
+    too_deep = InvalidArgument(
+        f"the request body nests JSON arrays and objects deeper than {MAX_JSON_DEPTH} levels"
+    )
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise too_deep from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"the request body is not valid JSON: {e}") from e
+    if nesting(data) > MAX_JSON_DEPTH:
+        raise too_deep
+    return data
 
 
 def openai_style(path: str) -> bool:
@@ -100,11 +171,7 @@ def event_stream(path: str, events: AsyncIterator[str]) -> StreamingResponse:
 async def parse_body(request: Request, model: type[M]) -> M:
     """The JSON body as `model`; malformed JSON, a wrong type or an unknown field is
     InvalidArgument naming the field."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"the request body is not valid JSON: {e}") from e
+    data = load_json(await request.body())
     if not isinstance(data, dict):
         raise InvalidArgument(f"the request body must be a JSON object, got {type(data).__name__}")
     try:
@@ -135,6 +202,19 @@ class Front:
     def __init__(self, app: Starlette, front: HttpFront) -> None:
         self.app = app
         self.front = front
+        s = front.service.settings
+        # DNS rebinding: a page whose name now points at this server sends its own name as Host.
+        self.hosts = TrustedHostMiddleware(app, allowed_hosts(s.host, s.allowed_hosts), www_redirect=False)
+
+    def authenticate(self, scope: dict, path: str) -> errors.GruServeError | None:
+        """Decide the request's caller, once (into the scope); why it is refused, if it is."""
+        values = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
+        scope[CALLER] = ANONYMOUS
+        try:
+            scope[CALLER] = authenticate(values, self.front.gate.tokens)
+        except errors.Unauthenticated as e:
+            return None if path in OPEN_PATHS else e
+        return None
 
     def route_of(self, scope: dict) -> str:
         """Method and path template of the route a request went to (or would have, when it was
@@ -182,8 +262,26 @@ class Front:
             return message
 
         counted = False
+
+        def count() -> None:
+            # A drain waits for a request from when its body is in, not while a client is still
+            # sending it (http_read_timeout_s ends that).
+            nonlocal counted
+            if not counted:
+                counted = True
+                gate.enter()
+
+        async def counted_receive() -> dict:
+            message = await limited_receive()
+            if message["type"] == "http.request" and not message.get("more_body", False) and not counted:
+                if gate.draining:  # the drain began while the body arrived: no work done yet
+                    raise errors.Unavailable("the server is draining: retry on another replica")
+                count()
+            return message
+
         try:
-            why = "" if path in OPEN_PATHS else refusal(bearer(headers.get("authorization")), gate.tokens)
+            refused = self.authenticate(scope, path)
+            csrf = None if gate.tokens.on or method != "POST" else browser_refusal(headers)
             declared = headers.get("content-length", "")
             if gate.draining and not path.startswith("/v2/health"):
                 await reply(
@@ -192,15 +290,20 @@ class Front:
                     "the server is draining: retry on another replica",
                     ((REFUSED_HEADER.encode(), b"draining"),),
                 )
-            elif why:
-                await reply("UNAUTHENTICATED", 401, why, ((b"www-authenticate", b"Bearer"),))
+            elif refused is not None:
+                code, http, text = errors.public(refused)
+                await reply(code, http, text, ((b"www-authenticate", b"Bearer"),) if http == 401 else ())
+            elif csrf is not None:
+                await reply(*errors.public(csrf))
             elif declared.isdigit() and int(declared) > limit:
                 await reply("RESOURCE_EXHAUSTED", 413, f"the request body is over max_body_bytes={limit}")
             else:
-                counted = True
-                gate.enter()
+                if declared in ("", "0") and "transfer-encoding" not in headers:
+                    count()  # no body to wait for
                 try:
-                    await self.app(scope, limited_receive, send_logged)
+                    # Probes come with whatever Host a prober sends; they reveal nothing.
+                    app = self.app if path.startswith("/v2/health") else self.hosts
+                    await app(scope, counted_receive, send_logged)
                 except BodyTooLarge as e:
                     await reply("RESOURCE_EXHAUSTED", 413, str(e))
                 except Exception as e:
@@ -257,10 +360,16 @@ def build_app(front: HttpFront) -> Callable:
         body = error_body(request.url.path, "RESOURCE_EXHAUSTED", 413, str(exc))
         return JSONResponse(body, status_code=413)
 
+    async def on_disconnect(request: Request, exc: Exception) -> Response:
+        # The client went away (or http_read_timeout_s closed it) before its body was in: no one
+        # reads this, and it is no server error to log with a trace (a slowloris would flood it).
+        return Response(status_code=499)  # nginx's "client closed request", for the access log
+
     # GruServeError is answered in place; any other exception also reaches the server error
     # middleware, which answers with the same handler (an incident id) and re-raises to Front.
     handlers = {
         BodyTooLarge: on_too_large,
+        ClientDisconnect: on_disconnect,
         errors.GruServeError: on_error,
         HTTPException: on_http_error,
         Exception: on_error,
