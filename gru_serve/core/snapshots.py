@@ -1,10 +1,13 @@
 """Session snapshots: a session's whole memory as a signed, self-describing blob.
 
 Layout (little-endian): magic, format version (u16), header length (u32), body length (u32),
-a JSON header (model, model hash, tokens seen, shapes, times, key id, tokenizer state), the
-body (the state, then the logits if any, as float32), then HMAC-SHA256 over everything before
-it. The lengths sit in the fixed prefix so that a blob is checked for truncation and then for
-its signature before any of it is parsed.
+a JSON header (model, model hash, tokens seen, shapes, times, key id, tokenizer state, owner
+tag), the body (the state, then the logits if any, as float32), then HMAC-SHA256 over
+everything before it. The lengths sit in the fixed prefix so that a blob is checked for
+truncation and then for its signature before any of it is parsed. A blob is accepted for
+max_age_s after its export; the owner tag (a keyed hash of the exporter's principal: the blob
+does not reveal it) binds it to its exporter where the server asks. Blobs sealed before the tag
+existed have the same version and no tag: accepted, except where the owner is checked.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gru_serve.ops.errors import FailedPrecondition, InvalidArgument
+from gru_serve.ops.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from gru_serve.ops.settings import Settings, read_secrets
 
 MAGIC = b"GRUSNAP\0"
@@ -43,6 +46,7 @@ class Snapshot:
     exported: float = 0.0  # when the blob was sealed (set by seal)
     key_id: str = ""  # which key signed it (set by seal)
     tokenizer: object = None  # a tokenizer's own state, for models that have one (none yet)
+    owner: str = ""  # the exporter's principal (sealed as a keyed tag; open_ gives back "")
 
 
 def key_id(key: bytes) -> str:
@@ -65,6 +69,11 @@ def _mac(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
 
 
+def _owner_tag(key: bytes, owner: str) -> str:
+    """The owner as the blob names it: keyed, so a low-entropy token cannot be guessed from it."""
+    return _mac(key, b"owner\0" + owner.encode("utf-8", "surrogatepass")).hex()[:32]
+
+
 def seal(snap: Snapshot, keys: tuple[bytes, ...], now: float | None = None) -> bytes:
     require_keys(keys)
     state = np.ascontiguousarray(snap.state, "<f4")
@@ -82,6 +91,7 @@ def seal(snap: Snapshot, keys: tuple[bytes, ...], now: float | None = None) -> b
             "exported": time.time() if now is None else now,
             "key_id": key_id(keys[0]),
             "tokenizer": snap.tokenizer,
+            "owner": _owner_tag(keys[0], snap.owner),
         },
         separators=(",", ":"),
     ).encode()
@@ -89,8 +99,16 @@ def seal(snap: Snapshot, keys: tuple[bytes, ...], now: float | None = None) -> b
     return data + _mac(keys[0], data)
 
 
-def open_(blob: bytes, keys: tuple[bytes, ...]) -> Snapshot:
-    """The snapshot in a blob signed with one of `keys`; InvalidArgument saying what is wrong."""
+def open_(
+    blob: bytes,
+    keys: tuple[bytes, ...],
+    now: float | None = None,
+    max_age_s: float = 0.0,
+    owner: str | None = None,
+) -> Snapshot:
+    """The snapshot in a blob signed with one of `keys`; InvalidArgument saying what is wrong.
+    FailedPrecondition when it was exported more than max_age_s before `now` (0: no expiry);
+    with `owner` (not None), PermissionDenied unless that principal exported it."""
     require_keys(keys)
     if not blob:
         raise InvalidArgument("snapshot: empty")
@@ -109,10 +127,14 @@ def open_(blob: bytes, keys: tuple[bytes, ...]) -> Snapshot:
     if len(blob) > size:
         raise InvalidArgument(f"snapshot: {len(blob) - size} bytes after its end (not one whole snapshot)")
     data, mac = blob[:-_MAC_BYTES], blob[-_MAC_BYTES:]
-    if not any(hmac.compare_digest(_mac(k, data), mac) for k in keys):
+    key = next((k for k in keys if hmac.compare_digest(_mac(k, data), mac)), None)
+    if key is None:
         raise InvalidArgument("snapshot: signature matches none of this server's keys")
     # Signed by a key of ours, so written by seal: what follows trusts the header.
     h = json.loads(data[_PREFIX.size : _PREFIX.size + header_len])
+    _check_age(h["exported"], time.time() if now is None else now, max_age_s)
+    if owner is not None:
+        _check_owner(h.get("owner"), _owner_tag(key, owner))
     body = np.frombuffer(data, "<f4", offset=_PREFIX.size + header_len).astype(np.float32)
     n_state = int(np.prod(h["state_shape"]))
     if len(body) != n_state + (h["logits"] or 0):
@@ -128,3 +150,25 @@ def open_(blob: bytes, keys: tuple[bytes, ...]) -> Snapshot:
         h["key_id"],
         h.get("tokenizer"),
     )
+
+
+def _check_age(exported: float, now: float, max_age_s: float) -> None:
+    age = now - exported
+    if max_age_s and age > max_age_s:
+        raise FailedPrecondition(
+            f"snapshot: expired: exported {age:.0f} s ago; the limit is snapshot_max_age_s="
+            f"{max_age_s:g} (export the session again)"
+        )
+
+
+def _check_owner(sealed: str | None, caller: str) -> None:
+    if sealed is None:
+        raise FailedPrecondition(
+            "snapshot: names no owner (sealed by an older gru-serve) and this server binds snapshots "
+            "to their exporter (snapshot_bind_owner): export the session again"
+        )
+    if not hmac.compare_digest(sealed, caller):
+        raise PermissionDenied(
+            "snapshot: exported by another token; this server binds snapshots to their exporter "
+            "(snapshot_bind_owner)"
+        )

@@ -26,6 +26,19 @@ def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
 
 
+def piece_logprobs(
+    prev: np.ndarray | None, piece: Sequence[int], logits: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """log p of each token of `piece` from its logits [len(piece), vocab] and `prev`, the
+    logits before its first token (None: the first token only conditions the rest); and the
+    logits after its last token."""
+    ids = np.asarray(piece, dtype=np.int64)
+    out = token_logprobs(logits[:-1], ids[1:])
+    if prev is not None:
+        out = np.concatenate([token_logprobs(prev[None, :], ids[:1]), out])
+    return out, logits[-1]
+
+
 def stream_logprobs(
     step: StepFn,
     tokens: Sequence[int],
@@ -45,11 +58,8 @@ def stream_logprobs(
     for start in range(0, len(ids), chunk):
         piece = ids[start : start + chunk]
         logits, state = step(piece[None, :], state)
-        logits = logits[0]
-        if prev is not None:
-            scored.append(token_logprobs(prev[None, :], piece[:1]))
-        scored.append(token_logprobs(logits[:-1], piece[1:]))
-        prev = logits[-1]
+        lp, prev = piece_logprobs(prev, piece, logits[0])
+        scored.append(lp)
     out = np.concatenate(scored) if scored else np.zeros(0)
     return out, state, prev
 

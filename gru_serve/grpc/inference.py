@@ -53,7 +53,7 @@ from gru_serve.core.service import Finished, GenerateRequest, GenerationService,
 from gru_serve.engine.runtime import CUDA, ModelRuntime
 from gru_serve.engine.scheduler import Tokens
 from gru_serve.grpc import model_config as triton_config
-from gru_serve.grpc.auth import owner_of
+from gru_serve.grpc.auth import caller_of, owner_of
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from gru_serve.grpc.generated.inference import model_config_pb2 as mc
@@ -77,7 +77,8 @@ from gru_serve.grpc.tensors import (
     sequence_of,
 )
 from gru_serve.ops import errors
-from gru_serve.ops.errors import InvalidArgument, NotFound
+from gru_serve.ops.auth import Caller
+from gru_serve.ops.errors import InvalidArgument, NotFound, ResponseTooLarge
 
 SERVER_NAME = "gru-serve"
 GENERATE_SUFFIX = "-generate"
@@ -309,11 +310,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context
     ) -> pb.RepositoryModelLoadResponse:
-        await self.load_model(request.model_name, list(request.parameters))
+        await self.load_model(caller_of(context), request.model_name, list(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
-    async def load_model(self, name: str, parameters: list[str] | None = None) -> None:
+    async def load_model(self, caller: Caller, name: str, parameters: list[str] | None = None) -> None:
         """Load or reload a repository model; returns once NAME and NAME-generate serve."""
+        caller.require_admin(f"load of model '{name}'")
         for key in parameters or ():
             if key.startswith(LOAD_OVERRIDES):
                 raise InvalidArgument(
@@ -327,18 +329,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context
     ) -> pb.RepositoryModelUnloadResponse:
         # unload_dependents means nothing here: a model has no dependents.
-        await self.unload_model(request.model_name)
+        await self.unload_model(caller_of(context), request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def unload_model(self, name: str) -> None:
+    async def unload_model(self, caller: Caller, name: str) -> None:
         """Unload a model (NAME and NAME-generate); returns once it is gone."""
+        caller.require_admin(f"unload of model '{name}'")
         await self.repository.unload(name)
 
     # -- inference --
 
     async def _infer(self, ep: Endpoint, request: pb.ModelInferRequest, owner: str) -> pb.ModelInferResponse:
-        """One request to a model's raw endpoint: logits, on a sequence or stateless."""
-        with self._timed(ep) as phases, self.service.using(ep.runtime):
+        """One request to a model's raw endpoint: logits, on a sequence or stateless. It counts
+        against max_streams and max_streams_per_token as a generation stream does."""
+        with (
+            self._timed(ep) as phases,
+            self.service.using(ep.runtime),
+            self.service._stream_slot(owner),
+        ):
             check_parameters(request, ep)
             ids = read_inputs(request, ep)[INPUT_IDS]
             if ids.ndim != 2:
@@ -348,12 +356,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             requested_outputs(request, ep)
             seq = sequence_of(request)
             self.sequences.check_ids(ep.runtime, ids)
+            self._check_response_size(ep, ids)
             phases.batch = ids.shape[0]
             phases.checked = time.perf_counter_ns()
             run = RunTimes()
             logits = await self.sequences.infer(ep.runtime.name, ids, seq, owner, run)
             phases.infer_start, phases.infer_end = run.start, run.end
             return response(request, ep, {LOGITS: logits})
+
+    def _check_response_size(self, ep: Endpoint, ids: np.ndarray) -> None:
+        """Refuse, before the model runs, logits larger than max_response_logits: their size is
+        known from the ids (every id gets a row of the vocabulary)."""
+        vocab, limit = ep.runtime.metadata.vocab_size, self.service.settings.max_response_logits
+        if ids.size * vocab > limit:
+            raise ResponseTooLarge(
+                f"input '{INPUT_IDS}': {ids.size} ids x vocabulary {vocab} = {ids.size * vocab} "
+                f"logits; the limit is max_response_logits={limit} (at most {limit // vocab} ids "
+                "per request for this model)"
+            )
 
     async def _generation(
         self, ep: Endpoint, request: pb.ModelInferRequest, owner: str
