@@ -33,7 +33,7 @@ from gru_serve.engine.scheduler import (
     Tokens,
     scheduler_for,
 )
-from gru_serve.engine.scoring import perplexity, stream_logprobs
+from gru_serve.engine.scoring import perplexity, piece_logprobs
 from gru_serve.engine.tokenizer import PRIME_TOKENS
 from gru_serve.ops.errors import (
     FailedPrecondition,
@@ -312,7 +312,8 @@ class GenerationService:
         self.snapshot_keys = load_keys(settings)
         self.prefix_cache = PrefixCache(int(settings.prefix_cache_mb * 2**20))
         # With the Redis store, replicas share prefix states through it as well.
-        self.shared_prefix = store if self.prefix_cache.on and isinstance(store, SharedBlocks) else None
+        shared = self.prefix_cache.on and settings.prefix_redis_mb > 0 and isinstance(store, SharedBlocks)
+        self.shared_prefix = store if shared else None
         self._sharing: set[asyncio.Task] = set()
 
     def start(self) -> None:
@@ -523,13 +524,18 @@ class GenerationService:
         )
 
     def _seal(self, rec: SessionRecord) -> bytes:
-        snap = Snapshot(rec.model, rec.model_hash, rec.tokens_seen, rec.state, rec.logits, rec.created)
+        snap = Snapshot(
+            rec.model, rec.model_hash, rec.tokens_seen, rec.state, rec.logits, rec.created, owner=rec.owner
+        )
         return seal(snap, self.snapshot_keys, self.clock())
 
     def _unseal(self, blob: bytes, model: str, owner: str, session_id: str = "") -> SessionRecord:
         """The record in a snapshot, for the served model it names (by hash: a copy of a model
-        served under another name is the same model)."""
-        snap = open_(blob, self.snapshot_keys)
+        served under another name is the same model), if it is young enough and (where snapshots
+        are bound to their exporter) the caller's."""
+        s = self.settings
+        bound = owner if s.snapshot_bind_owner else None
+        snap = open_(blob, self.snapshot_keys, self.clock(), s.snapshot_max_age_s, bound)
         if model:
             candidates = [self.runtime(model)]
         else:
@@ -671,7 +677,9 @@ class GenerationService:
         if ids and rec.tokens_seen == 0 and rec.logits is None and not rec.state.any():
             job.chunked = True  # with the cache off too: both must run the same chunks
             if self.prefix_cache.on:
-                keys = block_keys(rt.model_hash, ids)
+                # Scoped to the owner, one token's hits never tell it what another sent.
+                scope = rec.owner if self.settings.prefix_cache_scope == "owner" else ""
+                keys = block_keys(rt.model_hash, ids, scope)
                 job.blocks = []
                 await self._reuse_prefix(rt, job, keys)
         scheduler.submit(job)
@@ -969,11 +977,29 @@ class GenerationService:
             raise ev.error
         return ev
 
+    async def _logprobs(
+        self, rt: ModelRuntime, ids: list[int], rec: SessionRecord
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log-probabilities of `ids` from the record's state, the state after them and the
+        logits after the last, in model runs of at most max_response_logits logits: a long text
+        never holds [tokens x vocab] at once, only the log-probabilities are kept."""
+        step = max(1, self.settings.max_response_logits // rt.metadata.vocab_size)
+        state, last, scored = rec.state[None], rec.logits, []
+        for start in range(0, len(ids), step):
+            piece = ids[start : start + step]
+            run = await self.run_model(rt, np.asarray([piece], np.int64), state)
+            lp, last = piece_logprobs(last, piece, run.logits[0])
+            scored.append(lp)
+            state = run.state
+        return np.concatenate(scored), state, last
+
     async def score(
         self, text: str, session_id: str = "", commit: bool = False, model: str = "", owner: str = ""
     ) -> ScoreResult:
+        """Perplexity and per-token log-probabilities; counts against max_streams and
+        max_streams_per_token as a generation stream does."""
         leased = ""
-        with contextlib.ExitStack() as held:
+        with self._stream_slot(owner), contextlib.ExitStack() as held:
             try:
                 if session_id:
                     rec = await self._owned(session_id, owner, lease=commit)
@@ -991,10 +1017,7 @@ class GenerationService:
                         f"text has {len(ids)} token(s): it must have at least 2 tokens from a fresh "
                         "state (the first is context), or 1 in a session with text"
                     )
-                run = await self.run_model(rt, np.asarray([ids], np.int64), rec.state[None])
-                lp, state, last = stream_logprobs(
-                    lambda _ids, _state: (run.logits, run.state), ids, rec.state[None], rec.logits, len(ids)
-                )
+                lp, state, last = await self._logprobs(rt, ids, rec)
                 context = 0 if rec.logits is not None else 1
                 scored = ids[context:]
                 # Each scored token's text as it reads after the ones before (as streamed).

@@ -2,8 +2,10 @@
 read from the zero state, so a prompt that starts with a cached prefix prefills only the rest.
 
 Keys chain like vLLM's block hashes: a block's key is sha256(parent key + the block's ids), the
-first block's parent being the model hash, so one key names the model and every id up to its
-block's end, and a prompt's keys cost one hash per block. Only whole blocks are cached: a
+first block's parent being the model hash (and, scoped to an owner, the owner principal), so one
+key names the model, the owner and every id up to its block's end, and a prompt's keys cost one
+hash per block. Scoped keys (--prefix-cache-scope owner, the default) keep one tenant from
+learning by its time to first token what another sent. Only whole blocks are cached: a
 prompt's last partial block (under BLOCK tokens) is always prefilled.
 
 Only prompts read from the zero state are keyed (one-off Generate, CreateSession with text, a
@@ -15,8 +17,9 @@ token, with the cache on or off, so a hit skips exactly the runs that made the c
 
 Local tier: LRU bounded in bytes, used on the event loop only (the service looks up before it
 submits a job and stores the blocks the job's prefill made). Shared tier, with the Redis store:
-entries as raw float32 under ``PREFIX pfx:KEY`` with the session TTL, read on a local miss and
-written after a prefill made new blocks (gru_serve.stores.redis_store).
+entries as raw float32 under ``PREFIX pfx:KEY``, LRU within their own byte budget
+(--prefix-redis-mb), read on a local miss and written after a prefill made new blocks
+(gru_serve.stores.redis_store).
 """
 
 from __future__ import annotations
@@ -56,11 +59,12 @@ class Entry:
         return cls(flat[:n].reshape(state_shape), flat[n:])
 
 
-def block_keys(model_hash: str, ids: list[int] | np.ndarray) -> list[str]:
-    """The keys of the prompt's whole blocks, in order."""
+def block_keys(model_hash: str, ids: list[int] | np.ndarray, owner: str = "") -> list[str]:
+    """The keys of the prompt's whole blocks, in order; with an owner, keys of that owner's own
+    (no other owner's prompt has them). No owner gives the shared keys."""
     arr = np.asarray(ids, dtype="<i8")
     keys: list[str] = []
-    parent = model_hash.encode()
+    parent = model_hash.encode() + (b"\0" + owner.encode() if owner else b"")
     for end in range(BLOCK, len(arr) + 1, BLOCK):
         parent = hashlib.sha256(parent + arr[end - BLOCK : end].tobytes()).digest()
         keys.append(parent.hex())

@@ -9,12 +9,19 @@ from gru_serve.stores.sessions import MemoryStore, SessionStore
 def build_store(settings: Settings) -> SessionStore:
     url = settings.session_store
     if url == "memory":
-        return MemoryStore(settings.session_ttl_s, settings.max_sessions)
+        return MemoryStore(
+            settings.session_ttl_s, settings.max_sessions, max_per_owner=settings.max_sessions_per_owner
+        )
     if url.startswith(REDIS_SCHEMES):
         from gru_serve.stores.redis_store import RedisStore
 
         return RedisStore(
-            url, settings.session_ttl_s, settings.max_sessions, local_cache=settings.session_cache
+            url,
+            settings.session_ttl_s,
+            settings.max_sessions,
+            local_cache=settings.session_cache,
+            max_per_owner=settings.max_sessions_per_owner,
+            prefix_bytes=int(settings.prefix_redis_mb * 2**20),
         )
     if url.startswith(SQLITE_SCHEME):
         from gru_serve.stores.sqlite_store import SQLiteStore
@@ -24,5 +31,6 @@ def build_store(settings: Settings) -> SessionStore:
             settings.session_ttl_s,
             settings.max_sessions,
             settings.idle_to_disk_s,
+            max_per_owner=settings.max_sessions_per_owner,
         )
     raise ValueError(f"session_store must be 'memory', redis://HOST:PORT/DB or sqlite:///PATH, got {url!r}")

@@ -17,9 +17,15 @@ Keys (PREFIX defaults to ``gru:``):
   tombstone has expired (or was evicted), one without is unknown. Delete removes both.
 - ``PREFIX pfx:{key}``   a prefix state (gru_serve.engine.prefix_cache): the raw float32 state then
   logits after a zero-state prompt's first whole blocks, keyed by their hash chain; written by
-  the replica that prefilled them, read by any on a local miss; expires after the session TTL.
+  the replica that prefilled them, read by any on a local miss. No expiry, so Redis's
+  ``volatile-*`` eviction never takes them and they never push sessions out: ``PREFIX pfx-lru``
+  (a sorted set of their keys by last use, Redis clock) and ``PREFIX pfx-bytes`` (their bytes,
+  each counted as its value plus PREFIX_OVERHEAD) bound them to ``prefix_bytes``, the least
+  recently used evicted at each write; a write holds at most the first blocks the budget takes.
 - ``PREFIX sessions``    a sorted set of ids scored by their expiry deadline (ms, Redis clock):
   the session count and, at ``max_sessions``, the least recently used idle session to evict.
+  ``PREFIX sessions:{owner}`` the same for one owner's sessions (authentication on): at
+  ``max_per_owner`` the owner's own least recently used idle session is evicted.
   The limit is best effort: replicas creating at the same instant may overshoot it briefly,
   and the scripts touch keys they do not declare, so this needs a single Redis (or a primary
   with replicas), not Redis Cluster.
@@ -49,10 +55,11 @@ import socket
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -72,6 +79,7 @@ from gru_serve.stores.sessions import (
     SessionStore,
     StoreStats,
     pack_checkpoints,
+    quota_full,
     unpack_checkpoints,
 )
 
@@ -79,11 +87,28 @@ log = logging.getLogger(__name__)
 
 FORMAT = b"1"
 DAY_MS = 86_400_000
+# Per prefix block, beside its value: its key, the string object and the LRU index's entry.
+PREFIX_OVERHEAD = 320
 DTYPE = "<f4"
 
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Index a session under its deadline, in the store's index `set` and its owner's (`set`:OWNER),
+# which the per-owner quota counts; the owner's index lives as long as its latest deadline, so
+# an owner who never returns leaves nothing behind. Needs _NOW.
+_INDEX = """
+local function index(set, skey, sid, deadline)
+  redis.call('ZADD', set, string.format('%d', deadline), sid)
+  local owner = redis.call('HGET', skey, 'owner')
+  if owner and owner ~= '' then
+    local own = set .. ':' .. owner
+    redis.call('ZADD', own, string.format('%d', deadline), sid)
+    if redis.call('PTTL', own) < deadline - now then redis.call('PEXPIRE', own, deadline - now) end
+  end
+end
 """
 
 # The local tier: a replica that holds a copy of (version, created) sends them; an unchanged
@@ -110,21 +135,25 @@ return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
 )
 
 # KEYS: session, gone, index. ARGV: ttl_ms, gone_ttl_ms, max_sessions, prefix, id, tombstone,
-# then field, value, ... -> {'ok'|'full', expired, evicted}
+# owner, max_per_owner (0: none), then field, value, ... -> {'ok'|'full'|'owner full', expired,
+# evicted}. The owner's quota first: at it, the owner's own least recently used idle session goes.
 CREATE = (
     _NOW
+    + _INDEX
     + """
 local ttl = tonumber(ARGV[1])
+local p = ARGV[4]
 local expired = redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local evicted = 0
-local n = redis.call('ZCARD', KEYS[3])
-local max = tonumber(ARGV[3])
-if n >= max then
-  local p = ARGV[4]
-  for _, sid in ipairs(redis.call('ZRANGE', KEYS[3], 0, n - max + 31)) do
+-- Evict from `set` (oldest deadline first, leased ones skipped) until it holds under max.
+local function trim(set, max)
+  local n = redis.call('ZCARD', set)
+  if n < max then return true end
+  for _, sid in ipairs(redis.call('ZRANGE', set, 0, n - max + 31)) do
     if n < max then break end
     local skey = p .. 's:' .. sid
     if redis.call('EXISTS', skey) == 0 then
+      redis.call('ZREM', set, sid)
       redis.call('ZREM', KEYS[3], sid)
       n = n - 1
     elseif redis.call('EXISTS', p .. 'lease:' .. sid) == 0 then
@@ -132,17 +161,25 @@ if n >= max then
       redis.call('DEL', skey)
       redis.call('SET', p .. 'gone:' .. sid, 'evicted|' .. owner, 'PX', ARGV[2])
       redis.call('ZREM', KEYS[3], sid)
+      if owner ~= '' then redis.call('ZREM', KEYS[3] .. ':' .. owner, sid) end
       n = n - 1
       evicted = evicted + 1
     end
   end
-  if n >= max then return {'full', expired, evicted} end
+  return n < max
 end
+local owner, quota = ARGV[7], tonumber(ARGV[8])
+if owner ~= '' and quota > 0 then
+  local own = KEYS[3] .. ':' .. owner
+  redis.call('ZREMRANGEBYSCORE', own, '-inf', now)
+  if not trim(own, quota) then return {'owner full', expired, evicted} end
+end
+if not trim(KEYS[3], tonumber(ARGV[3])) then return {'full', expired, evicted} end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[2])
-redis.call('ZADD', KEYS[3], string.format('%d', now + ttl), ARGV[5])
+index(KEYS[3], KEYS[1], ARGV[5], now + ttl)
 return {'ok', expired, evicted}
 """
 )
@@ -151,13 +188,14 @@ return {'ok', expired, evicted}
 # version, known created. -> {'ok', field, value, ...} | {'same'} | {'gone', tombstone or ''} | {'busy'}
 ACQUIRE = (
     _NOW
+    + _INDEX
     + "local KNOWN = 6"
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', redis.call('GET', KEYS[3]) or ''} end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'busy'} end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
-redis.call('ZADD', KEYS[4], string.format('%d', now + tonumber(ARGV[3])), ARGV[5])
+index(KEYS[4], KEYS[1], ARGV[5], now + tonumber(ARGV[3]))
 """
     + _SAME
     + """
@@ -169,6 +207,7 @@ return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
 # tombstone, then field, value, ... (the new version among them) -> {'ok'} | {'conflict', why}
 COMMIT = (
     _NOW
+    + _INDEX
     + """
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return {'conflict', 'its lease ran out and another request holds it'} end
@@ -182,7 +221,7 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[4])
 redis.call('DEL', KEYS[2])
-redis.call('ZADD', KEYS[4], string.format('%d', now + tonumber(ARGV[3])), ARGV[5])
+index(KEYS[4], KEYS[1], ARGV[5], now + tonumber(ARGV[3]))
 return {'ok'}
 """
 )
@@ -191,6 +230,7 @@ return {'ok'}
 # last commit (last_used + TTL), as if the released request had never happened. -> 1 | 0
 RELEASE = (
     _NOW
+    + _INDEX
     + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
@@ -199,7 +239,7 @@ if last then
   local left = math.floor(tonumber(last) * 1000) + tonumber(ARGV[2]) - now
   if left < 1 then left = 1 end
   redis.call('PEXPIRE', KEYS[1], string.format('%d', left))
-  redis.call('ZADD', KEYS[3], string.format('%d', now + left), ARGV[3])
+  index(KEYS[3], KEYS[1], ARGV[3], now + left)
 end
 return 1
 """
@@ -209,11 +249,12 @@ return 1
 # expire. -> 1 (renewed) | 0 (the lease is no longer ours)
 RENEW = (
     _NOW
+    + _INDEX
     + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 if redis.call('PEXPIRE', KEYS[1], ARGV[3]) == 1 then
-  redis.call('ZADD', KEYS[3], string.format('%d', now + tonumber(ARGV[3])), ARGV[4])
+  index(KEYS[3], KEYS[1], ARGV[4], now + tonumber(ARGV[3]))
 end
 return 1
 """
@@ -223,10 +264,59 @@ return 1
 DELETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', redis.call('GET', KEYS[3]) or ''} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'busy'} end
+local owner = redis.call('HGET', KEYS[1], 'owner') or ''
+if owner ~= '' then redis.call('ZREM', KEYS[4] .. ':' .. owner, ARGV[1]) end
 redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return {'ok'}
 """
+
+# KEYS: lru, bytes. ARGV: budget, overhead, key prefix, then key, value, ... in block order. A
+# block already held is only marked used; new ones are written while the budget takes them (the
+# first blocks: the prefixes most prompts share), then the least recently used go until the tier
+# fits. A total left over with an empty index (blocks deleted by hand) starts again at 0.
+PREFIX_PUT = (
+    _NOW
+    + """
+local budget, over, p = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local total = tonumber(redis.call('GET', KEYS[2]) or '0')
+local room = budget
+for i = 4, #ARGV, 2 do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], now, ARGV[i])
+  else
+    local size = #ARGV[i + 1] + over
+    if size > room then break end
+    room = room - size
+    redis.call('SET', p .. ARGV[i], ARGV[i + 1])
+    redis.call('ZADD', KEYS[1], now, ARGV[i])
+    total = total + size
+  end
+end
+while total > budget do
+  local oldest = redis.call('ZPOPMIN', KEYS[1])
+  if #oldest == 0 then total = 0 break end
+  total = total - redis.call('STRLEN', p .. oldest[1]) - over
+  redis.call('DEL', p .. oldest[1])
+end
+if total < 0 then total = 0 end
+redis.call('SET', KEYS[2], total)
+return total
+"""
+)
+
+# KEYS: lru, then the blocks' names. ARGV: their keys. -> the values (nil: not held); those found
+# are marked used.
+PREFIX_GET = (
+    _NOW
+    + """
+local found = redis.call('MGET', unpack(KEYS, 2))
+for i = 1, #ARGV do
+  if found[i] then redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i]) end
+end
+return found
+"""
+)
 
 # KEYS: index. -> {count, expired since the last look}
 COUNT = (
@@ -297,19 +387,21 @@ def decode(session_id: str, flat: list[bytes]) -> SessionRecord:
 
 
 def display_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password or query, for messages and logs."""
     parts = urlsplit(url)
+    base = url.partition("?")[0].partition("#")[0]  # not urlunsplit: it turns unix:///p into unix:/p
     if parts.password is None:
-        return urlunsplit(parts._replace(query=""))
+        return base
     netloc = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}", query=""))
+    return base.replace(parts.netloc, f"{user}:***@{netloc}", 1)
 
 
 class RedisStore(SessionStore):
     """Sessions in Redis; see the module docstring for the layout and the guarantees.
 
-    URL: ``redis://[:PASSWORD@]HOST:PORT/DB`` (or ``rediss://`` for TLS), with optional query
+    URL: ``redis://[:PASSWORD@]HOST:PORT/DB`` (or ``rediss://`` for TLS, or
+    ``unix:///PATH?db=DB`` for a Unix socket), read by redis-py's own parser, with optional query
     parameters ``lease_s`` (lease TTL, default 3) and ``prefix`` (key prefix, default ``gru:``).
     """
 
@@ -322,21 +414,26 @@ class RedisStore(SessionStore):
         prefix: str = "gru:",
         timeout_s: float = 1.5,
         local_cache: int = 0,
+        max_per_owner: int = 0,
+        prefix_bytes: int = 64 * 2**20,
     ) -> None:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        lease_s = float(query.pop("lease_s", lease_s))
-        prefix = query.pop("prefix", prefix)
+        """max_per_owner: sessions one (non-empty) owner keeps (0: no quota); prefix_bytes: the
+        shared prefix tier's budget."""
+        # redis-py's parser (every scheme it serves, unix:// included); the store's own query
+        # parameters come out before the rest go to its connections.
+        options = parse_url(url)
+        lease_s = float(options.pop("lease_s", lease_s))
+        prefix = str(options.pop("prefix", prefix))
         if lease_s <= 0 or ttl_s <= 0 or max_sessions < 1:
             raise ValueError("lease_s and session_ttl_s must be positive and max_sessions at least 1")
         self.url = display_url(url)
         self.ttl_s, self.max_sessions, self.lease_s, self.prefix = ttl_s, max_sessions, lease_s, prefix
+        self.max_per_owner, self.prefix_bytes = max_per_owner, prefix_bytes
         self.stats = StoreStats()
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._gone_ms = self._ttl_ms + DAY_MS
         self._lease_ms = max(1, round(lease_s * 1000))
-        self._redis = aioredis.Redis.from_url(
-            urlunsplit(parts._replace(query=urlencode(query))),
+        defaults: dict[str, Any] = dict(
             socket_timeout=timeout_s,
             socket_connect_timeout=min(timeout_s, 1.0),
             # One immediate retry on a broken connection (e.g. Redis restarted since the pooled
@@ -344,6 +441,8 @@ class RedisStore(SessionStore):
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             client_name="gru-serve",
         )
+        # The URL's options win, as with from_url.
+        self._redis = aioredis.Redis.from_pool(aioredis.ConnectionPool(**{**defaults, **options}))
         self._scripts = {
             name: self._redis.register_script(src)
             for name, src in (
@@ -355,6 +454,8 @@ class RedisStore(SessionStore):
                 ("renew", RENEW),
                 ("delete", DELETE),
                 ("count", COUNT),
+                ("prefix_put", PREFIX_PUT),
+                ("prefix_get", PREFIX_GET),
             )
         }
         self._held: dict[str, str] = {}  # session id -> lease token, for leases this process holds
@@ -442,11 +543,15 @@ class RedisStore(SessionStore):
                 self.prefix,
                 sid,
                 self._tombstone(record),
+                record.owner,
+                self.max_per_owner,
                 *encode(record),
             ],
         )
         self.stats.expirations += int(expired)
         self.stats.evictions += int(evicted)
+        if status == b"owner full":
+            raise quota_full(self.max_per_owner)
         if status == b"full":
             raise ResourceExhausted(
                 f"sessions: all {self.max_sessions} sessions are busy; the limit is max_sessions"
@@ -537,14 +642,24 @@ class RedisStore(SessionStore):
     # -- prefix states shared between replicas (gru_serve.engine.prefix_cache) --
 
     async def get_prefix_blocks(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
         names = [f"{self.prefix}pfx:{k}" for k in keys]
-        return await self._guard(self._redis.mget(names))
+        return await self._run("prefix_get", [f"{self.prefix}pfx-lru", *names], keys)
 
     async def put_prefix_blocks(self, blocks: dict[str, bytes]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for key, data in blocks.items():
-            pipe.set(f"{self.prefix}pfx:{key}", data, px=self._ttl_ms)
-        await self._guard(pipe.execute())
+        if not blocks:
+            return
+        await self._run(
+            "prefix_put",
+            [f"{self.prefix}pfx-lru", f"{self.prefix}pfx-bytes"],
+            [
+                self.prefix_bytes,
+                PREFIX_OVERHEAD,
+                f"{self.prefix}pfx:",
+                *(x for kv in blocks.items() for x in kv),
+            ],
+        )
 
     async def close(self) -> None:
         if self._renewer is not None:

@@ -3,7 +3,10 @@
 Semantics (docs/architecture.md): a request leases its session (one at a time; a second gets
 SessionBusy at once), works on a copy, and either commits it (a version check guards the
 write) or releases the lease leaving the session untouched. Idle sessions expire after a TTL
-("expired", not "unknown"); at capacity the least recently used idle session is evicted.
+("expired", not "unknown"); at capacity the least recently used idle session is evicted. An
+owner (a token) at its own quota (``max_per_owner``) evicts its own least recently used idle
+session instead, so one token never pushes out another's; the quota counts no anonymous ('')
+sessions (authentication off).
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ from gru_serve.ops.errors import (
 )
 
 Clock = Callable[[], float]
+
+
+def quota_full(limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"sessions: all {limit} sessions of this token are busy; the limit is max_sessions_per_owner"
+    )
 
 
 def new_session_id() -> str:
@@ -183,16 +192,22 @@ class MemoryStore(SessionStore):
         max_sessions: int = 10_000,
         clock: Clock = time.time,
         tombstones: int = 100_000,
+        max_per_owner: int = 0,
     ) -> None:
+        """max_per_owner: sessions one (non-empty) owner keeps (0: no quota)."""
         self.ttl_s, self.max_sessions, self.clock = ttl_s, max_sessions, clock
+        self.max_per_owner = max_per_owner
         self.stats = StoreStats()
         self._records: OrderedDict[str, SessionRecord] = OrderedDict()  # LRU order
+        self._owned: dict[str, OrderedDict[str, None]] = {}  # owner -> its session ids, LRU order
         self._busy: set[str] = set()
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (expired|evicted, owner)
         self._max_gone = tombstones
 
     def _bury(self, session_id: str, why: str) -> None:
         rec = self._records.pop(session_id, None)
+        if rec is not None:
+            self._disown(rec)
         self._gone[session_id] = (why, rec.owner if rec else "")
         while len(self._gone) > self._max_gone:
             self._gone.popitem(last=False)
@@ -222,8 +237,35 @@ class MemoryStore(SessionStore):
             self._bury(sid, "expired")
             self.stats.expirations += 1
 
+    def _disown(self, rec: SessionRecord) -> None:
+        own = self._owned.get(rec.owner)
+        if own is not None:
+            own.pop(rec.session_id, None)
+            if not own:
+                del self._owned[rec.owner]
+
+    def _used(self, sid: str) -> None:
+        """LRU order, in the whole store and among its owner's sessions."""
+        self._records.move_to_end(sid)
+        own = self._owned.get(self._records[sid].owner)
+        if own is not None and sid in own:
+            own.move_to_end(sid)
+
+    def _make_room_for(self, owner: str) -> None:
+        """An owner at its quota gives up its own least recently used idle session."""
+        own = self._owned.get(owner)
+        if not (self.max_per_owner and owner and own is not None):
+            return
+        while len(own) >= self.max_per_owner:
+            victim = next((sid for sid in own if sid not in self._busy), None)
+            if victim is None:
+                raise quota_full(self.max_per_owner)
+            self._bury(victim, "evicted")
+            self.stats.evictions += 1
+
     async def create(self, record: SessionRecord) -> None:
         self._sweep()
+        self._make_room_for(record.owner)
         while len(self._records) >= self.max_sessions:
             victim = next((sid for sid in self._records if sid not in self._busy), None)
             if victim is None:
@@ -233,6 +275,8 @@ class MemoryStore(SessionStore):
             self._bury(victim, "evicted")
             self.stats.evictions += 1
         self._records[record.session_id] = record
+        if record.owner:
+            self._owned.setdefault(record.owner, OrderedDict())[record.session_id] = None
 
     async def get(self, session_id: str) -> SessionRecord:
         return self._live(session_id)
@@ -242,7 +286,7 @@ class MemoryStore(SessionStore):
         if session_id in self._busy:
             raise SessionBusy(session_id)
         self._busy.add(session_id)
-        self._records.move_to_end(session_id)
+        self._used(session_id)
         return rec
 
     async def commit(self, record: SessionRecord) -> SessionRecord:
@@ -253,7 +297,7 @@ class MemoryStore(SessionStore):
             raise VersionConflict(f"session '{sid}' changed or vanished during the request")
         stored = replace(record, version=record.version + 1)
         self._records[sid] = stored
-        self._records.move_to_end(sid)
+        self._used(sid)
         self._busy.discard(sid)
         return stored
 
@@ -264,7 +308,7 @@ class MemoryStore(SessionStore):
         self._live(session_id)
         if session_id in self._busy:
             raise SessionBusy(session_id)
-        self._records.pop(session_id)
+        self._disown(self._records.pop(session_id))
 
     async def count(self) -> int:
         return len(self._records)

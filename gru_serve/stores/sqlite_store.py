@@ -4,14 +4,16 @@
 gives four slashes, ``sqlite:////var/lib/gru/sessions.db``). The semantics are the memory and
 Redis stores': leases, versioned commits, expiry by TTL told apart from "unknown" by
 tombstones, eviction of the least recently committed idle session at ``max_sessions`` (the
-order the Redis store uses).
+order the Redis store uses), and of an owner's own at ``max_per_owner``.
 
 Tables: ``sessions`` (one row a session: metadata, ``state`` and ``logits`` as raw
 little-endian float32 with the state's shape, the checkpoints packed by
 ``gru_serve.stores.sessions.pack_checkpoints``, and ``expires`` = last_used + TTL, indexed: expiry
 and LRU order) and ``tombstones`` (id, 'expired' | 'evicted', owner, until: a day after the
-session would have expired). Every create and commit is one transaction, written before the
-call returns.
+session would have expired; at most TOMBSTONES_PER_SESSION x max_sessions, the oldest dropped).
+Every create and commit is one transaction, written before the call returns. The file and its
+WAL are its owner's alone (0600), and give the pages of deleted sessions back as it goes
+(auto_vacuum=INCREMENTAL), so it shrinks when sessions go.
 
 Hot sessions stay in memory too (an LRU copy, always the committed record: this process is
 the file's only writer); a session untouched for ``idle_to_disk_s`` leaves memory and is read
@@ -57,6 +59,7 @@ from gru_serve.stores.sessions import (
     SessionStore,
     StoreStats,
     pack_checkpoints,
+    quota_full,
     unpack_checkpoints,
 )
 
@@ -64,6 +67,11 @@ T = TypeVar("T")
 
 FORMAT = 1  # PRAGMA user_version of a file this code writes
 DAY_S = 86_400.0
+# Tombstones kept, per session of max_sessions: past it the oldest go (their ids then read as
+# unknown, not expired), so creating and evicting sessions cannot grow the file for a day.
+TOMBSTONES_PER_SESSION = 4
+SHRINK_PAGES = 256  # free pages (1 MiB of 4 KiB pages) a write leaves before the file is shrunk
+WAL_LIMIT_BYTES = 16 << 20  # the WAL file is cut back to this after a checkpoint
 DTYPE = "<f4"
 
 COLUMNS = (
@@ -90,6 +98,7 @@ CREATE TABLE IF NOT EXISTS sessions (
   vocab INTEGER NOT NULL, checkpoints BLOB NOT NULL, expires REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);
+CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner, expires);
 CREATE TABLE IF NOT EXISTS tombstones (
   id TEXT PRIMARY KEY, why TEXT NOT NULL, owner TEXT NOT NULL, until REAL NOT NULL
 );
@@ -144,6 +153,19 @@ def _row_bytes(row: tuple) -> int:
     return sum(len(x) for x in row if isinstance(x, bytes))
 
 
+def _owner_only(path: str) -> None:
+    """The file (and a -wal or -shm left by an earlier run) readable by its owner alone, set
+    before SQLite writes a byte; SQLite gives the -wal and -shm files it makes the file's mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for extra in (f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(extra, 0o600)
+
+
 class SQLiteStore(SessionStore):
     """Sessions in a SQLite file on this node; see the module docstring."""
 
@@ -154,20 +176,25 @@ class SQLiteStore(SessionStore):
         max_sessions: int = 10_000,
         idle_to_disk_s: float = 300.0,
         clock: Clock = time.time,
+        max_per_owner: int = 0,
     ) -> None:
+        """max_per_owner: sessions one (non-empty) owner keeps (0: no quota)."""
         if ttl_s <= 0 or max_sessions < 1 or idle_to_disk_s < 0:
             raise ValueError("session_ttl_s must be positive, max_sessions at least 1, idle_to_disk_s >= 0")
         self.url = f"sqlite:///{path}"
         self.path = path
         self.ttl_s, self.max_sessions, self.clock = ttl_s, max_sessions, clock
+        self.max_per_owner = max_per_owner
         self.idle_to_disk_s = idle_to_disk_s
         self.stats = StoreStats()
         folder = os.path.dirname(os.path.abspath(path))
         if not path or not os.path.isdir(folder):
             raise OSError(f"session store {self.url}: directory {folder} does not exist")
+        self.max_tombstones = TOMBSTONES_PER_SESSION * max_sessions
         try:
+            _owner_only(path)
             self._db = sqlite3.connect(path, timeout=1.0, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise OSError(f"session store {self.url}: {e} ({os.path.abspath(path)})") from e
         try:
             self._rows = self._open()
@@ -193,6 +220,12 @@ class SQLiteStore(SessionStore):
         # lose the last commits before the next checkpoint (the file stays consistent). FULL
         # would fsync every commit and lose nothing even then, at a disk flush per request.
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            # INCREMENTAL, so deleted sessions' pages can go back to the file system (_write);
+            # a file made without it (or new) takes it with one VACUUM.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            db.execute("VACUUM")
         with self._write():  # takes the file's lock now: a second server fails here, at start
             found = db.execute("PRAGMA user_version").fetchone()[0]
             if found not in (0, FORMAT):
@@ -201,6 +234,7 @@ class SQLiteStore(SessionStore):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+        self._tombs = db.execute("SELECT count(*) FROM tombstones").fetchone()[0]  # at most
         return db.execute("SELECT count(*) FROM sessions").fetchone()[0]
 
     @contextlib.contextmanager
@@ -212,11 +246,25 @@ class SQLiteStore(SessionStore):
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+        if self._db.execute("PRAGMA freelist_count").fetchone()[0] >= SHRINK_PAGES:
+            # The pages of deleted sessions go back to the file system (the file shrinks at the
+            # next checkpoint). executescript steps the pragma to its end (execute frees one page).
+            self._db.executescript("PRAGMA incremental_vacuum;")
 
     def _bury(self, dead: list[tuple[str, str, str, float]]) -> None:
         """Sessions to tombstones: (id, why, owner, until)."""
         self._db.executemany("INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?, ?)", dead)
         self._db.executemany("DELETE FROM sessions WHERE id = ?", [(d[0],) for d in dead])
+        self._tombs += len(dead)  # an over-count (replaced ones) only brings the next trim closer
+        if self._tombs > self.max_tombstones:
+            # The oldest go, down to 3/4 of the bound: one trim per bound/4 tombstones.
+            keep = self.max_tombstones * 3 // 4
+            self._db.execute(
+                "DELETE FROM tombstones WHERE id IN "
+                "(SELECT id FROM tombstones ORDER BY until DESC LIMIT -1 OFFSET ?)",
+                (keep,),
+            )
+            self._tombs = self._db.execute("SELECT count(*) FROM tombstones").fetchone()[0]
 
     def _sweep_rows(self, now: float, busy: frozenset[str]) -> list[str]:
         """Bury the expired idle sessions and forget tombstones past their day; in a write."""
@@ -232,28 +280,44 @@ class SQLiteStore(SessionStore):
         self._rows -= len(expired)
         return expired
 
-    def _db_create(self, row: tuple, now: float, busy: frozenset[str]) -> tuple[list[str], list[str], bool]:
-        """-> (expired ids, evicted ids, created). The sweep and evictions commit even when full."""
-        sid = row[0]
+    def _evict_oldest(self, need: int, now: float, busy: frozenset[str], owner: str = "") -> list[str]:
+        """Bury up to `need` least recently committed idle sessions (`owner`'s only, if given);
+        in a write. Fewer than `need` back: the rest are busy."""
+        if need <= 0:
+            return []
+        where, args = ("WHERE owner = ? ", (owner,)) if owner else ("", ())
+        oldest = self._db.execute(
+            f"SELECT id, owner FROM sessions {where}ORDER BY expires LIMIT ?", (*args, need + len(busy))
+        ).fetchall()
+        idle = [(v, o) for v, o in oldest if v not in busy][:need]
+        self._bury([(v, "evicted", o, now + self.ttl_s + DAY_S) for v, o in idle])
+        return [v for v, _ in idle]
+
+    def _db_create(self, row: tuple, now: float, busy: frozenset[str]) -> tuple[list[str], list[str], str]:
+        """-> (expired ids, evicted ids, the limit that refused it or ''). The sweep and
+        evictions commit even when full. An owner at its quota evicts its own sessions first."""
+        sid, owner = row[0], row[3]
         with self._write() as db:
             expired = self._sweep_rows(now, busy)
             rows = self._rows - len(expired)
             replacing = db.execute("SELECT 1 FROM sessions WHERE id = ?", (sid,)).fetchone() is not None
-            need = 0 if replacing else rows + 1 - self.max_sessions
-            victims: list[tuple[str, str, str, float]] = []
-            if need > 0:
-                oldest = db.execute(
-                    "SELECT id, owner FROM sessions ORDER BY expires LIMIT ?", (need + len(busy),)
-                ).fetchall()
-                idle = [(v, o) for v, o in oldest if v not in busy][:need]
-                victims = [(v, "evicted", o, now + self.ttl_s + DAY_S) for v, o in idle]
-                self._bury(victims)
-            created = len(victims) == max(need, 0)
-            if created:
+            evicted: list[str] = []
+            full = ""
+            if owner and self.max_per_owner and not replacing:
+                have = db.execute("SELECT count(*) FROM sessions WHERE owner = ?", (owner,)).fetchone()[0]
+                need = have + 1 - self.max_per_owner
+                evicted = self._evict_oldest(need, now, busy, owner)
+                full = "max_sessions_per_owner" if len(evicted) < need else ""
+            if not full:
+                need = 0 if replacing else rows - len(evicted) + 1 - self.max_sessions
+                more = self._evict_oldest(need, now, busy)
+                evicted += more
+                full = "max_sessions" if len(more) < need else ""
+            if not full:
                 db.execute(INSERT, row)
                 db.execute("DELETE FROM tombstones WHERE id = ?", (sid,))
-        self._rows = rows - len(victims) + (1 if created and not replacing else 0)
-        return expired, [v[0] for v in victims], created
+        self._rows = rows - len(evicted) + (1 if not full and not replacing else 0)
+        return expired, evicted, full
 
     def _db_read(self, sid: str) -> tuple[tuple | None, tuple | None]:
         """-> (session row or None, (why, owner) of its tombstone or None)."""
@@ -352,11 +416,13 @@ class SQLiteStore(SessionStore):
     async def create(self, record: SessionRecord) -> None:
         async def body() -> None:
             row = encode(record, self.ttl_s)
-            expired, evicted, created = await self._disk(
+            expired, evicted, full = await self._disk(
                 self._db_create, row, self.clock(), frozenset(self._busy)
             )
             self._forget(expired, evicted)
-            if not created:
+            if full == "max_sessions_per_owner":
+                raise quota_full(self.max_per_owner)
+            if full:
                 raise ResourceExhausted(
                     f"sessions: all {self.max_sessions} sessions are busy; the limit is max_sessions"
                 )
