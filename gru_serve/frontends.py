@@ -7,6 +7,11 @@ reserved ports and `--frontends 1`. Each front end binds the ports with SO_REUSE
 by default), so the kernel spreads connections over them; all talk to the one engine, and a
 Redis session store lets any of them serve any session. A front end or engine that exits is
 started again. On SIGTERM the front ends drain (each its own grace) and then the engine stops.
+
+A front end gets its settings in its environment (GRU_SERVE_*), its command line only what
+differs between front ends: anyone on the host can read a process's command line
+(/proc/PID/cmdline), only its user its environment, so tokens, snapshot keys and a Redis URL's
+password never show there.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -21,7 +27,7 @@ import threading
 
 from gru_serve.engine.supervisor import EngineSupervisor, exit_of
 from gru_serve.http.server import bind
-from gru_serve.ops.settings import Settings
+from gru_serve.ops.settings import Settings, env_var
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +35,15 @@ log = logging.getLogger(__name__)
 class FrontEnd:
     """One front-end process, started (again) and watched for its ready lines."""
 
-    def __init__(self, argv: list[str], ready_lines: int) -> None:
+    def __init__(self, argv: list[str], ready_lines: int, env: dict[str, str]) -> None:
         self.argv = argv
         self.ready_lines = ready_lines
+        self.env = env
         self.proc: subprocess.Popen | None = None
 
     async def start(self) -> None:
         """Start it; returns once it has printed its ready lines."""
-        proc = self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
+        proc = self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True, env=self.env)
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[list[str]] = loop.create_future()
 
@@ -58,8 +65,22 @@ class FrontEnd:
             raise OSError(f"front end {proc.pid} exited before it was ready (exit {proc.wait()})")
 
 
+PER_FRONT_END = frozenset({"frontends", "engine_address", "port", "http_port", "metrics_port"})
+
+
+def frontend_env(settings: Settings) -> dict[str, str]:
+    """This process's environment with every setting's value as this process has it (flags,
+    variables and defaults resolved), overriding any variable there."""
+    values = {
+        env_var(name): ",".join(value) if isinstance(value, tuple) else str(value)
+        for name, value in settings.model_dump().items()
+        if name not in PER_FRONT_END
+    }
+    return {**os.environ, **values}
+
+
 def frontend_argv(settings: Settings, i: int, address: str, port: int, http_port: int) -> list[str]:
-    argv = [sys.executable, "-m", "gru_serve.cli", *sys.argv[1:]]
+    argv = [sys.executable, "-m", "gru_serve.cli", "serve"]
     argv += [
         "--frontends",
         "1",
@@ -83,8 +104,9 @@ async def serve_family(settings: Settings, ready_line: str, http_ready_line: str
     http_port = bind(s.host, s.http_port, shared=True, listen=False) if s.http_port else None
     port = grpc_port.getsockname()[1]
     hport = http_port.getsockname()[1] if http_port is not None else 0
+    env = frontend_env(s)
     fronts = [
-        FrontEnd(frontend_argv(s, i, engine.address, port, hport), 2 if hport else 1)
+        FrontEnd(frontend_argv(s, i, engine.address, port, hport), 2 if hport else 1, env)
         for i in range(s.frontends)
     ]
     stop = asyncio.Event()

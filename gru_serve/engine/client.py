@@ -32,6 +32,10 @@ from gru_serve.ops.errors import ModelLoadError, Unavailable
 log = logging.getLogger(__name__)
 
 
+def engine_key(rt: ModelRuntime) -> str:
+    return f"{rt.name}@{rt.model_hash[:16]}"
+
+
 class RemoteScheduler:
     """One model's scheduler in the engine process."""
 
@@ -41,7 +45,7 @@ class RemoteScheduler:
         self.flush = flush
         # The engine's name for it: a reload of another file under the same name is another
         # scheduler there, so requests in flight on the old one finish on it.
-        self.key = f"{runtime.name}@{runtime.model_hash[:16]}"
+        self.key = engine_key(runtime)
         self.stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0, 0)
         self.provider = ""  # the engine's, from its Ready
 
@@ -96,6 +100,8 @@ class EngineClient:
         self.ready = asyncio.Event()
         self.restarts = 0  # engines seen after the first
         self.failed: dict[str, str] = {}  # models the engine could not load, as it last said
+        self.providers: dict[str, str] = {}  # the engine's models and their providers, as it last said
+        self._loads: dict[str, asyncio.Future[None]] = {}  # engine key -> a load() waiting for it
         self._tasks: list[asyncio.Task] = []
 
     async def start(self, timeout: float) -> None:
@@ -111,6 +117,7 @@ class EngineClient:
         for task in self._tasks:
             task.cancel()
         self._lost("the server is shutting down")
+        self._fail_loads("the server is shutting down")
         self.sock.disable_monitor()
         self.monitor.close(0)
         self.sock.close(0)
@@ -132,8 +139,29 @@ class EngineClient:
         if not sent and not self.up:  # connected, not yet ready for messages: soon
             self.loop.call_later(0.02, self._hello)
 
+    async def load(self, rt: ModelRuntime) -> None:
+        """Have the engine load a model the front end has opened; returns once the engine serves
+        it, or raises ModelLoadError with the engine's reason (Unavailable if it goes away)."""
+        if not self.up:
+            raise Unavailable("the engine is restarting; retry the load shortly")
+        key = engine_key(rt)
+        fut = self._loads.get(key)
+        if fut is None:
+            fut = self._loads[key] = self.loop.create_future()
+            fut.add_done_callback(lambda _: self._loads.pop(key, None))
+            models = {s.key: str(s.runtime.path) for s in self.schedulers.values()}
+            if not self._send(proto.Hello({**models, key: str(rt.path)})):
+                fut.set_exception(Unavailable("the engine is not connected; retry the load shortly"))
+        await asyncio.shield(fut)
+
+    def _fail_loads(self, why: str) -> None:
+        for fut in list(self._loads.values()):
+            if not fut.done():
+                fut.set_exception(Unavailable(why))
+
     def add(self, sched: RemoteScheduler) -> None:
         self.schedulers[sched.key] = sched
+        sched.provider = self.providers.get(sched.key, "")
         if self.up:
             self._hello()  # the engine loads it before reading anything sent after this
 
@@ -215,9 +243,17 @@ class EngineClient:
         self.failed = msg.failed
         for name, why in msg.failed.items():
             log.error("the engine could not load model %s: %s", name, why)
+        self.providers = msg.providers
         for key, provider in msg.providers.items():
             if key in self.schedulers:
                 self.schedulers[key].provider = provider
+        for key, fut in list(self._loads.items()):
+            if fut.done():
+                continue
+            if key in msg.failed:
+                fut.set_exception(ModelLoadError(msg.failed[key]))
+            elif key in msg.providers:
+                fut.set_result(None)
         if msg.boot != self.boot:
             if self.boot:
                 self.restarts += 1
@@ -237,6 +273,7 @@ class EngineClient:
                 log.error("the engine process went away; failing its requests and waiting for a new one")
                 self.up = False
                 self._lost("the engine process stopped before the request finished; retry")
+                self._fail_loads("the engine process stopped while loading the model; retry the load")
                 if self.on_change is not None:
                     self.on_change(False)
 

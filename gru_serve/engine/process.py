@@ -8,20 +8,24 @@ collect in its Outbox, and after the round (the scheduler's flush) one Batch per
 to the I/O thread over an inproc PUSH socket of its own. So the engine loop never waits for a
 front end, and a front end gets one message per round however many of its streams ran.
 
-A front end's Hello names its models (by name and file) and the engine loads those it lacks, so
-the first Hello, and the first after a restart, waits for the loading. It exits when the process that
-started it goes away, so an engine is never orphaned.
+A front end's Hello names its models (by name and file); the engine loads those it lacks on a
+loader thread, so running streams keep getting tokens meanwhile, and answers Ready (with the
+models it could not load, and why) once they are loaded. It exits when the process that started
+it goes away, so an engine is never orphaned, and then removes the socket folder it was given
+(the supervisor, killed, cannot).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import zmq
@@ -73,8 +77,9 @@ class Outbox:
 
 
 class Engine:
-    def __init__(self, settings: Settings, address: str) -> None:
+    def __init__(self, settings: Settings, address: str, folder: str = "") -> None:
         self.settings = settings
+        self.folder = folder  # removed when the parent goes away (its owner, the supervisor, is gone)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.bind(address)
@@ -87,7 +92,6 @@ class Engine:
         self.schedulers: dict[str, Scheduler] = {}
         self.outboxes: dict[str, Outbox] = {}
         self.paths: dict[str, str] = {}
-        self.failed: dict[str, str] = {}
         self.fronts: set[bytes] = set()
         self.seen: dict[bytes, float] = {}  # front end -> when it last sent anything
         self.users: dict[str, set[bytes]] = {}  # model -> the front ends that serve it
@@ -95,16 +99,22 @@ class Engine:
         # outbox as their last event goes out (dict operations are atomic under the GIL).
         self.jobs: dict[tuple[bytes, int], tuple[Scheduler, Job | RunJob]] = {}
         self.stopping = threading.Event()
+        # Loads (Hello) and unloads run here, one at a time and in order, never on the I/O thread:
+        # a load takes seconds, and the I/O thread forwards every running stream's tokens.
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="engine-loader")
+        self._replies: zmq.Socket | None = None  # the loader thread's PUSH to the I/O thread
 
-    def load(self, name: str, path: str) -> None:
-        if self.paths.get(name) == path or name in self.failed:
-            return
+    def load(self, name: str, path: str) -> str:
+        """On the loader thread: '' once `name` serves the file `path`, else why it cannot. A
+        failure is not remembered: a later Hello tries again (the file may have been fixed)."""
+        if self.paths.get(name) == path:
+            return ""
         try:
             rt = load_runtime(Path(path), self.settings, name.partition("@")[0])
-        except GruServeError as e:
-            self.failed[name] = str(e)
-            log.error("engine: model %s not loaded: %s", name, e)
-            return
+        except Exception as e:  # onnxruntime's own errors too: a graph that fails its warm-up run
+            why = str(e) if isinstance(e, GruServeError) else f"model {path}: {type(e).__name__}: {e}"
+            log.error("engine: model %s not loaded: %s", name, why)
+            return why
         outbox = Outbox(self, name)
         outbox.scheduler = sched = scheduler_for(rt, self.settings, outbox.flush)
         self.outboxes[name] = outbox
@@ -115,6 +125,42 @@ class Engine:
         if old is not None:
             old.stop()
         log.info("engine: model %s loaded from %s on %s", name, path, rt.provider)
+        return ""
+
+    def hello(self, front: bytes, models: dict[str, str]) -> None:
+        """On the loader thread: load a front end's models, then answer Ready."""
+        failed: dict[str, str] = {}
+        for name, path in models.items():
+            try:
+                why = self.load(name, path)
+            except Exception as e:  # a front end waiting for its Ready must get one
+                log.exception("engine: loading model %s failed", name)
+                why = f"the engine could not load it: {type(e).__name__}: {e}"
+            if why:
+                failed[name] = why
+            else:
+                self.users.setdefault(name, set()).add(front)
+        providers = {name: s.runtime.provider for name, s in self.schedulers.items()}
+        self._reply(front, proto.Ready(self.boot, failed, providers))
+
+    def _reply(self, front: bytes, msg: proto.FromEngine) -> None:
+        """From the loader thread: the I/O thread forwards it (only it uses the ROUTER)."""
+        if self._replies is None:
+            self._replies = self.ctx.socket(zmq.PUSH)
+            self._replies.setsockopt(zmq.SNDHWM, 0)
+            self._replies.connect(EVENTS)
+        self._replies.send_multipart([front, proto.encoder.encode(msg)])
+
+    def unload(self, front: bytes, model: str) -> None:
+        """On the loader thread, after any load of the model that came first."""
+        users = self.users.get(model, set())
+        users.discard(front)
+        sched = self.schedulers.get(model)
+        if sched is not None and not users:  # no other front end serves it
+            self.schedulers = {k: v for k, v in self.schedulers.items() if k != model}
+            del self.paths[model]
+            self.outboxes.pop(model, None)
+            threading.Thread(target=sched.stop, daemon=True).start()  # its streams finish first
 
     def _send(self, front: bytes, msg: proto.FromEngine) -> None:
         self.router.send_multipart([front, proto.encoder.encode(msg)])
@@ -127,10 +173,10 @@ class Engine:
     def handle(self, front: bytes, msg: proto.ToEngine) -> None:
         if isinstance(msg, proto.Submit | proto.Run):
             sched = self.schedulers.get(msg.model)
-            if sched is None:
+            outbox = self.outboxes.get(msg.model)
+            if sched is None or outbox is None:
                 self._refuse(front, msg.rid, Unavailable(f"model {msg.model!r} is not loaded in the engine"))
                 return
-            outbox = self.outboxes[msg.model]
             shape = sched.runtime.state_shape
             job = proto.job_of(msg, shape) if isinstance(msg, proto.Submit) else proto.run_job_of(msg, shape)
             job.emit = lambda ev, rid=msg.rid, job=job: outbox.add(front, rid, job, ev)
@@ -144,21 +190,10 @@ class Engine:
             return
         if isinstance(msg, proto.Hello):
             self.fronts.add(front)
-            for name, path in msg.models.items():
-                self.load(name, path)
-                self.users.setdefault(name, set()).add(front)
-            providers = {name: s.runtime.provider for name, s in self.schedulers.items()}
-            self._send(front, proto.Ready(self.boot, dict(self.failed), providers))
+            self.loader.submit(self.hello, front, msg.models)
             return
         if isinstance(msg, proto.Unload):
-            users = self.users.get(msg.model, set())
-            users.discard(front)
-            sched = self.schedulers.get(msg.model)
-            if sched is not None and not users:  # no other front end serves it
-                self.schedulers = {k: v for k, v in self.schedulers.items() if k != msg.model}
-                del self.paths[msg.model]
-                self.outboxes.pop(msg.model, None)
-                threading.Thread(target=sched.stop, daemon=True).start()  # off the I/O thread
+            self.loader.submit(self.unload, front, msg.model)
             return
         found = self.jobs.get((front, msg.rid))
         if found is None:
@@ -182,7 +217,7 @@ class Engine:
             sched, job = self.jobs.pop(key)
             sched.cancel(job)
         self.fronts.discard(front)
-        for users in self.users.values():
+        for users in list(self.users.values()):  # the loader thread may add a model meanwhile
             users.discard(front)
         if mine:
             log.warning("engine: a front end fell silent; its %d request(s) stopped", len(mine))
@@ -216,14 +251,17 @@ class Engine:
                 next_stats = now + STATS_EVERY_S
                 if os.getppid() != parent:
                     log.warning("engine: the process that started it is gone; stopping")
+                    if self.folder:
+                        shutil.rmtree(self.folder, ignore_errors=True)
                     break
                 for front, last in list(self.seen.items()):
                     if now - last > FRONT_END_SILENCE_S:
                         del self.seen[front]
                         self.gone(front)
                 stats = proto.encoder.encode(self.stats())
-                for front in self.fronts:
+                for front in list(self.fronts):
                     self.router.send_multipart([front, stats])
+        self.loader.shutdown(wait=True, cancel_futures=True)  # a load under way finishes first
         for sched in self.schedulers.values():
             sched.stop()  # jobs still under way fail with UNAVAILABLE
         self._forward()
@@ -238,13 +276,16 @@ class Engine:
 
 
 def main(argv: list[str] | None = None) -> int:
-    address = (argv or sys.argv[1:])[0]
+    """ADDRESS [FOLDER]: FOLDER (the supervisor's, holding the socket) is removed if the parent
+    dies without removing it."""
+    args = argv or sys.argv[1:]
+    address, folder = args[0], (args[1] if len(args) > 1 else "")
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     configure(settings.log_level)
     # The I/O thread and the scheduler threads share the GIL; a scheduler thread back from
     # session.run should not wait 5 ms for it (as in the front end: gru_serve.server.serve).
     sys.setswitchinterval(0.0005)
-    engine = Engine(settings, address)
+    engine = Engine(settings, address, folder)
     signal.signal(signal.SIGTERM, lambda *_: engine.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: engine.stopping.set())
     print(f"gru-serve engine {engine.boot} ready at {address}", flush=True)

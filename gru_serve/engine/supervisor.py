@@ -2,7 +2,10 @@
 
 The engine listens on a Unix socket in a private temporary folder (ZeroMQ's ipc transport),
 the same path across restarts, so front ends reconnect by themselves. It gets only the settings
-it uses (no tokens, keys or certificates), as JSON in its environment.
+it uses (no tokens, keys or certificates), as JSON in its environment, and of this process's
+environment only the allow-listed variables (engine_env): a GRU_SERVE_* token or key, or any
+other secret the server was given, never reaches it. If this process is killed (SIGKILL) the
+engine removes the folder as it stops.
 """
 
 from __future__ import annotations
@@ -36,6 +39,23 @@ ENGINE_SETTINGS = (
     "log_level",
 )
 RESTART_DELAY_S = 0.2  # between an exit and the next start: a crash loop does not spin
+# What the engine may see of this process's environment: what Python, onnxruntime, CUDA and the
+# locale read. Everything else (GRU_SERVE_* tokens and keys, cloud credentials) stays here.
+ENGINE_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TMPDIR", "LD_LIBRARY_PATH"})
+ENGINE_ENV_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "CUDA_", "NVIDIA_")
+# Set in the engine's environment whatever this process has: TF32 off, so cuDNN's GRU kernels
+# compute in full float32 (the fast path's load-time check and the served tokens rely on it).
+ENGINE_GPU_ENV = {"NVIDIA_TF32_OVERRIDE": "0"}
+
+
+def engine_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The engine process's whole environment: the allow-list of `environ` (default: this
+    process's), ENGINE_GPU_ENV, and the engine's settings."""
+    source = os.environ if environ is None else environ
+    env = {k: v for k, v in source.items() if k in ENGINE_ENV_NAMES or k.startswith(ENGINE_ENV_PREFIXES)}
+    env.update(ENGINE_GPU_ENV)
+    env[SETTINGS_ENV] = settings.model_dump_json(include=set(ENGINE_SETTINGS))
+    return env
 
 
 class EngineSupervisor:
@@ -49,10 +69,9 @@ class EngineSupervisor:
         self._task: asyncio.Task | None = None
 
     def _spawn(self) -> None:
-        env = {**os.environ, SETTINGS_ENV: self.settings.model_dump_json(include=set(ENGINE_SETTINGS))}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gru_serve.engine.process", self.address],
-            env=env,
+            [sys.executable, "-m", "gru_serve.engine.process", self.address, self.folder],
+            env=engine_env(self.settings),
             stdout=subprocess.DEVNULL,
         )
         self.starts += 1
