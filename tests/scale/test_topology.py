@@ -5,6 +5,7 @@ draining replica leaves Envoy's rotation within seconds; the service rides out a
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import threading
 import time
 
 import grpc
+import httpx
 import pytest
 
 from gru_serve.client import Client, StreamLost, sampling
@@ -21,7 +23,7 @@ from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from tests.serve.conftest import reference_generate
 
-from .conftest import DOCKER, NOT_SERVING, SERVING, Topology, health, wait_for
+from .conftest import DOCKER, NOT_SERVING, SERVING, Envoy, Replica, Topology, free_port, health, wait_for
 
 PROMPT = "time traveller"
 PARAMS = {
@@ -294,3 +296,35 @@ def test_a_raw_grpc_client_through_envoy_sees_internal_when_its_replica_dies_the
     assert time.monotonic() - t0 <= LEASE_S + 1
     text = "".join(t.text for m in replies for t in m.tokens)
     assert text == reference_generate(runtime, PROMPT, 30)
+
+
+def test_an_http_completion_and_its_event_stream_through_envoy_are_the_model_files_text(tmp_path, runtime):
+    """docker/envoy.yaml's HTTP listener in front of a replica's HTTP port: a completion and the
+    same one as an event stream (stream: true) come through whole, with the reference's text."""
+    http_port = free_port()
+    replica = Replica("gru-serve-http", "memory", tmp_path, "--http-port", str(http_port))
+    replica.start()
+    envoy = Envoy(tmp_path, [replica.target], [f"127.0.0.1:{http_port}"])
+    try:
+        envoy.start()
+        expected = reference_generate(runtime, PROMPT, 40, SamplingParams())
+        with httpx.Client(base_url=f"http://127.0.0.1:{envoy.http_port}", timeout=30) as http:
+            wait_for(lambda: http.get("/v2/health/ready").status_code == 200, 10, "Envoy routes HTTP")
+            model = http.get("/v1/models").json()["data"][0]["id"]
+            body = {"model": model, "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+            whole = http.post("/v1/completions", json=body)
+            assert whole.status_code == 200, whole.text
+            assert whole.json()["choices"][0]["text"] == expected
+            with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                lines = list(r.iter_lines())
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert "".join(c["text"] for e in events for c in e["choices"]) == expected
+        assert "data: [DONE]" in lines
+        # Through the HTTP listener to the replica's HTTP port (Envoy's access log).
+        upstream = f"upstream=127.0.0.1:{http_port}"
+        wait_for(lambda: envoy.access_log.read_text().count(upstream) >= 3, 5, "Envoy logs the requests")
+    finally:
+        envoy.stop()
+        replica.stop()
+
