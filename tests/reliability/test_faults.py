@@ -91,6 +91,17 @@ class FailingRuntime:
         self._maybe_fail()
         return self.inner.fused(*args)
 
+    def fused_batch(self, *args):
+        batch = self.inner.fused_batch(*args)
+        run = batch.run
+
+        def failing_run(*a):
+            self._maybe_fail()
+            return run(*a)
+
+        batch.run = failing_run
+        return batch
+
 
 def test_a_failing_batch_fails_only_its_requests(server, runtime):
     sched = server.service.schedulers["timemachine-d2l"]

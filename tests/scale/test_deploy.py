@@ -25,7 +25,7 @@ from gru_serve.cli import add_setting_flags, build_parser
 from gru_serve.client import SESSION_HEADER
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2
 from gru_serve.grpc.generated.inference import grpc_service_pb2
-from gru_serve.grpc.interceptors import REFUSED_HEADER
+from gru_serve.ops.gate import REFUSED_HEADER
 from gru_serve.ops.settings import ENV_PREFIX, Settings
 from gru_serve.server import LIVENESS, ThreadedServer
 
@@ -598,7 +598,7 @@ def test_kubernetes_disruption_budgets_keep_a_replica_and_an_envoy_serving():
 def scrape(settings: Settings, path: str) -> dict[str, str]:
     """A real server with these settings, on loopback with a memory store and the d2l model,
     scraped once at `path`: {metric family: type}."""
-    local = {"host": "127.0.0.1", "port": 0, "session_store": "memory", "models": (str(D2L),)}
+    local = {"host": "127.0.0.1", "port": 0, "http_port": 0, "session_store": "memory", "models": (str(D2L),)}
     # The Secret's files are not here (test_readonly_root.py runs the server with them).
     local |= {"auth_tokens_file": "", "admin_tokens_file": ""}
     srv = ThreadedServer(settings.model_copy(update={**local, "metrics_port": free_port()}))
