@@ -15,7 +15,7 @@ import torch
 
 from exporters.tokenizer import read_utf8
 from gru_serve.contract import D2L_NORMALIZATION
-from gru_serve.engine.tokenizer import UNK, CharTokenizer
+from gru_serve.tokenizer import UNK, CharTokenizer
 
 TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 TIME_MACHINE_TOKENS = 170_580

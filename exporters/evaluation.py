@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from exporters.corpus import CorpusError, read_text_corpus, split_text, time_machine_path
-from gru_serve.engine.scoring import StepFn, d2l_perplexity, stream_logprobs
+from gru_serve.scoring import StepFn, d2l_perplexity, stream_logprobs
 
 
 class EvalSplit(NamedTuple):
@@ -79,7 +79,7 @@ def heldout_metrics(step: StepFn, split: EvalSplit, shape: tuple[int, int]) -> d
 
 def perplexities(step: StepFn, split: EvalSplit, shape: tuple[int, int]) -> dict[str, float]:
     """train_d2l, train_stream and the held-out metrics of a split."""
-    from gru_serve.engine.scoring import stream_perplexity
+    from gru_serve.scoring import stream_perplexity
 
     out = {
         "train_d2l": d2l_perplexity(step, split.train, shape),

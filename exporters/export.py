@@ -27,7 +27,7 @@ from gru_serve.contract import (
     STATE_OUT,
     ModelMetadata,
 )
-from gru_serve.engine.scoring import d2l_perplexity, stream_perplexity
+from gru_serve.scoring import d2l_perplexity, stream_perplexity
 
 HELDOUT_FRACTION = 0.1
 EXAMPLE_BATCH = 2  # validation runs batch 1 and 7, so a pinned batch axis cannot hide

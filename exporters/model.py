@@ -28,7 +28,7 @@ from exporters.embedding import (
 )
 from exporters.tokenizer import Tokenizer
 from gru_serve.contract import D2L_NORMALIZATION
-from gru_serve.engine.tokenizer import CharTokenizer
+from gru_serve.tokenizer import CharTokenizer
 
 CHECKPOINT_FORMAT = "gru-serve-checkpoint/1"  # d2l one-hot models
 EMBEDDING_CHECKPOINT_FORMAT = "gru-serve-checkpoint/2"  # EmbeddingGRULM with its tokenizer

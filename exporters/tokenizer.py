@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gru_serve.contract import IDENTITY_NORMALIZATION
-from gru_serve.engine.tokenizer import CharTokenizer, HuggingFaceTokenizer, WordTokenizer
+from gru_serve.tokenizer import CharTokenizer, HuggingFaceTokenizer, WordTokenizer
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -119,7 +119,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        """The server's decoding (gru_serve.engine.tokenizer): one set of rules for both sides."""
+        """The server's decoding (gru_serve.tokenizer): one set of rules for both sides."""
         return self._served.decode(list(ids))
 
     def metadata(self) -> tuple[dict[str, Any], str]:

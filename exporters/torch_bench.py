@@ -27,8 +27,8 @@ import torch
 
 from exporters.model import GRULanguageModel, ModelConfig, load_checkpoint
 from gru_serve.contract import read_model
-from gru_serve.engine.decode_graphs import gru_weights
-from gru_serve.engine.tokenizer import CharTokenizer
+from gru_serve.graphs.weights import gru_weights
+from gru_serve.tokenizer import CharTokenizer
 
 
 def _torch_gates(x: np.ndarray) -> torch.Tensor:

@@ -36,7 +36,7 @@ from exporters.model import (
     torch_step,
 )
 from exporters.tokenizer import Tokenizer, train_tokenizer
-from gru_serve.engine.scoring import d2l_perplexity, stream_perplexity
+from gru_serve.scoring import d2l_perplexity, stream_perplexity
 
 SAMPLE_PREFIXES = ("time traveller", "traveller")
 

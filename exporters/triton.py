@@ -6,7 +6,7 @@
 Triton keeps each sequence's hidden state itself (implicit state management): the graph's
 `state` input and `state_out` output are declared as sequence-batching state, not as model
 inputs and outputs, so a client sends only `input_ids` with a sequence id and gets `logits`.
-The configuration is gru_serve.grpc.model_config's (the server reports the same one over the
+The configuration is gru_serve.oip.model_config's (the server reports the same one over the
 inference protocol), printed in protobuf text format.
 """
 
@@ -24,7 +24,7 @@ from google.protobuf import text_format
 
 from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT, ContractError, ModelMetadata, read_model
 from gru_serve.grpc.generated.inference import model_config_pb2 as mc
-from gru_serve.grpc.model_config import (
+from gru_serve.oip.model_config import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_SEQUENCE_IDLE_US,
     check_name,

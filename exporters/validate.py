@@ -22,8 +22,8 @@ from gru_serve.contract import (
     gru_nodes,
     read_model,
 )
-from gru_serve.engine.runtime import chained_run
-from gru_serve.engine.scoring import StepFn, d2l_perplexity
+from gru_serve.reference import chained_run
+from gru_serve.scoring import StepFn, d2l_perplexity
 
 PARITY_BATCHES = (1, 7)  # neither is the export example's batch (2)
 PROMPT_LEN = 16

@@ -10,7 +10,7 @@
 - decode.onnx: the decode step the server derives from the weights (seq = 1 only; a Gather
   input projection and a hand-written GRU cell), for inspection.
 - fused.onnx: K decode steps with sampling and feedback in one ONNX Loop, the graph the
-  server's scheduler runs (gru_serve.engine.decode_graphs.fused_graph); its tokens are checked to equal
+  server's scheduler runs (gru_serve.graphs.fused.fused_graph); its tokens are checked to equal
   the step path's, greedy and seeded.
 
 DIR/variants.json holds the report: sizes, checks, max differences and perplexities
@@ -34,11 +34,14 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.validate import ValidationError, compare_runs, ort_step, validate
-from gru_serve.contract import LOGITS, STATE_OUT, read_model
-from gru_serve.engine.decode_graphs import FUSED_INPUTS, FUSED_OUTPUTS, decode_graph, fused_graph, gru_weights
-from gru_serve.engine.runtime import ModelRuntime, fused_generate, step_generate
-from gru_serve.engine.sampling import SamplingParams
-from gru_serve.engine.scoring import d2l_perplexity, stream_perplexity
+from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT, ModelMetadata, read_model
+from gru_serve.graphs.decode import decode_graph
+from gru_serve.graphs.fused import FUSED_INPUTS, FUSED_OUTPUTS, fused_graph
+from gru_serve.graphs.weights import gru_weights
+from gru_serve.reference import fused_generate, step_generate
+from gru_serve.sampling import SamplingParams
+from gru_serve.scoring import d2l_perplexity, stream_perplexity
+from gru_serve.tokenizer import load_tokenizer
 
 KINDS = ("optimized", "fp16", "decode", "fused")
 FP16_MIN_ELEMENTS = 16  # smaller float tensors (shape constants and the like) stay float32
@@ -128,15 +131,48 @@ def token_by_token(session: ort.InferenceSession):
     return step
 
 
+class StepPath:
+    """A model as the server's step path runs it, on plain CPU sessions: the exported graph for
+    prompts, the derived decode graph (gru_serve.graphs) for single steps, and a fused graph's
+    file for K steps at once (gru_serve.reference.FusedModel)."""
+
+    def __init__(self, model_path: Path, fused_path: Path) -> None:
+        base = onnx.load(str(model_path))
+        self.meta: ModelMetadata = read_model(base)
+        self.tokenizer = load_tokenizer(self.meta)
+        cpu = ["CPUExecutionProvider"]
+        self.exported = ort.InferenceSession(str(model_path), providers=cpu)
+        self.decode = ort.InferenceSession(decode_graph(base).SerializeToString(), providers=cpu)
+        self.fused_file = ort.InferenceSession(str(fused_path), providers=cpu)
+
+    def step(self, ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        session = self.decode if ids.shape[1] == 1 else self.exported
+        logits, state_out = session.run([LOGITS, STATE_OUT], {INPUT_IDS: ids, STATE: state})
+        return logits, state_out
+
+    def zero_state(self, batch: int = 1) -> np.ndarray:
+        return np.zeros((batch, self.meta.num_layers, self.meta.hidden_size), np.float32)
+
+    def fused(
+        self,
+        tokens: np.ndarray,
+        state: np.ndarray,
+        temperature: np.ndarray,
+        top_k: np.ndarray,
+        top_p: np.ndarray,
+        uniforms: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        inputs = (tokens, state, temperature, top_k, top_p, uniforms)
+        sampled, logits, states = self.fused_file.run(
+            list(FUSED_OUTPUTS), dict(zip(FUSED_INPUTS, inputs, strict=True))
+        )
+        return sampled, logits, states
+
+
 def fused_parity(model_path: Path, fused_path: Path, n: int = 200, k: int = 16) -> list[str]:
     """Generate n tokens for a batch of prompts (greedy and seeded sampling rows) with the fused
     file, K per run, and with the step path; the tokens must be identical."""
-    rt = ModelRuntime(model_path)
-    sess = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"])
-
-    def fused_file(*inputs: np.ndarray) -> list[np.ndarray]:
-        return sess.run(list(FUSED_OUTPUTS), dict(zip(FUSED_INPUTS, inputs, strict=True)))
-
+    rt = StepPath(model_path, fused_path)
     prompts = [rt.tokenizer.encode(t) for t in ("time traveller", "the machine", "it was", "so")]
     params = [
         SamplingParams(),
@@ -149,9 +185,7 @@ def fused_parity(model_path: Path, fused_path: Path, n: int = 200, k: int = 16) 
     ]
     checks = []
     for rows, label in (([0], "greedy"), ([0, 1, 2, 3], "greedy and seeded sampling, batched")):
-        got, _, _ = fused_generate(
-            rt, [prompts[i] for i in rows], [params[i] for i in rows], n, k, fused_file
-        )
+        got, _, _ = fused_generate(rt, [prompts[i] for i in rows], [params[i] for i in rows], n, k)
         for r, i in enumerate(rows):
             if got[r] != want[i]:
                 first = next(j for j, (a, b) in enumerate(zip(got[r], want[i], strict=True)) if a != b)
@@ -230,8 +264,19 @@ def write_variants(
             rep.perplexity = perplexities(ort_step(path), shape, split)
             rep.perplexity_change = {k: rep.perplexity[k] / base_ppl[k] - 1 for k in base_ppl}
         elif kind == "decode":
-            rt = ModelRuntime(model_path)  # derives the same graph and checks it at load
-            rep.checks.append(f"runtime fast path: {rt.fast_path_note}")
+            # The bounds the server's load check holds the derived decode step to.
+            rep.max_diff = compare_runs(
+                token_by_token(ort.InferenceSession(str(path))),
+                ort_step(model_path),
+                meta,
+                1e-4,
+                1e-5,
+                "the base model",
+            )
+            rep.checks.append(
+                f"parity with the base model over the validator's chained runs: max |diff| logits "
+                f"{rep.max_diff[LOGITS]:.2e} (atol 1e-4), state_out {rep.max_diff[STATE_OUT]:.2e} (atol 1e-5)"
+            )
             rep.perplexity = perplexities(token_by_token(ort.InferenceSession(str(path))), shape, split)
             rep.perplexity_change = {k: rep.perplexity[k] / base_ppl[k] - 1 for k in base_ppl}
         else:

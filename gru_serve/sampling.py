@@ -1,4 +1,5 @@
-"""Token sampling in numpy, vectorised across a batch.
+"""Sampling parameters (one definition for every transport) and the numpy sampler, vectorised
+across a batch.
 
 Randomness is counter-based: the uniform number for a token is a hash of (seed, position of
 the token in its session). A request's tokens therefore never depend on what else shares its
@@ -23,10 +24,23 @@ MAX_TEMPERATURE = 100.0
 # Below this a temperature is greedy (as in vLLM): the argmax has all the mass anyway, and a
 # tiny one (JSON carries 1e-320) would overflow logits / temperature into NaN probabilities.
 MIN_TEMPERATURE = 1e-5
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def float32(x: float) -> float:
+    """x at the precision of gRPC's float fields, so every transport samples alike (and a
+    temperature too small for float32 is 0, greedy, as over gRPC). Out of range: as given,
+    for the range check to report."""
+    if not math.isfinite(x) or abs(x) > FLOAT32_MAX:
+        return x
+    return float(np.float32(x))
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """What a request samples with. Built through `checked` at every transport, so temperature
+    and top_p are held at float32 precision (gRPC's), and it travels whole to the engine."""
+
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: no limit
     top_p: float = 1.0
@@ -43,14 +57,14 @@ class SamplingParams:
         stop: tuple[str, ...] = (),
     ) -> SamplingParams:
         """Validated parameters; a bad field raises InvalidArgument naming it and its limit."""
-        t = 0.0 if temperature is None else float(temperature)
+        t = 0.0 if temperature is None else float32(float(temperature))
         t = 0.0 if 0.0 <= t < MIN_TEMPERATURE else t
         if not (math.isfinite(t) and 0.0 <= t <= MAX_TEMPERATURE):
             raise InvalidArgument(f"sampling.temperature must be in [0, {MAX_TEMPERATURE:g}], got {t}")
         k = 0 if top_k is None else int(top_k)
         if not 0 <= k <= MAX_TOP_K:
             raise InvalidArgument(f"sampling.top_k must be in [0, {MAX_TOP_K}] (0: no limit), got {k}")
-        p = 1.0 if top_p is None else float(top_p)
+        p = 1.0 if top_p is None else float32(float(top_p))
         if not (math.isfinite(p) and 0.0 < p <= 1.0):
             raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {p}")
         if len(stop) > MAX_STOP_STRINGS:

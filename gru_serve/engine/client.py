@@ -26,8 +26,10 @@ from zmq.utils.monitor import parse_monitor_message
 
 from gru_serve.engine import protocol as proto
 from gru_serve.engine.runtime import ModelRuntime
-from gru_serve.engine.scheduler import FailedEvent, Job, RunJob
+from gru_serve.engine.scheduler import Job, RunJob
 from gru_serve.ops.errors import ModelLoadError, Unavailable
+from gru_serve.outputs import FailedEvent
+from gru_serve.state import StateSpec
 
 log = logging.getLogger(__name__)
 
@@ -225,13 +227,13 @@ class EngineClient:
             if found is None:
                 continue  # cancelled here already
             sched, job = found
-            shape = sched.runtime.state_shape
+            spec, vocab = StateSpec.of(sched.runtime.metadata), sched.runtime.metadata.vocab_size
             if isinstance(out, proto.TokensOut | proto.DoneOut) and out.blocks is not None:
-                job.blocks = proto.blocks_in(out.blocks, shape)
+                job.blocks = proto.blocks_in(out.blocks, spec, vocab)
             if not isinstance(out, proto.TokensOut):
                 del self.jobs[out.rid]
                 self.paused_sent.discard(out.rid)
-            job.emit(proto.event_in(out, shape, sched.runtime.metadata.vocab_size))
+            job.emit(proto.event_in(out, spec, vocab))
             # Its consumer fell behind (the service's emit said so): the engine parks it.
             if job.paused and out.rid in self.jobs and out.rid not in self.paused_sent:
                 self.control(job, proto.Pause)

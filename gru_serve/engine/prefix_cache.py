@@ -17,7 +17,7 @@ token, with the cache on or off, so a hit skips exactly the runs that made the c
 
 Local tier: LRU bounded in bytes, used on the event loop only (the service looks up before it
 submits a job and stores the blocks the job's prefill made). Shared tier, with the Redis store:
-entries as raw float32 under ``PREFIX pfx:KEY``, LRU within their own byte budget
+entries (gru_serve.state's codec) under ``PREFIX pfx:KEY``, LRU within their own byte budget
 (--prefix-redis-mb), read on a local miss and written after a prefill made new blocks
 (gru_serve.stores.redis_store).
 """
@@ -31,32 +31,32 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from gru_serve.state import DTYPE, State, StateSpec, logits_from_bytes, tensors, to_bytes
+
 BLOCK = 64  # tokens per cached block (and per prefill chunk of a zero-state prompt)
 # Per entry, beside its arrays: the key, the Entry and two ndarray objects, the dict slot.
 ENTRY_OVERHEAD = 512
-DTYPE = "<f4"
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    state: np.ndarray  # [layers, hidden] float32
+    state: State  # gru_serve.state, as the block's last token left it
     logits: np.ndarray  # [vocab] float32, the distribution after the block's last token
 
     @property
     def nbytes(self) -> int:
-        return self.state.nbytes + self.logits.nbytes + ENTRY_OVERHEAD
+        return sum(a.nbytes for a in tensors(self.state)) + self.logits.nbytes + ENTRY_OVERHEAD
 
     def to_bytes(self) -> bytes:
-        return self.state.astype(DTYPE).tobytes() + self.logits.astype(DTYPE).tobytes()
+        return to_bytes(self.state) + to_bytes(self.logits)
 
     @classmethod
-    def from_bytes(cls, data: bytes, state_shape: tuple[int, int], vocab: int) -> Entry | None:
+    def from_bytes(cls, data: bytes, spec: StateSpec, vocab: int) -> Entry | None:
         """None when the bytes do not fit the model (written by another model layout)."""
-        n = state_shape[0] * state_shape[1]
-        if len(data) != 4 * (n + vocab):
+        if len(data) != spec.nbytes + DTYPE.itemsize * vocab:
             return None
-        flat = np.frombuffer(data, DTYPE).astype(np.float32)
-        return cls(flat[:n].reshape(state_shape), flat[n:])
+        view = memoryview(data)
+        return cls(spec.from_bytes(view[: spec.nbytes]), logits_from_bytes(view[spec.nbytes :], vocab))
 
 
 def block_keys(model_hash: str, ids: list[int] | np.ndarray, owner: str = "") -> list[str]:

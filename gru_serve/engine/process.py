@@ -32,10 +32,12 @@ import zmq
 
 from gru_serve.engine import protocol as proto
 from gru_serve.engine.runtime import load_runtime
-from gru_serve.engine.scheduler import Event, FailedEvent, Job, RunJob, Scheduler, Tokens, scheduler_for
+from gru_serve.engine.scheduler import Job, RunJob, Scheduler, scheduler_for
 from gru_serve.ops.errors import GruServeError, Unavailable
 from gru_serve.ops.logs import configure
 from gru_serve.ops.settings import Settings
+from gru_serve.outputs import Event, FailedEvent, Tokens
+from gru_serve.state import StateSpec
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +179,11 @@ class Engine:
             if sched is None or outbox is None:
                 self._refuse(front, msg.rid, Unavailable(f"model {msg.model!r} is not loaded in the engine"))
                 return
-            shape = sched.runtime.state_shape
-            job = proto.job_of(msg, shape) if isinstance(msg, proto.Submit) else proto.run_job_of(msg, shape)
+            spec = StateSpec.of(sched.runtime.metadata)
+            if isinstance(msg, proto.Submit):
+                job = proto.job_of(msg, spec, sched.runtime.metadata.vocab_size)
+            else:
+                job = proto.run_job_of(msg, spec)
             job.emit = lambda ev, rid=msg.rid, job=job: outbox.add(front, rid, job, ev)
             self.jobs[(front, msg.rid)] = (sched, job)
             try:

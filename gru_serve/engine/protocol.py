@@ -8,8 +8,8 @@ Resume. The engine answers with one Batch per front end per scheduler round: eve
 that round for that front end's generations, in order, and the scheduler's gauges as of that
 round (for metrics; Stats brings them a few times a second while nothing runs).
 
-A job's arrays travel as raw float32 / int64 bytes: the receiver knows the model's shapes. A
-GRU's state is a few KB, so a whole session crosses in one message.
+A job's states and logits travel by gru_serve.state's codec, its ids as raw int64: the receiver
+knows the model's shapes. A GRU's state is a few KB, so a whole session crosses in one message.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
-from gru_serve.engine.sampling import SamplingParams
-from gru_serve.engine.scheduler import DoneEvent, Event, FailedEvent, Job, RunDone, RunJob, Scheduler, Tokens
-from gru_serve.engine.tokenizer import PRIME_TOKENS
+from gru_serve.engine.scheduler import Job, RunJob, Scheduler
 from gru_serve.ops import errors
+from gru_serve.outputs import DoneEvent, Event, FailedEvent, RunDone, Tokens
+from gru_serve.sampling import SamplingParams
+from gru_serve.state import State, StateSpec, array_from_bytes, logits_from_bytes, tensors, to_bytes
+from gru_serve.tokenizer import PRIME_TOKENS
 
 
 class Hello(msgspec.Struct, tag=True, array_like=True):
@@ -31,10 +33,10 @@ class Submit(msgspec.Struct, tag=True, array_like=True):
     rid: int
     model: str
     prompt: bytes  # int64 ids
-    state: bytes  # float32 [layers, hidden]
+    state: bytes  # gru_serve.state
     logits: bytes | None  # float32 [vocab]
     max_new_tokens: int
-    params: tuple[float, int, float, int, tuple[str, ...]]  # SamplingParams' fields, in order
+    params: SamplingParams  # whole, as the front end checked it
     position: int
     want_logprobs: bool
     prime: list[int]  # the ids the job's text stream reads first
@@ -52,7 +54,7 @@ class Run(msgspec.Struct, tag=True, array_like=True):
     model: str
     ids: bytes  # int64 [batch, seq]
     shape: tuple[int, int]
-    state: bytes  # float32 [batch, layers, hidden]
+    state: bytes  # gru_serve.state, a batch
 
 
 class Cancel(msgspec.Struct, tag=True, array_like=True):
@@ -153,12 +155,11 @@ to_engine = msgspec.msgpack.Decoder(ToEngine)
 from_engine = msgspec.msgpack.Decoder(FromEngine)
 
 
-def _bytes(a: np.ndarray | None) -> bytes | None:
-    return None if a is None else np.ascontiguousarray(a, np.float32).tobytes()
+def _bytes(a: State | None) -> bytes | None:
+    return None if a is None else to_bytes(a)
 
 
 def submit(rid: int, model: str, job: Job) -> Submit:
-    p = job.params
     return Submit(
         rid,
         model,
@@ -166,7 +167,7 @@ def submit(rid: int, model: str, job: Job) -> Submit:
         _bytes(job.state),
         _bytes(job.logits),
         job.max_new_tokens,
-        (p.temperature, p.top_k, p.top_p, p.seed, tuple(p.stop)),
+        job.params,
         job.position,
         job.want_logprobs,
         job.prime if job.prime is not None else job.prompt.tolist()[-PRIME_TOKENS:],
@@ -176,16 +177,16 @@ def submit(rid: int, model: str, job: Job) -> Submit:
     )
 
 
-def job_of(msg: Submit, state_shape: tuple[int, ...]) -> Job:
+def job_of(msg: Submit, spec: StateSpec, vocab: int) -> Job:
     """The engine's Job for a Submit (its emit is set by the caller); its text stream and stop
     strings are made by the scheduler."""
-    logits = None if msg.logits is None else np.frombuffer(msg.logits, np.float32).copy()
+    logits = None if msg.logits is None else logits_from_bytes(msg.logits, vocab)
     return Job(
         np.frombuffer(msg.prompt, np.int64).copy(),
-        np.frombuffer(msg.state, np.float32).reshape(state_shape).copy(),
+        spec.from_bytes(msg.state),
         logits,
         msg.max_new_tokens,
-        SamplingParams(*msg.params),
+        msg.params,
         msg.position,
         msg.want_logprobs,
         None,
@@ -196,7 +197,7 @@ def job_of(msg: Submit, state_shape: tuple[int, ...]) -> Job:
     )
 
 
-def blocks_out(blocks: list[tuple[int, np.ndarray, np.ndarray]]) -> list[tuple[int, bytes, bytes]]:
+def blocks_out(blocks: list[tuple[int, State, np.ndarray]]) -> list[tuple[int, bytes, bytes]]:
     return [(i, _bytes(state), _bytes(logits)) for i, state, logits in blocks]
 
 
@@ -220,16 +221,16 @@ def event_out(rid: int, ev: Event, blocks: list | None = None) -> EventOut:
     return FailedOut(rid, type(err).__name__, str(err))
 
 
-def event_in(ev: EventOut, state_shape: tuple[int, ...], vocab: int) -> Event:
+def event_in(ev: EventOut, spec: StateSpec, vocab: int) -> Event:
     if isinstance(ev, TokensOut):
         return Tokens(ev.ids, ev.texts, ev.index, ev.logprobs)
     if isinstance(ev, DoneOut):
-        logits = None if ev.logits is None else np.frombuffer(ev.logits, np.float32).copy()
-        state = np.frombuffer(ev.state, np.float32).reshape(state_shape).copy()
+        logits = None if ev.logits is None else logits_from_bytes(ev.logits, vocab)
+        state = spec.from_bytes(ev.state)
         return DoneEvent(ev.reason, state, logits, ev.generated, ev.stop, ev.first_token_at)
     if isinstance(ev, RunOut):
-        state = np.frombuffer(ev.state, np.float32).reshape(-1, *state_shape).copy()
-        logits = np.frombuffer(ev.logits, np.float32).reshape(state.shape[0], -1, vocab).copy()
+        state = spec.batch_from_bytes(ev.state)
+        logits = array_from_bytes(ev.logits, (len(tensors(state)[0]), -1, vocab), "logits")
         return RunDone(logits, state, ev.start_ns, ev.end_ns)
     kind = getattr(errors, ev.error, None)
     if isinstance(kind, type) and issubclass(kind, errors.GruServeError):
@@ -241,12 +242,9 @@ def event_in(ev: EventOut, state_shape: tuple[int, ...], vocab: int) -> Event:
 
 
 def blocks_in(
-    blocks: list[tuple[int, bytes, bytes]], state_shape: tuple[int, ...]
-) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    return [
-        (i, np.frombuffer(s, np.float32).reshape(state_shape).copy(), np.frombuffer(lg, np.float32).copy())
-        for i, s, lg in blocks
-    ]
+    blocks: list[tuple[int, bytes, bytes]], spec: StateSpec, vocab: int
+) -> list[tuple[int, State, np.ndarray]]:
+    return [(i, spec.from_bytes(s), logits_from_bytes(lg, vocab)) for i, s, lg in blocks]
 
 
 def run(rid: int, model: str, job: RunJob) -> Run:
@@ -254,7 +252,6 @@ def run(rid: int, model: str, job: RunJob) -> Run:
     return Run(rid, model, ids.tobytes(), ids.shape, _bytes(job.state))
 
 
-def run_job_of(msg: Run, state_shape: tuple[int, ...]) -> RunJob:
+def run_job_of(msg: Run, spec: StateSpec) -> RunJob:
     ids = np.frombuffer(msg.ids, np.int64).reshape(msg.shape).copy()
-    state = np.frombuffer(msg.state, np.float32).reshape(msg.shape[0], *state_shape).copy()
-    return RunJob(ids, state, None)
+    return RunJob(ids, spec.batch_from_bytes(msg.state, msg.shape[0]), None)

@@ -2,7 +2,7 @@
 decode path.
 
 Besides the exported graph (which runs prompts of any length), a runtime builds the decode
-step and the fused K-token graph of gru_serve.engine.decode_graphs from the model's own weights,
+step and the fused K-token graph of gru_serve.graphs from the model's own weights,
 when it recognises them as a GRU language model. Both compute the same function as the
 exported graph (checked at load, within 1e-4); every decode step (`step` with seq = 1) runs
 the derived graph, so the step path and the fused path give identical numbers, whatever the
@@ -29,26 +29,18 @@ import onnx
 import onnxruntime as ort
 
 from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT, ContractError, ModelMetadata, read_model
-from gru_serve.engine.decode_graphs import (
-    FUSED_OUTPUTS,
-    NotAGRULanguageModel,
-    decode_graph,
-    fused_graph,
-    gru_weights,
-    rebuild_graph,
-    take_graph,
-)
+from gru_serve.engine.device_graphs import rebuild_graph, take_graph
 from gru_serve.engine.placement import Placement, profiling_options, read_profile
-from gru_serve.engine.sampling import SamplingParams, sample, uniforms
-from gru_serve.engine.scoring import StepFn
-from gru_serve.engine.tokenizer import Tokenizer, load_tokenizer
+from gru_serve.graphs.decode import decode_graph
+from gru_serve.graphs.fused import FUSED_OUTPUTS, fused_graph
+from gru_serve.graphs.weights import NotAGRULanguageModel, gru_weights
 from gru_serve.ops.errors import ModelLoadError
 from gru_serve.ops.settings import Settings
+from gru_serve.served import CPU, CUDA
+from gru_serve.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 # onnxruntime's CUDA provider turns TF32 on by default: 10-bit mantissas in every MatMul, which
 # would put the derived graphs outside the load-time check's bounds and the output off PyTorch's.
 # use_tf32 reaches cuBLAS only; cuDNN (the exported graph's GRU) keeps its default math mode,
@@ -357,6 +349,12 @@ class ModelRuntime:
         b = max((per_step[1] - per_step[0]) / 63, 0.0)
         return max(per_step[0] - b, 1e-7), b
 
+    def fused_batch(
+        self, state: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray
+    ) -> FusedBatch:
+        """A batch's fused loop, its state and sampler settings put where the model runs."""
+        return FusedBatch(self, state, temperature, top_k, top_p)
+
     def fused_step_cost(self, batch: int) -> float:
         """The measured seconds per fused step at this batch size."""
         a, b = self.fused_cost
@@ -520,7 +518,7 @@ class ModelRuntime:
         uniforms: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Feed tokens [B], then K = uniforms.shape[1] times: sample the next token with
-        uniforms[:, k] (as gru_serve.engine.sampling.sample does) and feed it. Returns time-major
+        uniforms[:, k] (as gru_serve.sampling.sample does) and feed it. Returns time-major
         sampled [K, B], step_logits [K, B, V] and step_states [K, B, L, H]: entry k is what
         follows the k-th fed token (the given one is k = 0)."""
         if self.fused_session is None:
@@ -697,70 +695,6 @@ class Decoder:
             np.copyto(self._host[self._cur], state)
         else:
             self._states[self._cur].update_inplace(np.ascontiguousarray(state, np.float32))
-
-
-# Loops for the checks that compare paths (tests, gru-export variants, the GPU check). The
-# scheduler does not use them: a bug here cannot hide the same bug in the server.
-
-
-def chained_run(
-    step: StepFn, ids: np.ndarray, state: np.ndarray, prompt_len: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Prefill ids[:, :prompt_len] in one call, then one token per call, feeding state_out back."""
-    logits, state = step(ids[:, :prompt_len], state)
-    outs = [(logits, state)]
-    for t in range(prompt_len, ids.shape[1]):
-        logits, state = step(ids[:, t : t + 1], state)
-        outs.append((logits, state))
-    return outs
-
-
-def step_generate(
-    step: StepFn, ids: list[int], state: np.ndarray, params: SamplingParams, n: int
-) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """The step path at batch 1: prefill `ids` in one call from `state` [1, L, H], then n
-    tokens, each sampled in numpy with the uniform of its position and fed in a call of its
-    own. Returns the tokens and the logits [V] and state [L, H] after the last one."""
-    logits, state = step(np.array([ids], np.int64), state)
-    logits, out = logits[:, -1], []
-    seed, t = np.array([params.seed], np.uint64), np.array([params.temperature])
-    top_k, top_p = np.array([params.top_k]), np.array([params.top_p])
-    for j in range(n):
-        tok = sample(logits, t, top_k, top_p, uniforms(seed, np.array([len(ids) + j], np.uint64)))
-        out.append(int(tok[0]))
-        logits, state = step(tok[:, None].astype(np.int64), state)
-        logits = logits[:, -1]
-    return out, logits[0], state[0]
-
-
-def fused_generate(
-    rt: ModelRuntime, prompts: list[list[int]], params: list[SamplingParams], n: int, k: int, fused=None
-) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
-    """The prompts as one batch (each prefilled alone), n tokens each, k per run of `fused`
-    (rt.fused by default; the same arguments and outputs), the first token of each run sampled
-    in numpy as the scheduler does. Returns the tokens per row and the logits [B, V] and state
-    [B, L, H] after the last ones."""
-    fused = fused or rt.fused
-    firsts = [rt.step(np.array([ids], np.int64), rt.zero_state()) for ids in prompts]
-    logits = np.stack([lg[0, -1] for lg, _ in firsts])
-    state = np.stack([st[0] for _, st in firsts])
-    t = np.array([p.temperature for p in params])
-    top_k = np.array([p.top_k for p in params], np.int64)
-    top_p = np.array([p.top_p for p in params])
-    seeds = np.array([p.seed for p in params], np.uint64)
-    pos = np.array([len(ids) for ids in prompts], np.uint64)
-    out: list[list[int]] = [[] for _ in prompts]
-    done = 0
-    while done < n:
-        tok = sample(logits, t, top_k, top_p, uniforms(seeds, pos + done))
-        kk = min(k, n - done)
-        u = np.stack([uniforms(seeds, pos + done + j) for j in range(1, kk + 1)], axis=1)
-        sampled, step_logits, step_states = fused(tok, state, t, top_k, top_p, u)
-        for r in range(len(prompts)):
-            out[r] += [int(tok[r]), *sampled[: kk - 1, r].tolist()]
-        logits, state = step_logits[kk - 1], step_states[kk - 1]
-        done += kk
-    return out, logits, state
 
 
 def load_runtime(path: Path, settings: Settings, name: str = "", front_end: bool = False) -> ModelRuntime:

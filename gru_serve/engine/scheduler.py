@@ -1,7 +1,7 @@
 """Continuous batching: one thread runs every active generation of a model.
 
 Each round samples the next token of every active job from its pending logits (vectorised,
-gru_serve.engine.sampling), hands the tokens out at once, then runs the model for the whole batch:
+gru_serve.sampling), hands the tokens out at once, then runs the model for the whole batch:
 
 - the fused path (when the runtime has it): one session.run feeds those tokens and then
   generates up to K - 1 more per job inside an ONNX Loop (decode step + the same sampler +
@@ -55,11 +55,12 @@ import numpy as np
 
 from gru_serve.engine.prefix_cache import BLOCK
 from gru_serve.engine.runtime import Decoder, FusedBatch, ModelRuntime
-from gru_serve.engine.sampling import SamplingParams, sample, uniforms
-from gru_serve.engine.scoring import token_logprobs
-from gru_serve.engine.tokenizer import PRIME_TOKENS, StopMatcher, TextStream
-from gru_serve.ops.errors import GruServeError, Internal, ResourceExhausted, Unavailable
+from gru_serve.ops.errors import Internal, ResourceExhausted, Unavailable
 from gru_serve.ops.settings import Settings
+from gru_serve.outputs import DoneEvent, Event, FailedEvent, RunDone, Tokens
+from gru_serve.sampling import SamplingParams, sample, uniforms
+from gru_serve.scoring import token_logprobs
+from gru_serve.tokenizer import PRIME_TOKENS, StopMatcher, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -69,59 +70,6 @@ FUSED_TOKENS: int = Settings.model_fields["fused_tokens"].default
 ROUND_BUDGET_S: float = Settings.model_fields["round_budget_ms"].default / 1000
 # Most prompt tokens prefilled between two rounds: the server's default.
 PREFILL_CHUNK: int = Settings.model_fields["prefill_chunk"].default
-
-
-@dataclass(slots=True)
-class Tokens:
-    """Tokens of one job made together, in order: ids, their texts, the index of the first among
-    the request's generated tokens, and log-probabilities when asked for. One object per job and
-    round (not one per token): the per-token work on the serving path is list slicing.
-
-    A token's text is its delta in the generation's text (gru_serve.engine.tokenizer.TextStream): what
-    it adds, "" while it ends inside a UTF-8 character; the texts of every chunk of a generation
-    that ends by length concatenate to the tokenizer's decoding of all its ids (the last text
-    carries whatever was held back)."""
-
-    ids: list[int]
-    texts: list[str]
-    index: int
-    logprobs: list[float] | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def extend(self, more: Tokens) -> None:
-        """Append the chunk that follows this one (token packing)."""
-        self.ids += more.ids
-        self.texts += more.texts
-        if self.logprobs is not None and more.logprobs is not None:
-            self.logprobs += more.logprobs
-
-
-@dataclass(frozen=True)
-class DoneEvent:
-    reason: str  # "length" | "stop"
-    state: np.ndarray
-    logits: np.ndarray | None
-    generated: int
-    stop: str
-    first_token_at: float | None
-
-
-@dataclass(frozen=True)
-class FailedEvent:
-    error: GruServeError
-
-
-@dataclass(frozen=True)
-class RunDone:
-    logits: np.ndarray  # [batch, seq, vocab]
-    state: np.ndarray  # [batch, layers, hidden]
-    start_ns: int  # when its first model call began and its last ended (perf_counter_ns)
-    end_ns: int
-
-
-Event = Tokens | DoneEvent | FailedEvent | RunDone
 
 
 @dataclass(eq=False)
@@ -718,7 +666,7 @@ class Scheduler:
         ).reshape(n, k)
         t0 = time.perf_counter()
         if batch.fused is None:
-            batch.fused = FusedBatch(self.runtime, batch.state(), batch.temperature, batch.top_k, batch.top_p)
+            batch.fused = self.runtime.fused_batch(batch.state(), batch.temperature, batch.top_k, batch.top_p)
         fused = batch.fused
         sampled = fused.run(tokens, u)
         self.fused_rounds += 1

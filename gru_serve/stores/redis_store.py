@@ -4,7 +4,7 @@ Keys (PREFIX defaults to ``gru:``):
 
 - ``PREFIX s:{id}``      a hash: the record. ``fmt`` (format version), ``model``, ``hash`` (model
   hash), ``owner``, ``tokens_seen``, ``created``, ``last_used`` (repr floats, exact),
-  ``version``, ``state`` and ``logits`` as raw little-endian float32 bytes with their shapes
+  ``version``, ``state`` and ``logits`` by gru_serve.state's codec with their shapes
   (``logits`` absent: None), ``checkpoints`` (sessions.pack_checkpoints; absent: none, so the
   field is an addition within format 1: older records read as sessions without turns).
   Written whole, in one Lua script, so no reader ever sees half a session. Its Redis expiry is
@@ -15,7 +15,7 @@ Keys (PREFIX defaults to ``gru:``):
 - ``PREFIX gone:{id}``   a tombstone, ``expired|OWNER`` or ``evicted|OWNER``, written with every
   create and commit and living a day longer than the session: a missing session with a
   tombstone has expired (or was evicted), one without is unknown. Delete removes both.
-- ``PREFIX pfx:{key}``   a prefix state (gru_serve.engine.prefix_cache): the raw float32 state then
+- ``PREFIX pfx:{key}``   a prefix state (gru_serve.engine.prefix_cache): the state then
   logits after a zero-state prompt's first whole blocks, keyed by their hash chain; written by
   the replica that prefilled them, read by any on a local miss. No expiry, so Redis's
   ``volatile-*`` eviction never takes them and they never push sessions out: ``PREFIX pfx-lru``
@@ -74,6 +74,7 @@ from gru_serve.ops.errors import (
     VersionConflict,
     WrongModel,
 )
+from gru_serve.state import StateSpec, array_from_bytes, to_bytes
 from gru_serve.stores.sessions import (
     SessionRecord,
     SessionStore,
@@ -89,7 +90,6 @@ FORMAT = b"1"
 DAY_MS = 86_400_000
 # Per prefix block, beside its value: its key, the string object and the LRU index's entry.
 PREFIX_OVERHEAD = 320
-DTYPE = "<f4"
 
 _NOW = """
 local t = redis.call('TIME')
@@ -329,8 +329,8 @@ return {redis.call('ZCARD', KEYS[1]), expired}
 
 
 def encode(rec: SessionRecord) -> list[bytes | str]:
-    """The record as hash fields: metadata as text, arrays as raw float32 bytes."""
-    state = np.ascontiguousarray(rec.state, dtype=DTYPE)
+    """The record as hash fields: metadata as text, arrays by gru_serve.state's codec."""
+    spec = StateSpec.like(rec.state)
     fields: dict[str, bytes | str] = {
         "fmt": FORMAT,
         "model": rec.model,
@@ -340,21 +340,15 @@ def encode(rec: SessionRecord) -> list[bytes | str]:
         "created": repr(float(rec.created)),
         "last_used": repr(float(rec.last_used)),
         "version": str(rec.version),
-        "state_shape": ",".join(map(str, state.shape)),
-        "state": state.tobytes(),
+        "state_shape": spec.describe(),
+        "state": to_bytes(rec.state),
     }
     if rec.logits is not None:
-        logits = np.ascontiguousarray(rec.logits, dtype=DTYPE)
-        fields["logits_shape"] = ",".join(map(str, logits.shape))
-        fields["logits"] = logits.tobytes()
+        fields["logits_shape"] = ",".join(map(str, np.shape(rec.logits)))
+        fields["logits"] = to_bytes(rec.logits)
     if rec.checkpoints:
-        fields["checkpoints"] = pack_checkpoints(rec.checkpoints)
+        fields["checkpoints"] = pack_checkpoints(rec.checkpoints, spec)
     return [x for kv in fields.items() for x in kv]
-
-
-def _array(data: bytes, shape: bytes) -> np.ndarray:
-    dims = tuple(int(d) for d in shape.decode().split(",") if d)
-    return np.frombuffer(data, dtype=DTYPE).reshape(dims).astype(np.float32)
 
 
 def decode(session_id: str, flat: list[bytes]) -> SessionRecord:
@@ -365,18 +359,21 @@ def decode(session_id: str, flat: list[bytes]) -> SessionRecord:
             f"session '{session_id}' is stored in format {fmt.decode(errors='replace')}; this server "
             f"reads format {FORMAT.decode()} (run one gru-serve version against a store)"
         )
-    logits = _array(f[b"logits"], f[b"logits_shape"]) if b"logits" in f else None
-    state = _array(f[b"state"], f[b"state_shape"])
+    logits = None
+    if b"logits" in f:
+        dims = [int(d) for d in f[b"logits_shape"].decode().split(",") if d]
+        logits = array_from_bytes(f[b"logits"], dims, "logits")
+    spec = StateSpec.parse(f[b"state_shape"].decode())
     # Checkpoints share the record's shapes; one with logits implies a record with logits (text
     # seen stays seen: rewinding to before the first text drops every later checkpoint).
     vocab = 0 if logits is None else logits.shape[-1]
-    checkpoints = unpack_checkpoints(f.get(b"checkpoints", b""), state.shape, vocab)
+    checkpoints = unpack_checkpoints(f.get(b"checkpoints", b""), spec, vocab)
     return SessionRecord(
         session_id=session_id,
         model=f[b"model"].decode(),
         model_hash=f[b"hash"].decode(),
         owner=f[b"owner"].decode(),
-        state=state,
+        state=spec.from_bytes(f[b"state"]),
         logits=logits,
         tokens_seen=int(f[b"tokens_seen"]),
         created=float(f[b"created"]),

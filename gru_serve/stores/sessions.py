@@ -28,6 +28,7 @@ from gru_serve.ops.errors import (
     SessionNotFound,
     VersionConflict,
 )
+from gru_serve.state import DTYPE, State, StateSizeError, StateSpec, logits_from_bytes, tensors, to_bytes
 
 Clock = Callable[[], float]
 
@@ -49,7 +50,7 @@ class Checkpoint:
 
     turn: int  # 0: the session's creation; each committed request adds one
     tokens_seen: int
-    state: np.ndarray
+    state: State
     logits: np.ndarray | None
     committed: float  # wall-clock time
 
@@ -57,29 +58,32 @@ class Checkpoint:
 _CHECKPOINT_HEAD = struct.Struct("<IQd?")  # turn, tokens_seen, committed, has logits
 
 
-def pack_checkpoints(checkpoints: tuple[Checkpoint, ...]) -> bytes:
-    """Checkpoints as bytes for a store: per checkpoint a fixed header, then the raw float32
-    state and logits. Shapes are the record's own (every checkpoint of a session shares them)."""
+def pack_checkpoints(checkpoints: tuple[Checkpoint, ...], spec: StateSpec) -> bytes:
+    """Checkpoints as bytes for a store: per checkpoint a fixed header, then the state and logits
+    (gru_serve.state's codec). Shapes are the record's own (every checkpoint of a session shares
+    them): a checkpoint of another spec is refused here, not misread later."""
     out = bytearray()
     for c in checkpoints:
+        if (own := tuple(a.shape for a in tensors(c.state))) != spec.shapes:
+            raise StateSizeError(f"checkpoint {c.turn}: state of shapes {own}, the record's {spec.shapes}")
         out += _CHECKPOINT_HEAD.pack(c.turn, c.tokens_seen, c.committed, c.logits is not None)
-        out += np.ascontiguousarray(c.state, "<f4").tobytes()
+        out += to_bytes(c.state)
         if c.logits is not None:
-            out += np.ascontiguousarray(c.logits, "<f4").tobytes()
+            out += to_bytes(c.logits)
     return bytes(out)
 
 
-def unpack_checkpoints(data: bytes, state_shape: tuple[int, ...], vocab: int) -> tuple[Checkpoint, ...]:
-    out, at = [], 0
-    state_bytes, logits_bytes = 4 * int(np.prod(state_shape)), 4 * vocab
+def unpack_checkpoints(data: bytes, spec: StateSpec, vocab: int) -> tuple[Checkpoint, ...]:
+    out, at, view = [], 0, memoryview(data)
+    logits_bytes = DTYPE.itemsize * vocab
     while at < len(data):
         turn, seen, committed, has_logits = _CHECKPOINT_HEAD.unpack_from(data, at)
         at += _CHECKPOINT_HEAD.size
-        state = np.frombuffer(data, "<f4", state_bytes // 4, at).reshape(state_shape).astype(np.float32)
-        at += state_bytes
+        state = spec.from_bytes(view[at : at + spec.nbytes])
+        at += spec.nbytes
         logits = None
         if has_logits:
-            logits = np.frombuffer(data, "<f4", vocab, at).astype(np.float32)
+            logits = logits_from_bytes(view[at : at + logits_bytes], vocab)
             at += logits_bytes
         out.append(Checkpoint(turn, seen, state, logits, committed))
     return tuple(out)
@@ -91,7 +95,7 @@ class SessionRecord:
     model: str
     model_hash: str
     owner: str
-    state: np.ndarray  # [layers, hidden] float32, after every token seen
+    state: State  # after every token seen (gru_serve.state)
     logits: np.ndarray | None  # [vocab] float32: the next token's distribution; None before any text
     tokens_seen: int
     created: float
@@ -112,7 +116,7 @@ class SessionRecord:
 
     def advanced(
         self,
-        state: np.ndarray,
+        state: State,
         logits: np.ndarray | None,
         consumed: int,
         now: float,

@@ -6,8 +6,8 @@ Redis stores': leases, versioned commits, expiry by TTL told apart from "unknown
 tombstones, eviction of the least recently committed idle session at ``max_sessions`` (the
 order the Redis store uses), and of an owner's own at ``max_per_owner``.
 
-Tables: ``sessions`` (one row a session: metadata, ``state`` and ``logits`` as raw
-little-endian float32 with the state's shape, the checkpoints packed by
+Tables: ``sessions`` (one row a session: metadata, ``state`` and ``logits`` by gru_serve.state's
+codec with the state's shape, the checkpoints packed by
 ``gru_serve.stores.sessions.pack_checkpoints``, and ``expires`` = last_used + TTL, indexed: expiry
 and LRU order) and ``tombstones`` (id, 'expired' | 'evicted', owner, until: a day after the
 session would have expired; at most TOMBSTONES_PER_SESSION x max_sessions, the oldest dropped).
@@ -43,8 +43,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
 
-import numpy as np
-
 from gru_serve.ops.errors import (
     ResourceExhausted,
     SessionBusy,
@@ -53,6 +51,7 @@ from gru_serve.ops.errors import (
     Unavailable,
     VersionConflict,
 )
+from gru_serve.state import StateSpec, logits_from_bytes, to_bytes
 from gru_serve.stores.sessions import (
     Clock,
     SessionRecord,
@@ -72,7 +71,6 @@ DAY_S = 86_400.0
 TOMBSTONES_PER_SESSION = 4
 SHRINK_PAGES = 256  # free pages (1 MiB of 4 KiB pages) a write leaves before the file is shrunk
 WAL_LIMIT_BYTES = 16 << 20  # the WAL file is cut back to this after a checkpoint
-DTYPE = "<f4"
 
 COLUMNS = (
     "id",
@@ -110,7 +108,7 @@ SELECT = f"SELECT {', '.join(COLUMNS)} FROM sessions WHERE id = ?"
 
 def encode(rec: SessionRecord, ttl_s: float) -> tuple:
     """The record as a sessions row. Floats are stored as SQLite REALs (8-byte IEEE): exact."""
-    state = np.ascontiguousarray(rec.state, DTYPE)
+    spec = StateSpec.like(rec.state)
     # Checkpoints need the vocabulary size to unpack, and the record's own logits may be None.
     sizes = [x.size for x in (rec.logits, *(c.logits for c in rec.checkpoints)) if x is not None]
     return (
@@ -122,30 +120,30 @@ def encode(rec: SessionRecord, ttl_s: float) -> tuple:
         float(rec.created),
         float(rec.last_used),
         rec.version,
-        state.tobytes(),
-        ",".join(map(str, state.shape)),
-        None if rec.logits is None else np.ascontiguousarray(rec.logits, DTYPE).tobytes(),
+        to_bytes(rec.state),
+        spec.describe(),
+        None if rec.logits is None else to_bytes(rec.logits),
         sizes[0] if sizes else 0,
-        pack_checkpoints(rec.checkpoints),
+        pack_checkpoints(rec.checkpoints, spec),
         float(rec.last_used) + ttl_s,
     )
 
 
 def decode(row: tuple) -> SessionRecord:
     sid, model, hash_, owner, seen, created, last_used, version, state, shape, logits, vocab, cps, _ = row
-    dims = tuple(int(d) for d in shape.split(",") if d)
+    spec = StateSpec.parse(shape)
     return SessionRecord(
         session_id=sid,
         model=model,
         model_hash=hash_,
         owner=owner,
-        state=np.frombuffer(state, DTYPE).reshape(dims).astype(np.float32),
-        logits=None if logits is None else np.frombuffer(logits, DTYPE).astype(np.float32),
+        state=spec.from_bytes(state),
+        logits=None if logits is None else logits_from_bytes(logits, vocab),
         tokens_seen=seen,
         created=created,
         last_used=last_used,
         version=version,
-        checkpoints=unpack_checkpoints(cps, dims, vocab),
+        checkpoints=unpack_checkpoints(cps, spec, vocab),
     )
 
 
