@@ -123,7 +123,7 @@ class Sequences:
         try:
             if rec.owner != owner:  # cannot happen (the id hashes the owner); kept as a guard
                 raise PermissionDenied(f"{seq.describe(rt.name)} belongs to another client")
-            self.service._session_runtime(rec, rt.name)
+            self.service.sessions.runtime_of(rec, rt.name)
         except Exception:
             await self.service.store.release(sid)
             raise
@@ -136,7 +136,7 @@ class Sequences:
             return await self._acquire(rt, seq, owner), False
         store = self.service.store
         sid = self._session_id(rt, seq, owner)
-        fresh = self.service._fresh(rt, owner, sid)
+        fresh = self.service.sessions.fresh(rt, owner, sid)
         try:
             old = await store.acquire(sid)
         except (SessionNotFound, SessionExpired):

@@ -2,7 +2,7 @@
 
 Layout (little-endian): magic, format version (u16), header length (u32), body length (u32),
 a JSON header (model, model hash, tokens seen, shapes, times, key id, tokenizer state, owner
-tag), the body (the state, then the logits if any, as float32), then HMAC-SHA256 over
+tag), the body (the state, then the logits if any, by gru_serve.state's codec), then HMAC-SHA256 over
 everything before it. The lengths sit in the fixed prefix so that a blob is checked for
 truncation and then for its signature before any of it is parsed. A blob is accepted for
 max_age_s after its export; the owner tag (a keyed hash of the exporter's principal: the blob
@@ -23,6 +23,7 @@ import numpy as np
 
 from gru_serve.ops.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from gru_serve.ops.settings import Settings, read_secrets
+from gru_serve.state import DTYPE, State, StateSpec, logits_from_bytes, to_bytes
 
 MAGIC = b"GRUSNAP\0"
 FORMAT_VERSION = 1
@@ -40,7 +41,7 @@ class Snapshot:
     model: str
     model_hash: str
     tokens_seen: int
-    state: np.ndarray  # [layers, hidden] float32
+    state: State  # gru_serve.state
     logits: np.ndarray | None  # [vocab] float32; None before any text
     created: float  # when the session was created
     exported: float = 0.0  # when the blob was sealed (set by seal)
@@ -76,17 +77,15 @@ def _owner_tag(key: bytes, owner: str) -> str:
 
 def seal(snap: Snapshot, keys: tuple[bytes, ...], now: float | None = None) -> bytes:
     require_keys(keys)
-    state = np.ascontiguousarray(snap.state, "<f4")
-    logits = None if snap.logits is None else np.ascontiguousarray(snap.logits, "<f4")
-    body = state.tobytes() + (b"" if logits is None else logits.tobytes())
+    body = to_bytes(snap.state) + (b"" if snap.logits is None else to_bytes(snap.logits))
     header = json.dumps(
         {
             "model": snap.model,
             "model_hash": snap.model_hash,
             "tokens_seen": snap.tokens_seen,
             "dtype": "float32-le",
-            "state_shape": list(state.shape),
-            "logits": None if logits is None else len(logits),
+            "state_shape": StateSpec.like(snap.state).to_json(),
+            "logits": None if snap.logits is None else int(np.size(snap.logits)),
             "created": snap.created,
             "exported": time.time() if now is None else now,
             "key_id": key_id(keys[0]),
@@ -135,16 +134,16 @@ def open_(
     _check_age(h["exported"], time.time() if now is None else now, max_age_s)
     if owner is not None:
         _check_owner(h.get("owner"), _owner_tag(key, owner))
-    body = np.frombuffer(data, "<f4", offset=_PREFIX.size + header_len).astype(np.float32)
-    n_state = int(np.prod(h["state_shape"]))
-    if len(body) != n_state + (h["logits"] or 0):
+    spec = StateSpec.from_json(h["state_shape"])
+    body = memoryview(data)[_PREFIX.size + header_len :]
+    if len(body) != spec.nbytes + DTYPE.itemsize * (h["logits"] or 0):
         raise InvalidArgument("snapshot: its body does not match the shapes in its header")
     return Snapshot(
         h["model"],
         h["model_hash"],
         h["tokens_seen"],
-        body[:n_state].reshape(h["state_shape"]),
-        None if h["logits"] is None else body[n_state:],
+        spec.from_bytes(body[: spec.nbytes]),
+        None if h["logits"] is None else logits_from_bytes(body[spec.nbytes :], h["logits"]),
         h["created"],
         h["exported"],
         h["key_id"],
