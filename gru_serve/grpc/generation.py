@@ -9,21 +9,16 @@ from collections.abc import AsyncIterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gru_serve.core.service import (
-    ChoiceFinished,
-    Finished,
-    GenerateRequest,
-    GenerationService,
-    Progress,
-    SessionInfo,
-)
-from gru_serve.engine.sampling import SamplingParams
-from gru_serve.engine.scheduler import Tokens
+from gru_serve.core.generation import ChoiceFinished, Finished, GenerateRequest, Progress, Started
+from gru_serve.core.service import GenerationService
+from gru_serve.core.sessions import SessionInfo
 from gru_serve.grpc.auth import owner_of
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.grpc.status import grpc_errors
 from gru_serve.ops.errors import InvalidArgument
+from gru_serve.outputs import Tokens
+from gru_serve.sampling import SamplingParams
 
 FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,
@@ -88,15 +83,18 @@ def finished_pb(f: Finished) -> pb.Finished:
     )
 
 
-def choice_pb(choice: int, ev: Tokens | ChoiceFinished) -> pb.GenerateResponse:
-    """A fan-out event as a response message, marked with its choice."""
+def response_pb(choice: int, ev: Tokens | Finished) -> pb.GenerateResponse:
+    """An event as a response message, marked with its choice (a single choice's 0 and a plain
+    Finished's fan-out fields are proto3 defaults: not on the wire)."""
     if isinstance(ev, Tokens):
         tokens = tokens_pb(ev)
         for t in tokens:
             t.choice = choice
         return pb.GenerateResponse(tokens=tokens)
     fin = finished_pb(ev)
-    fin.choice, fin.committed, fin.logprob_sum = choice, ev.committed, ev.logprob_sum
+    fin.choice = choice
+    if isinstance(ev, ChoiceFinished):
+        fin.committed, fin.logprob_sum = ev.committed, ev.logprob_sum
     return pb.GenerateResponse(finished=fin)
 
 
@@ -153,8 +151,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, req: GenerateRequest, owner: str, progress: Progress | None = None
     ) -> AsyncIterator[Tokens | Finished]:
         async with contextlib.aclosing(self.service.generate(req, owner, progress)) as events:
-            async for ev in events:
-                yield ev
+            async for _, ev in events:
+                if not isinstance(ev, Started):
+                    yield ev
 
     @grpc_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
@@ -167,18 +166,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             request.model,
             request.snapshot,
         )
-        if request.n > 1 or request.HasField("commit") or request.best_of:
-            commit = request.commit if request.HasField("commit") else None
-            fan_out = self.service.fan_out(req, request.n, commit, request.best_of, owner_of(context))
-            async with contextlib.aclosing(fan_out) as events:
-                async for choice, ev in events:
-                    yield choice_pb(choice, ev)
-            return
-        async for ev in self._stream(req, owner_of(context)):
-            if isinstance(ev, Tokens):
-                yield pb.GenerateResponse(tokens=tokens_pb(ev))
-            else:
-                yield pb.GenerateResponse(finished=finished_pb(ev))
+        commit = request.commit if request.HasField("commit") else None
+        req = dataclasses.replace(req, n=request.n or 1, commit=commit, best_of=request.best_of)
+        async with contextlib.aclosing(self.service.generate(req, owner_of(context))) as events:
+            async for choice, ev in events:
+                if not isinstance(ev, Started):
+                    yield response_pb(choice, ev)
 
     @grpc_errors
     async def Converse(

@@ -1,4 +1,5 @@
-"""The server interceptor: bearer-token authentication, request ids, access log, metrics."""
+"""The server interceptor: bearer-token authentication and the drain (gru_serve.ops.gate), request
+ids, access log, metrics."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import grpc
 
 from gru_serve.grpc.auth import decide_caller, set_caller
 from gru_serve.ops import errors
-from gru_serve.ops.auth import ANONYMOUS, Caller, Tokens
+from gru_serve.ops.auth import ANONYMOUS, Caller
+from gru_serve.ops.gate import DRAINING, REFUSED_HEADER, Gate
 from gru_serve.ops.logs import request_id
 from gru_serve.ops.metrics import Metrics
 
@@ -27,35 +29,16 @@ OPEN_METHODS = (
     "/inference.GRPCInferenceService/ServerReady",
 )
 
-# Sent with every call a draining server refuses before doing any work: a load balancer may
-# replay exactly these on another replica (docker/envoy.yaml retries on it).
-REFUSED_HEADER = "x-gru-serve-refused"
-NO_TOKENS = Tokens()  # authentication off
-
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics, tokens: Tokens = NO_TOKENS) -> None:
+    def __init__(self, metrics: Metrics, gate: Gate) -> None:
         self.metrics = metrics
-        self.tokens = tokens  # shared with the HTTP front end
-        self.draining = False  # set by the server's drain: new calls are refused
-        self.in_flight = 0  # calls being served, health checks aside
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def enter(self) -> None:
-        """A call (of any transport) begins: a drain waits for it."""
-        self.in_flight += 1
-        self.idle.clear()
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        if not self.in_flight:
-            self.idle.set()
+        self.gate = gate  # shared with the HTTP front end
 
     def _caller(self, method: str, metadata) -> tuple[Caller, str]:
         """Who calls, or why the call is refused (probes are never refused)."""
         try:
-            return decide_caller(metadata, self.tokens), ""
+            return decide_caller(metadata, self.gate.tokens), ""
         except errors.Unauthenticated as e:
             return ANONYMOUS, "" if method.startswith(OPEN_METHODS) else str(e)
 
@@ -85,22 +68,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             peer = context.peer()  # not after the call ends: a finished call's context may be gone
             request_id.set(rid)
             set_caller(caller)  # in this call's task: its handler reads it (gru_serve.grpc.auth)
-            if self.draining and not method.startswith(HEALTH):
+            if self.gate.draining and not method.startswith(HEALTH):
                 await context.send_initial_metadata((("x-request-id", rid), (REFUSED_HEADER, "draining")))
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, "the server is draining: retry on another replica"
-                )
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
             await context.send_initial_metadata((("x-request-id", rid),))
             if refusal:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
             if not method.startswith(HEALTH):
                 counted = True
-                self.enter()
+                self.gate.enter()
             return time.perf_counter()
 
         def end(context: grpc.aio.ServicerContext, t0: float, error: BaseException | None) -> None:
             if counted:
-                self.leave()
+                self.gate.leave()
             if isinstance(error, asyncio.CancelledError):
                 code = grpc.StatusCode.CANCELLED
             elif error is not None and not isinstance(error, grpc.aio.AbortError):

@@ -8,66 +8,34 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 
-from gru_serve.grpc.interceptors import REFUSED_HEADER  # a drain refused this before any work
+from gru_serve.http import inference_api, openai_api, playground, repository_api, sessions_api
+from gru_serve.http.common import CALLER, BodyTooLarge, HttpFront, error_body, error_response
 from gru_serve.ops import errors
-from gru_serve.ops.auth import ANONYMOUS, Caller, authenticate
-from gru_serve.ops.errors import InvalidArgument, PermissionDenied, UnsupportedMediaType
+from gru_serve.ops.auth import ANONYMOUS, authenticate
+from gru_serve.ops.errors import PermissionDenied, UnsupportedMediaType
+from gru_serve.ops.gate import DRAINING, REFUSED_HEADER  # a drain refused this before any work
 from gru_serve.ops.logs import request_id
 
-if TYPE_CHECKING:
-    from gru_serve.core.service import GenerationService
-    from gru_serve.grpc.inference import InferenceServicer
-    from gru_serve.grpc.interceptors import ServerInterceptor
-    from gru_serve.ops.metrics import Metrics
-
 log = logging.getLogger("gru_serve.access")
-M = TypeVar("M", bound=BaseModel)
 
 # Probes and the playground page itself need no token (the page sends the one typed into it).
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/", "/playground.js", "/playground.css")
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # else OTHER
-CALLER = "gru_serve.caller"  # the scope key of the Caller that Front decided
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 # What a POST body may be with authentication off. A web page can post the CORS-safelisted
 # types (text/plain, forms) to any origin without asking; no type at all (tritonclient.http,
 # curl -X POST) stays accepted, as the Origin check refuses pages that send a body without one.
 POST_TYPES = ("application/json", "application/octet-stream")
-MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a JSON body (the API's own nest 5 deep)
-
-
-@dataclass
-class HttpFront:
-    """What the HTTP routes share with gRPC: one engine, one sessions store, one inference
-    protocol core, one auth and drain gate."""
-
-    service: GenerationService
-    inference: InferenceServicer
-    metrics: Metrics
-    gate: ServerInterceptor  # accepted tokens, draining, in-flight count (shared with gRPC)
-    max_body_bytes: int
-
-
-def caller(request: Request) -> Caller:
-    """Who makes this request, as Front decided it (handlers never read credentials)."""
-    return request.scope[CALLER]
-
-
-def owner(request: Request) -> str:
-    """The principal that owns what this request creates ('' when anonymous)."""
-    return caller(request).principal
 
 
 def allowed_hosts(host: str, configured: tuple[str, ...]) -> list[str]:
@@ -98,101 +66,6 @@ def browser_refusal(headers: dict[str, str]) -> errors.GruServeError | None:
             "(any page a browser shows can post this type to the server)"
         )
     return None
-
-
-def nesting(data: Any) -> int:
-    """How deep JSON arrays and objects nest (0 for a scalar), level by level: no recursion."""
-    depth, level = 0, [data]
-    while level := [c for c in level if isinstance(c, dict | list)]:
-        depth += 1
-        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c)]
-    return depth
-
-
-def load_json(raw: bytes) -> Any:
-    """A JSON body, refused past MAX_JSON_DEPTH (json's C parser recurses: much deeper nesting
-    exhausts the interpreter's stack)."""
-    too_deep = InvalidArgument(
-        f"the request body nests JSON arrays and objects deeper than {MAX_JSON_DEPTH} levels"
-    )
-    try:
-        data = json.loads(raw)
-    except RecursionError:
-        raise too_deep from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"the request body is not valid JSON: {e}") from e
-    if nesting(data) > MAX_JSON_DEPTH:
-        raise too_deep
-    return data
-
-
-def openai_style(path: str) -> bool:
-    return path.startswith("/v1/")
-
-
-def error_body(path: str, code: str, status: int, message: str) -> dict[str, Any]:
-    """OpenAI's error shape under /v1 (what the openai client reads); Triton's elsewhere."""
-    if openai_style(path):
-        return {"error": {"message": message, "type": code.lower(), "code": code, "param": None}}
-    return {"error": message}
-
-
-def error_response(request: Request, error: BaseException) -> JSONResponse:
-    code, status, message = errors.public(error)
-    return JSONResponse(error_body(request.url.path, code, status, message), status_code=status)
-
-
-def sse_error(path: str, error: BaseException) -> str:
-    """An error inside an event stream (the status line has gone out): one `error` event."""
-    code, status, message = errors.public(error)
-    return sse_event(error_body(path, code, status, message))
-
-
-def sse_event(data: dict[str, Any] | str) -> str:
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {text}\n\n"
-
-
-def event_stream(path: str, events: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events. An error after the first event is sent as an event; when the client
-    goes away Starlette cancels the iterator, whose cleanup releases the session unchanged."""
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield event
-        except Exception as e:
-            yield sse_error(path, e)
-
-    headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
-
-async def parse_body(request: Request, model: type[M]) -> M:
-    """The JSON body as `model`; malformed JSON, a wrong type or an unknown field is
-    InvalidArgument naming the field."""
-    data = load_json(await request.body())
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"the request body must be a JSON object, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        message = first["msg"].removeprefix("Value error, ")  # a validator's own message
-        raise InvalidArgument(f"{field}: {message}") from e
-
-
-async def optional_body(request: Request, model: type[M]) -> M:
-    """parse_body, except that an empty body (curl -X POST, tritonclient.http's index request)
-    is the model's defaults."""
-    if not (await request.body()).strip():
-        return model()
-    return await parse_body(request, model)
-
-
-class BodyTooLarge(errors.GruServeError):
-    pass
 
 
 class Front:
@@ -275,7 +148,7 @@ class Front:
             message = await limited_receive()
             if message["type"] == "http.request" and not message.get("more_body", False) and not counted:
                 if gate.draining:  # the drain began while the body arrived: no work done yet
-                    raise errors.Unavailable("the server is draining: retry on another replica")
+                    raise errors.Unavailable(DRAINING)
                 count()
             return message
 
@@ -284,12 +157,7 @@ class Front:
             csrf = None if gate.tokens.on or method != "POST" else browser_refusal(headers)
             declared = headers.get("content-length", "")
             if gate.draining and not path.startswith("/v2/health"):
-                await reply(
-                    "UNAVAILABLE",
-                    503,
-                    "the server is draining: retry on another replica",
-                    ((REFUSED_HEADER.encode(), b"draining"),),
-                )
+                await reply("UNAVAILABLE", 503, DRAINING, ((REFUSED_HEADER.encode(), b"draining"),))
             elif refused is not None:
                 code, http, text = errors.public(refused)
                 await reply(code, http, text, ((b"www-authenticate", b"Bearer"),) if http == 401 else ())
@@ -333,8 +201,6 @@ class Front:
 
 
 def build_app(front: HttpFront) -> Callable:
-    from gru_serve.http import inference_api, openai_api, playground, repository_api, sessions_api
-
     routes = [
         *openai_api.routes(front),
         *sessions_api.routes(front),

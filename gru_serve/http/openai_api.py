@@ -17,14 +17,15 @@ POST /v1/completions
     max_tokens   default settings.default_new_tokens, at most settings.max_new_tokens
     temperature  OpenAI's default 1.0 when omitted (gRPC's is 0); 0 is greedy
     top_p, seed  as gRPC's sampling; no seed: a random one (reported in the extension object).
-                 temperature and top_p are taken at gRPC's float32 precision, so a request
-                 samples the same tokens over either transport
+                 temperature and top_p are taken at gRPC's float32 precision (as every
+                 transport's gru_serve.sampling.SamplingParams), so a request samples the
+                 same tokens over either transport
     stop         a string or a list of up to 4 strings
     logprobs     null/0, or 1: the chosen token's log-probability (the server computes no
                  alternatives, so more than 1 is refused); the choice's `logprobs` is then
                  {tokens, token_logprobs, top_logprobs (one {token: logprob} per token),
                  text_offset (each token's character offset in the choice's text)}
-    n            1..gru_serve.core.service.MAX_CHOICES choices of one state; choice i is sampled
+    n            1..gru_serve.core.generation.MAX_CHOICES choices of one state; choice i is sampled
                  with seed + i (gRPC's fan-out). On a session the session is left unchanged:
                  gRPC's `commit` has no OpenAI field
     stream, stream_options.include_usage
@@ -63,28 +64,25 @@ import base64
 import binascii
 import contextlib
 import itertools
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gru_serve.core.service import MAX_CHOICES, Finished, GenerateRequest, GenerationService
-from gru_serve.core.snapshots import open_
-from gru_serve.engine.sampling import SamplingParams
-from gru_serve.engine.scheduler import Tokens
-from gru_serve.http.app import HttpFront, event_stream, owner, parse_body, sse_event
+from gru_serve.core.generation import Finished, GenerateRequest, Started
+from gru_serve.core.service import GenerationService
+from gru_serve.http.common import HttpFront, event_stream, owner, parse_body, sse_event
 from gru_serve.ops.errors import InvalidArgument, NotFound
+from gru_serve.outputs import Tokens
+from gru_serve.sampling import SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 CHAT_TEMPLATE_KEY = "gru_serve.chat_template"
 
 
@@ -184,26 +182,13 @@ def unsupported(body: CompletionRequest) -> str:
     return ""
 
 
-def float32(x: float) -> float:
-    """x at the precision of gRPC's float fields, so both transports sample alike (and a
-    temperature too small for float32 is 0, greedy, as over gRPC). Out of range: as given,
-    for the range check to report."""
-    if not math.isfinite(x) or abs(x) > FLOAT32_MAX:
-        return x
-    return float(np.float32(x))
-
-
 def plan(body: CompletionRequest, service: GenerationService) -> Plan:
     """Every field checked; a bad one raises InvalidArgument naming it."""
     if why := unsupported(body):
         raise InvalidArgument(why)
-    limit = service.settings.max_new_tokens
-    max_tokens = service.settings.default_new_tokens if body.max_tokens is None else body.max_tokens
-    if not 0 <= max_tokens <= limit:
-        raise InvalidArgument(f"max_tokens must be in [0, {limit}] (max_new_tokens), got {max_tokens}")
+    # max_tokens and n are checked where every transport's requests are (the core's
+    # GenerateRequest), with one message each.
     n = 1 if body.n is None else body.n
-    if not 1 <= n <= MAX_CHOICES:
-        raise InvalidArgument(f"n must be in [1, {MAX_CHOICES}], got {n}")
     logprobs = body.logprobs or 0
     if logprobs < 0:
         raise InvalidArgument(f"logprobs must be 0 or 1, got {logprobs}")
@@ -222,9 +207,9 @@ def plan(body: CompletionRequest, service: GenerationService) -> Plan:
             raise InvalidArgument("snapshot: empty")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     sampling = SamplingParams.checked(
-        temperature=float32(1.0 if body.temperature is None else body.temperature),
+        temperature=1.0 if body.temperature is None else body.temperature,
         top_k=body.top_k,
-        top_p=None if body.top_p is None else float32(body.top_p),
+        top_p=body.top_p,
         seed=body.seed,
         stop=stop,
     )
@@ -232,42 +217,15 @@ def plan(body: CompletionRequest, service: GenerationService) -> Plan:
     req = GenerateRequest(
         session_id=body.session_id or "",
         prompt=prompt,
-        max_new_tokens=max_tokens,
+        max_new_tokens=body.max_tokens,
         sampling=sampling,
         return_logprobs=logprobs == 1,
         model=body.model or "",
         snapshot=snapshot,
+        n=n,
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return Plan(req, n, bool(body.stream), include_usage, body.snapshot is not None)
-
-
-async def served_model(service: GenerationService, req: GenerateRequest, who: str) -> str:
-    """The name of the model that will serve a request, for the reply's `model` (the engine's
-    events do not carry it). An unknown or foreign session fails here as it would in the engine."""
-    if req.model:
-        return service.runtime(req.model).name
-    if req.session_id:
-        return (await service.get_session(req.session_id, who)).model
-    if req.snapshot:
-        return open_(req.snapshot, service.snapshot_keys).model
-    return service.default_model
-
-
-async def choice_events(
-    service: GenerationService, p: Plan, who: str
-) -> AsyncIterator[tuple[int, Tokens | Finished]]:
-    """(choice, event) from the engine: one choice through generate, several through fan_out.
-    Closing this closes the engine's generator, whose cleanup cancels the job and releases the
-    session unchanged."""
-    if p.n == 1:
-        async with contextlib.aclosing(service.generate(p.req, who)) as events:
-            async for ev in events:
-                yield 0, ev
-    else:
-        async with contextlib.aclosing(service.fan_out(p.req, p.n, owner=who)) as fanned:
-            async for item in fanned:
-                yield item
 
 
 @dataclass
@@ -388,18 +346,20 @@ def routes(front: HttpFront) -> list[BaseRoute]:
 
     async def completions(request: Request) -> Response:
         p = plan(await parse_body(request, CompletionRequest), service)
-        who = owner(request)
-        reply = Completion(p, await served_model(service, p.req, who))
-        events = choice_events(service, p, who)
-        if not p.stream:
-            return JSONResponse(await reply.whole(events))
-        # The first event is awaited here, so an error found before any token (a bad field,
+        # (choice, event); closing it cancels the jobs and releases the session unchanged.
+        events = service.generate(p.req, owner(request))
+        # The first events are awaited here, so an error found before any token (a bad field,
         # an unknown or busy session) is the reply's status rather than an event after a 200.
         try:
-            first = await anext(events)
+            _, started = await anext(events)
+            assert isinstance(started, Started)  # it names the model, for the reply's `model`
+            first = await anext(events) if p.stream else None
         except BaseException:
             await events.aclose()
             raise
+        reply = Completion(p, started.model)
+        if not p.stream:
+            return JSONResponse(await reply.whole(events))
         return event_stream(request.url.path, reply.stream(first, events))
 
     async def chat_completions(request: Request) -> Response:

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gru_serve.http.app import HttpFront
+from gru_serve.http.common import HttpFront
 
 STATIC = Path(__file__).parent / "static"
 

@@ -1,5 +1,5 @@
 """Triton's statistics and model repository extensions over HTTP/REST, answered by the same
-core as gRPC (gru_serve.grpc.inference, gru_serve.core.repository).
+data plane as gRPC (gru_serve.oip.dataplane, gru_serve.core.repository).
 
     GET  /v2/models/stats                        every model's statistics
     GET  /v2/models/{m}[/versions/{v}]/stats     one model's: {"model_stats": [$model_stat]}, in
@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gru_serve.http.app import HttpFront, caller, optional_body
+from gru_serve.http.common import HttpFront, caller, optional_body
 
 
 class IndexBody(BaseModel):
@@ -43,26 +43,26 @@ class ModelBody(BaseModel):
 
 
 def routes(front: HttpFront) -> list[BaseRoute]:
-    servicer = front.inference
+    dataplane = front.dataplane
 
     async def stats(request: Request) -> Response:
         p = request.path_params
-        return JSONResponse(servicer.statistics_json(p.get("model", ""), p.get("version", "")))
+        return JSONResponse(dataplane.statistics_json(p.get("model", ""), p.get("version", "")))
 
     async def index(request: Request) -> Response:
         body = await optional_body(request, IndexBody)
-        listed = servicer.repository_index(body.ready).models
+        listed = dataplane.repository_index(body.ready).models
         fields = ("name", "version", "state", "reason")
         return JSONResponse([{f: getattr(m, f) for f in fields} for m in listed])
 
     async def load(request: Request) -> Response:
         body = await optional_body(request, ModelBody)
-        await servicer.load_model(caller(request), request.path_params["model"], list(body.parameters))
+        await dataplane.load_model(caller(request), request.path_params["model"], list(body.parameters))
         return JSONResponse({})
 
     async def unload(request: Request) -> Response:
         await optional_body(request, ModelBody)  # unload_dependents means nothing here: no dependents
-        await servicer.unload_model(caller(request), request.path_params["model"])
+        await dataplane.unload_model(caller(request), request.path_params["model"])
         return JSONResponse({})
 
     return [

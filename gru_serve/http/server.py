@@ -14,7 +14,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from gru_serve.http.app import HttpFront, build_app, error_body
+from gru_serve.http.app import build_app
+from gru_serve.http.common import HttpFront, error_body
 from gru_serve.ops import errors
 from gru_serve.ops.settings import Settings
 

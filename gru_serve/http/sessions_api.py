@@ -31,8 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gru_serve.core.service import SessionInfo
-from gru_serve.http.app import HttpFront, optional_body, owner, parse_body
+from gru_serve.core.sessions import SessionInfo
+from gru_serve.http.common import HttpFront, optional_body, owner, parse_body
 
 
 class CreateSession(BaseModel):

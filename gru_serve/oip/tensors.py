@@ -1,13 +1,10 @@
-"""The Open Inference Protocol's tensor and parameter codec: reading a ModelInferRequest's inputs
-and parameters, and building its ModelInferResponse, for a model as the protocol sees it
-(Endpoint). Stateless: no gRPC servicer state lives here (that is gru_serve.grpc.inference).
+"""The Open Inference Protocol's tensor codec: reading a ModelInferRequest's inputs and building
+its ModelInferResponse, for a model as the protocol sees it (Endpoint). Stateless: the protocol's
+state lives in gru_serve.oip.dataplane, its parameters are read by gru_serve.oip.parameters.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import math
 import struct
 from dataclasses import dataclass
@@ -15,14 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from gru_serve.contract import INPUT_IDS, LOGITS
-from gru_serve.core.sequences import Sequence
-from gru_serve.engine.runtime import ModelRuntime
-from gru_serve.engine.sampling import SamplingParams
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
-from gru_serve.ops import errors
 from gru_serve.ops.errors import InvalidArgument
-
-log = logging.getLogger(__name__)
+from gru_serve.served import ServedModel
 
 MODEL_VERSION = "1"
 PROMPT, TEXT, TOKEN_IDS = "prompt", "text", "token_ids"
@@ -30,8 +22,6 @@ SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 SAMPLING_PARAMETERS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 EMPTY_FINAL = "triton_enable_empty_final_response"
 FINAL = "triton_final_response"
-# Parameters Triton's clients may send that mean nothing here: accepted and ignored.
-IGNORED_PARAMETERS = frozenset({"priority", "timeout", "headers", "binary_data_output", EMPTY_FINAL})
 # Wire (little-endian) and in-memory types of the numeric datatypes the models use.
 WIRE_DTYPES = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}
 _NATIVE = {"INT64": np.dtype(np.int64), "FP32": np.dtype(np.float32)}
@@ -42,7 +32,7 @@ class Endpoint:
     """A model name of this protocol: a runtime's raw model, or its generation model."""
 
     name: str
-    runtime: ModelRuntime
+    runtime: ServedModel
     generate: bool
 
     @property
@@ -196,114 +186,3 @@ def response(
         else:
             p.string_param = value
     return resp
-
-
-# -- parameters --
-
-
-def _value(request: pb.ModelInferRequest, name: str) -> bool | int | float | str | None:
-    if name not in request.parameters:
-        return None
-    p = request.parameters[name]
-    which = p.WhichOneof("parameter_choice")
-    if which is None:
-        raise InvalidArgument(f"parameter '{name}' has no value")
-    return getattr(p, which)
-
-
-def flag(request: pb.ModelInferRequest, name: str) -> bool:
-    v = _value(request, name)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise InvalidArgument(f"parameter '{name}' must be a bool (bool_param), got {v!r}")
-    return v
-
-
-def _numeric_string(name: str, v: str, kind: type[int] | type[float]) -> int | float:
-    """A number sent as a string (Triton's C++ client has no double parameters, and some
-    clients send every parameter as a string)."""
-    try:
-        return kind(v.strip())
-    except ValueError:
-        what = "an integer" if kind is int else "a number"
-        raise InvalidArgument(f"parameter '{name}' must be {what}; the string {v!r} is not one") from None
-
-
-def _int(request: pb.ModelInferRequest, name: str) -> int | None:
-    v = _value(request, name)
-    if isinstance(v, str):
-        return int(_numeric_string(name, v, int))
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-        raise InvalidArgument(
-            f"parameter '{name}' must be an integer (int64_param, uint64_param or a numeric "
-            f"string_param), got {v!r}"
-        )
-    return v
-
-
-def _float(request: pb.ModelInferRequest, name: str) -> float | None:
-    v = _value(request, name)
-    if isinstance(v, str):
-        return float(_numeric_string(name, v, float))
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-        raise InvalidArgument(
-            f"parameter '{name}' must be a number (double_param, int64_param or a numeric "
-            f"string_param), got {v!r}"
-        )
-    return None if v is None else float(v)
-
-
-def _stop(request: pb.ModelInferRequest) -> tuple[str, ...]:
-    v = _value(request, "stop")
-    if v is None:
-        return ()
-    if not isinstance(v, str):
-        raise InvalidArgument(f"parameter 'stop' must be a string or a JSON list of strings, got {v!r}")
-    if v.startswith("["):
-        with contextlib.suppress(ValueError):
-            items = json.loads(v)
-            if isinstance(items, list) and all(isinstance(s, str) for s in items):
-                return tuple(items)
-    return (v,)
-
-
-def check_parameters(request: pb.ModelInferRequest, ep: Endpoint) -> None:
-    for name in request.parameters:
-        if name not in ep.parameters and name not in IGNORED_PARAMETERS:
-            raise InvalidArgument(
-                f"parameter '{name}' is not a parameter of model '{ep.name}'; "
-                f"it takes: {', '.join(ep.parameters)}"
-            )
-
-
-def sequence_of(request: pb.ModelInferRequest) -> Sequence | None:
-    """The request's sequence; None when it has none (sequence_id absent, 0 or "")."""
-    seq_id = _value(request, "sequence_id")
-    start, end = flag(request, "sequence_start"), flag(request, "sequence_end")
-    if isinstance(seq_id, bool | float):
-        raise InvalidArgument(
-            f"parameter 'sequence_id' must be an unsigned integer or a string, got {seq_id!r}"
-        )
-    if seq_id is None or seq_id == 0 or seq_id == "":
-        if start or end:
-            raise InvalidArgument("sequence_start and sequence_end need a sequence_id")
-        return None
-    return Sequence(seq_id, start, end)
-
-
-def sampling_of(request: pb.ModelInferRequest) -> tuple[int | None, SamplingParams]:
-    max_new = _int(request, "max_new_tokens")
-    params = SamplingParams.checked(
-        temperature=_float(request, "temperature"),
-        top_k=_int(request, "top_k"),
-        top_p=_float(request, "top_p"),
-        seed=_int(request, "seed"),
-        stop=_stop(request),
-    )
-    return max_new, params
-
-
-def error_message(e: BaseException) -> str:
-    code, _, message = errors.public(e)
-    return f"[{code}] {message}"
