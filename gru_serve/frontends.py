@@ -9,79 +9,29 @@ Redis session store lets any of them serve any session. A front end or engine th
 started again. On SIGTERM the front ends drain (each its own grace) and then the engine stops.
 
 A front end gets its settings in its environment (GRU_SERVE_*), its command line only what
-differs between front ends: anyone on the host can read a process's command line
-(/proc/PID/cmdline), only its user its environment, so tokens, snapshot keys and a Redis URL's
-password never show there.
+differs between front ends (gru_serve.launch says why).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
-import subprocess
-import sys
-import threading
 
 from gru_serve.engine.supervisor import EngineSupervisor, exit_of
 from gru_serve.http.server import bind
-from gru_serve.ops.settings import Settings, env_var
+from gru_serve.launch import SERVE, Server, settings_env
+from gru_serve.ops.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class FrontEnd:
-    """One front-end process, started (again) and watched for its ready lines."""
-
-    def __init__(self, argv: list[str], ready_lines: int, env: dict[str, str]) -> None:
-        self.argv = argv
-        self.ready_lines = ready_lines
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-
-    async def start(self) -> None:
-        """Start it; returns once it has printed its ready lines."""
-        proc = self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True, env=self.env)
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[list[str]] = loop.create_future()
-
-        def read() -> None:  # its stdout, on a daemon thread: ready lines, then passed on
-            lines = []
-            for line in proc.stdout:
-                if len(lines) < self.ready_lines:
-                    lines.append(line.rstrip("\n"))
-                    if len(lines) == self.ready_lines:
-                        with contextlib.suppress(RuntimeError):
-                            loop.call_soon_threadsafe(lambda: ready.done() or ready.set_result(lines))
-                    continue
-                sys.stdout.write(line)
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(lambda: ready.done() or ready.set_result(lines))
-
-        threading.Thread(target=read, daemon=True, name=f"frontend-{proc.pid}-out").start()
-        if len(await ready) < self.ready_lines:
-            raise OSError(f"front end {proc.pid} exited before it was ready (exit {proc.wait()})")
 
 
 PER_FRONT_END = frozenset({"frontends", "engine_address", "port", "http_port", "metrics_port"})
 
 
-def frontend_env(settings: Settings) -> dict[str, str]:
-    """This process's environment with every setting's value as this process has it (flags,
-    variables and defaults resolved), overriding any variable there."""
-    values = {
-        env_var(name): ",".join(value) if isinstance(value, tuple) else str(value)
-        for name, value in settings.model_dump().items()
-        if name not in PER_FRONT_END
-    }
-    return {**os.environ, **values}
-
-
 def frontend_argv(settings: Settings, i: int, address: str, port: int, http_port: int) -> list[str]:
-    argv = [sys.executable, "-m", "gru_serve.cli", "serve"]
-    argv += [
+    argv = [
+        *SERVE,
         "--frontends",
         "1",
         "--engine-address",
@@ -104,9 +54,17 @@ async def serve_family(settings: Settings, ready_line: str, http_ready_line: str
     http_port = bind(s.host, s.http_port, shared=True, listen=False) if s.http_port else None
     port = grpc_port.getsockname()[1]
     hport = http_port.getsockname()[1] if http_port is not None else 0
-    env = frontend_env(s)
+    env = settings_env(s, PER_FRONT_END)
+    # Their stdout after the ready lines and their logs are the family's.
     fronts = [
-        FrontEnd(frontend_argv(s, i, engine.address, port, hport), 2 if hport else 1, env)
+        Server(
+            frontend_argv(s, i, engine.address, port, hport),
+            name="frontend",
+            http=bool(hport),
+            env=env,
+            inherit_stderr=True,
+            echo=True,
+        )
         for i in range(s.frontends)
     ]
     stop = asyncio.Event()
@@ -114,7 +72,7 @@ async def serve_family(settings: Settings, ready_line: str, http_ready_line: str
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.gather(*(f.start() for f in fronts))
+        await asyncio.gather(*(_start(f) for f in fronts))
         print(ready_line.format(name="gru-serve", host=s.host, port=port), flush=True)
         if hport:
             print(http_ready_line.format(name="gru-serve", host=s.host, port=hport), flush=True)
@@ -136,11 +94,16 @@ async def serve_family(settings: Settings, ready_line: str, http_ready_line: str
     return 0
 
 
-async def _keep(front: FrontEnd, stop: asyncio.Event) -> None:
+async def _start(front: Server) -> None:
+    """Start a front end; returns once it is ready (however long its model takes to load)."""
+    await asyncio.to_thread(front.start, None)
+
+
+async def _keep(front: Server, stop: asyncio.Event) -> None:
     """Start a front end again when it exits, until the family stops."""
     while True:
         code = await exit_of(front.proc)
         if stop.is_set():
             return
         log.error("front end %d exited with %s; starting another", front.proc.pid, code)
-        await front.start()
+        await _start(front)

@@ -16,20 +16,11 @@ import onnxruntime as ort
 
 from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT
 from gru_serve.engine.placement import Placement, profiling_options, read_profile
-from gru_serve.engine.runtime import (
-    CPU,
-    CUDA,
-    CUDA_OPTIONS,
-    ModelRuntime,
-    RuntimeOptions,
-    chained_run,
-    cuda_status,
-    fused_generate,
-    prepare_cuda,
-    step_generate,
-)
-from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.runtime import CUDA_OPTIONS, ModelRuntime, RuntimeOptions, cuda_status, prepare_cuda
 from gru_serve.ops.errors import ModelLoadError
+from gru_serve.reference import chained_run, fused_generate, step_generate
+from gru_serve.sampling import SamplingParams
+from gru_serve.served import CPU, CUDA
 from gru_serve.shipped import default_model_path
 
 ATOL = {"logits": 1e-3, "state": 1e-4}

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
-from gru_serve.engine.sampling import SamplingParams, sample, uniforms
-from gru_serve.engine.scheduler import FUSED_TOKENS, DoneEvent, FailedEvent, Job, Scheduler
+from gru_serve.engine.scheduler import FUSED_TOKENS, Job, Scheduler
+from gru_serve.outputs import DoneEvent, FailedEvent
+from gru_serve.sampling import SamplingParams, sample, uniforms
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def loop_fused(rt: ModelRuntime, batch: int, steps: int, k: int, temperature: fl
 
 
 def loop_step_sampling(rt: ModelRuntime, batch: int, steps: int, temperature: float) -> float:
-    """The step path with seeded sampling in numpy (gru_serve.engine.sampling), as the scheduler runs it."""
+    """The step path with seeded sampling in numpy (gru_serve.sampling), as the scheduler runs it."""
     tok = np.zeros((batch, 1), np.int64)
     state = rt.zero_state(batch)
     t, kk, pp = np.full(batch, temperature), np.zeros(batch, np.int64), np.ones(batch)

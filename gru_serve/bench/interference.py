@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
+from rich.console import Console
 
-from gru_serve.bench import served
+from gru_serve import launch
 from gru_serve.bench.prefix import TEXT
+from gru_serve.bench.section import Context, Section, fmt, goal, md_table, table
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.ops.settings import Settings
@@ -183,10 +185,115 @@ def run(model: Path, cfg: InterferenceConfig, on_config: Callable[[str], None] |
         for key, label, flags in CONFIGS:
             if on_config:
                 on_config(label)
-            argv = served.ours_argv(model, [*flags, *limits])
-            with served.ServerProcess(f"interference-{key}", argv) as srv:
+            argv = launch.serve_argv(model, *flags, *limits)
+            with launch.Server(argv, name=f"interference-{key}").start() as srv:
                 row = asyncio.run(measure(srv.target, cfg, prompt))
             out["rows"].append({"key": key, "what": label, "prefill_chunk": int(flags[1]), **row})
     except (RuntimeError, OSError, grpc.RpcError) as e:
         out["error"] = (str(e).splitlines() or [type(e).__name__])[0]
     return out
+
+
+COLUMNS = (
+    "server",
+    "max gap during ms",
+    "max gap before ms",
+    "during / round budget",
+    "long request ms",
+    "its server TTFT ms",
+    "prompt tokens",
+)
+
+
+def rows(it: dict) -> list[list[str]]:
+    budget = it.get("round_budget_ms")
+    out = []
+    for r in it["rows"]:
+        gap = r["max_gap_during_ms"]
+        out.append(
+            [
+                r["what"],
+                fmt(gap, ".1f"),
+                fmt(r["max_gap_before_ms"], ".1f"),
+                fmt(gap / budget if gap is not None and budget else None, ".2f"),
+                fmt(r["long_request_ms"], ".1f"),
+                fmt(r["long_server_ttft_ms"], ".1f"),
+                fmt(r["prompt_tokens"], "d"),
+            ]
+        )
+    return out
+
+
+def interference_goal(it: dict) -> dict:
+    by_key = {r["key"]: r for r in it.get("rows", [])}
+    chunked, whole = by_key.get("chunked"), by_key.get("whole")
+    budget = it.get("round_budget_ms")
+    gap = (chunked or {}).get("max_gap_during_ms")
+    note = it.get("skipped") or it.get("error") or ""
+    if gap is not None and budget:
+        note = (
+            f"{gap:.1f} ms (before it: {fmt(chunked.get('max_gap_before_ms'), '.1f')} ms) with the default "
+            f"--prefill-chunk {chunked['prefill_chunk']}, round budget {budget:g} ms"
+        )
+        if whole and whole.get("max_gap_during_ms") is not None:
+            note += (
+                f"; today's (--prefill-chunk {whole['prefill_chunk']}, the whole prompt in one prefill): "
+                f"{whole['max_gap_during_ms']:.1f} ms, {whole['max_gap_during_ms'] / budget:.2f}x "
+                f"(before it: {fmt(whole.get('max_gap_before_ms'), '.1f')} ms)"
+            )
+    return goal(
+        "interference: largest gap of 64 streams while a 16,000-character prompt is prefilled / round budget",
+        gap / budget if gap is not None and budget else None,
+        2.0,
+        higher=False,
+        note=note,
+    )
+
+
+class Interference(Section):
+    skip = "no_interference"
+
+    def run(self, ctx: Context) -> dict:
+        ctx.step("interference")
+        out = {
+            "interference": run(ctx.model, mode_config(ctx.name), lambda w: ctx.step(f"interference: {w}"))
+        }
+        ctx.advance()
+        return out
+
+    def goals(self, results: dict) -> list[dict]:
+        return [interference_goal(results.get("interference") or {})]
+
+    def tables(self, results: dict, console: Console) -> None:
+        it = results.get("interference") or {}
+        if it.get("rows"):
+            console.print(table("Interference: streams while a long prompt is prefilled", COLUMNS, rows(it)))
+        if it.get("error"):
+            console.print(f"Interference stopped early: {it['error']}")
+
+    def markdown(self, results: dict, plots: dict[str, str], prefix: str) -> list[str]:
+        it = results.get("interference") or {}
+        if not it:
+            return []
+        c = it["config"]
+        lines = [
+            "## Interference: streams while a long prompt is prefilled",
+            "",
+            it["method"],
+            "",
+            f"N = {c['streams']} streams, T = {c['tokens']:,} tokens each (cancelled once measured), "
+            f"S = {c['settle_s']:g} s, P = {c['prompt_chars']:,} characters; round budget "
+            f"{fmt(it.get('round_budget_ms'), 'g')} ms.",
+            "",
+        ]
+        if it.get("rows"):
+            lines += [md_table(list(COLUMNS), rows(it)), ""]
+            early = sum(r["streams_ended_early"] for r in it["rows"])
+            if early:
+                lines += [f"**{early} stream(s) ended before the long request did**: raise T.", ""]
+        if it.get("error"):
+            lines += [f"Stopped early: {it['error']}", ""]
+        return lines
+
+
+SECTION = Interference()

@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
+from rich.console import Console
 
+from gru_serve import launch
 from gru_serve.bench import served, topology
+from gru_serve.bench.section import Context, Section, fmt, md_table, stopped, table
 from gru_serve.client import Client
 
 TEXT = topology.ROOT / "exporters" / "data" / "timemachine.txt"
@@ -93,8 +96,8 @@ def run(model: Path, cfg: PrefixConfig, on_config: Callable[[str], None] | None 
             if on_config:
                 on_config(label)
             port = topology.free_port()
-            argv = served.ours_argv(model, [*flags, "--metrics-port", str(port)])
-            with served.ServerProcess(f"prefix-{key}", argv) as srv:
+            argv = launch.serve_argv(model, *flags, "--metrics-port", str(port))
+            with launch.Server(argv, name=f"prefix-{key}").start() as srv:
                 before = _lookups(port)
                 row, got = measure(srv.target, cfg, texts)
                 after = _lookups(port)
@@ -108,3 +111,80 @@ def run(model: Path, cfg: PrefixConfig, on_config: Callable[[str], None] | None 
     on, off = out["rows"]
     out["ttft_p50_ratio"] = off["ttft_ms"]["p50"] / on["ttft_ms"]["p50"]
     return out
+
+
+COLUMNS = ("server", "TTFT p50 ms", "p90", "p99", "mean", "server TTFT p50 ms", "hits", "misses")
+
+
+def rows(pc: dict) -> list[list[str]]:
+    out = []
+    for r in pc["rows"]:
+        t = r["ttft_ms"]
+        out.append(
+            [
+                r["what"],
+                *(f"{t[q]:.2f}" for q in ("p50", "p90", "p99", "mean")),
+                fmt((r.get("server_ttft_ms") or {}).get("p50"), ".2f"),
+                str(r["hit"]),
+                str(r["miss"]),
+            ]
+        )
+    return out
+
+
+def summary(pc: dict) -> str:
+    by_key = {r["key"]: r for r in pc["rows"]}
+    on, off = by_key.get("cache"), by_key.get("no_cache")
+    if not (on and off and pc.get("ttft_p50_ratio")):
+        return f"Stopped early: {pc.get('error', 'a server did not run')}"
+    hits, want = on["hit"], pc["expected_hits"]
+    return (
+        f"Time to first token p50: {pc['ttft_p50_ratio']:.2f}x lower with the prefix cache "
+        f"({on['ttft_ms']['p50']:.2f} ms vs {off['ttft_ms']['p50']:.2f} ms without); outputs "
+        f"{'identical, bit for bit,' if pc['identical'] else '**different**'} on the two servers; "
+        f"{hits} hits and {on['miss']} miss(es) ({'as' if hits == want else '**not** as'} the design "
+        f"implies: {want}, every request but the first)."
+    )
+
+
+class PrefixCache(Section):
+    skip = "no_prefix"
+
+    def run(self, ctx: Context) -> dict:
+        ctx.step("prefix cache")
+        out = {
+            "prefix_cache": run(ctx.model, mode_config(ctx.name), lambda w: ctx.step(f"prefix cache: {w}"))
+        }
+        ctx.advance()
+        return out
+
+    def tables(self, results: dict, console: Console) -> None:
+        pc = results.get("prefix_cache") or {}
+        if pc.get("rows"):
+            console.print(table("Prefix cache: requests sharing a prompt prefix", COLUMNS, rows(pc)))
+            console.print(summary(pc))
+        elif pc:
+            console.print(stopped("Prefix cache", pc))
+
+    def markdown(self, results: dict, plots: dict[str, str], prefix: str) -> list[str]:
+        pc = results.get("prefix_cache") or {}
+        if pc.get("skipped"):
+            return ["## Prefix cache", "", f"Skipped: {pc['skipped']}", ""]
+        if not pc:
+            return []
+        c = pc["config"]
+        lines = [
+            "## Prefix cache",
+            "",
+            pc["method"],
+            "",
+            f"R = {c['requests']} requests, P = {c['prefix_chars']:,} characters, "
+            f"N = {c['tokens']} tokens each.",
+            "",
+        ]
+        if pc.get("rows"):
+            lines += [md_table(list(COLUMNS), rows(pc)), ""]
+        return [*lines, summary(pc), ""]
+
+
+SECTION = PrefixCache()

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import grpc
 import redis
+from rich.console import Console
+from rich.table import Table
 
 from gru_serve.bench import topology
+from gru_serve.bench.section import Context, Section, fmt, goal, md_table
 from gru_serve.bench.served import percentiles
 from gru_serve.client import Client
 
@@ -188,3 +191,136 @@ def run(cfg: ScaleoutConfig, on_config: Callable[[str], None] | None = None) -> 
         r["p50_ratio"] = r["latency_ms"]["p50"] / base["p50"] if base else None
         r["p99_ratio"] = r["latency_ms"]["p99"] / base["p99"] if base else None
     return out
+
+
+COLUMNS = (
+    "configuration",
+    "turns",
+    "p50 ms",
+    "p99 ms",
+    "mean ms",
+    "p50 / single",
+    "p99 / single",
+    "same replica",
+    "Redis bytes/turn",
+    "store read bytes/turn",
+)
+
+
+def rows(so: dict) -> list[list[str]]:
+    out = []
+    for r in so["rows"]:
+        lat = r["latency_ms"]
+        same = r.get("same_replica")
+        out.append(
+            [
+                r["what"],
+                str(r["turns"]),
+                f"{lat['p50']:.2f}",
+                f"{lat['p99']:.2f}",
+                f"{lat['mean']:.2f}",
+                fmt(r.get("p50_ratio"), ".2f"),
+                fmt(r.get("p99_ratio"), ".2f"),
+                "-" if same is None else f"{same:.0%}",
+                fmt(r.get("redis_out_bytes_per_turn")),
+                fmt(r.get("store_read_bytes_per_turn")),
+            ]
+        )
+    return out
+
+
+def scaleout_goal(so: dict) -> dict:
+    by_key = {r["key"]: r for r in so.get("rows", [])}
+    local, single = by_key.get("affinity_local"), by_key.get("single")
+    ratio = local.get("p50_ratio") if local else None
+    note = so.get("skipped") or so.get("error") or ""
+    if ratio is not None and single:
+        note = (
+            f"continue-call p50 {local['latency_ms']['p50']:.2f} ms vs {single['latency_ms']['p50']:.2f} ms "
+            f"(a {so['config']['tokens']}-token greedy turn on an existing session)"
+        )
+    return goal(
+        "scale-out: 3 replicas, affinity + local tier: continue-call p50 / one process's",
+        ratio,
+        so.get("goal_ratio", 1.3),
+        higher=False,
+        note=note,
+    )
+
+
+class Scaleout(Section):
+    skip = "no_scaleout"
+
+    def run(self, ctx: Context) -> dict:
+        ctx.step("scale-out")
+        out = {"scaleout": run(mode_config(ctx.name), lambda label: ctx.step(f"scale-out: {label}"))}
+        ctx.advance()
+        return out
+
+    def goals(self, results: dict) -> list[dict]:
+        return [scaleout_goal(results.get("scaleout") or {})]
+
+    def tables(self, results: dict, console: Console) -> None:
+        so = results.get("scaleout") or {}
+        if so.get("rows"):
+            t = Table(title="Scale-out: continue-call latency (x: / single process)", title_justify="left")
+            # The Markdown table less turns and mean, with short headers, to fit 80 columns.
+            keep = (0, 2, 3, 5, 6, 7, 8, 9)
+            for col in ("configuration", "p50 ms", "p99 ms", "x p50", "x p99", "same", "Redis B", "read B"):
+                t.add_column(col, justify="left" if col == "configuration" else "right")
+            for row in rows(so):
+                t.add_row(*[row[i] for i in keep])
+            console.print(t)
+        elif so:
+            console.print(f"Scale-out skipped: {so.get('skipped') or so.get('error')}")
+
+    def markdown(self, results: dict, plots: dict[str, str], prefix: str) -> list[str]:
+        so = results.get("scaleout") or {}
+        if so.get("skipped"):
+            return ["## Scale-out", "", f"Skipped: {so['skipped']}", ""]
+        if not so:
+            return []
+        c = so["config"]
+        lines = [
+            "## Scale-out",
+            "",
+            so["method"],
+            "",
+            f"S = {c['sessions']} sessions, T = {c['turns']} turns each, N = {c['tokens']} tokens per turn; "
+            f"{c['replicas']} replicas.",
+            "",
+        ]
+        if so.get("rows"):
+            lines += [md_table(list(COLUMNS), rows(so)), ""]
+        if so.get("error"):
+            lines += [f"Stopped early: {so['error']}", ""]
+        g = scaleout_goal(so)
+        if g["value"] is not None:
+            verdict = "within" if g["met"] else "**not within**"
+            lines += [
+                f"Affinity + local tier: {g['value']:.2f}x the single process at p50, {verdict} the "
+                f"{g['target']:g}x goal.",
+                "",
+            ]
+        return lines + _bytes_md(so)
+
+
+def _bytes_md(so: dict) -> list[str]:
+    by_key = {r["key"]: r for r in so.get("rows", [])}
+    on, off = by_key.get("affinity_local"), by_key.get("affinity_only")
+    if not (on and off and on.get("redis_out_bytes_per_turn") is not None):
+        return []
+    read = (
+        f"; the stores' own count (`gru_serve_session_store_read_bytes_total`): "
+        f"{fmt(on.get('store_read_bytes_per_turn'))} vs {fmt(off.get('store_read_bytes_per_turn'))}"
+        if on.get("store_read_bytes_per_turn") is not None
+        else "; the replicas do not export a store-read metric, so only Redis's INFO figure is given"
+    )
+    return [
+        f"Bytes Redis sent per turn, with affinity: {on['redis_out_bytes_per_turn']:,.0f} with the "
+        f"local tier, {off['redis_out_bytes_per_turn']:,.0f} without it{read}.",
+        "",
+    ]
+
+
+SECTION = Scaleout()

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +24,6 @@ import numpy as np
 
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
-from gru_serve.server import ready_target
 
 STREAMS_PER_CHANNEL = 64
 
@@ -49,65 +45,6 @@ class Record:
     error: str = ""
     server_ttft: float | None = None  # the server's own view (Finished): time to first token
     server_total: float | None = None  # and the request's whole time inside the server
-
-
-class ServerProcess:
-    """A server in a subprocess that prints `... listening on HOST:PORT` when ready."""
-
-    def __init__(self, name: str, argv: list[str], ready_timeout_s: float = 120.0) -> None:
-        self.name = name
-        fd, log_path = tempfile.mkstemp(prefix=f"gru-bench-{name}-", suffix=".log")
-        self.log_path = Path(log_path)
-        self.log = os.fdopen(fd, "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        deadline = time.monotonic() + ready_timeout_s
-        line = ""
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline() if self.proc.stdout else ""
-            if not line and self.proc.poll() is not None:
-                break
-            if target := ready_target(line):
-                self.target = target
-                return
-        self.stop()
-        tail = self.log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{name} server did not start ({' '.join(argv)}):\n{tail}")
-
-    def stop(self) -> None:
-        self.log.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        self.log_path.unlink(missing_ok=True)
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-
-def ours_argv(model: Path, extra: list[str] | None = None) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gru_serve.cli",
-        "serve",
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-        "--model",
-        str(model),
-        "--log-level",
-        "WARNING",
-        *(extra or []),
-    ]
 
 
 def baseline_argv(model: Path, workers: int) -> list[str]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,8 @@ import redis
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gru_serve.server import ready_target
+from gru_serve import launch
+from gru_serve.launch import free_port
 from gru_serve.shipped import default_model_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,12 +55,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: fl
             raise TimeoutError(f"{what}: not within {timeout} s")
         time.sleep(every)
     return time.monotonic() - start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def health(target: str, service: str = "") -> int | None:
@@ -127,25 +120,25 @@ class Replica:
     def __init__(self, name: str, store_url: str, tmp: Path, *flags: str) -> None:
         self.name, self.store_url, self.tmp, self.flags = name, store_url, tmp, flags
         self.port, self.metrics_port = free_port(), free_port()
-        self.proc: subprocess.Popen | None = None
+        self.server: launch.Server | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def proc(self) -> subprocess.Popen:
+        assert self.server is not None and self.server.proc is not None
+        return self.server.proc
+
+    @property
     def pid(self) -> int:
-        assert self.proc is not None
         return self.proc.pid
 
     def start(self) -> None:
-        log = open(self.tmp / f"{self.name}.log", "ab")  # noqa: SIM115 (the process keeps it)
-        self.proc = subprocess.Popen(
+        self.server = launch.Server(
             [
-                sys.executable,
-                "-m",
-                "gru_serve.cli",
-                "serve",
+                *launch.SERVE,
                 "--port",
                 str(self.port),
                 "--http-port",
@@ -158,17 +151,10 @@ class Replica:
                 str(self.metrics_port),
                 *self.flags,
             ],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
+            name=self.name,
             cwd=ROOT,
-        )
-        log.close()
-        line = self.proc.stdout.readline()
-        if ready_target(line) is None:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"{self.name} did not start: {line!r}\n{self.log()}")
+            log=self.tmp / f"{self.name}.log",
+        ).start()
 
     def log(self) -> str:
         return (self.tmp / f"{self.name}.log").read_text()
@@ -186,18 +172,15 @@ class Replica:
         }
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.server is not None and self.server.alive()
 
     def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        assert self.server is not None
+        self.server.kill()
 
     def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(timeout=30)
+        assert self.server is not None
+        return self.server.stop(30)
 
 
 def _point_at(cluster: dict, upstreams: list[str]) -> None:

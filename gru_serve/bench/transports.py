@@ -11,7 +11,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gru_serve.bench import served, topology
+from rich.console import Console
+
+from gru_serve import launch
+from gru_serve.bench import served
+from gru_serve.bench.section import Context, Section, fmt, md_table, table
 
 METHOD = (
     "One server process with both front ends. Each level runs N concurrent streams, each sending "
@@ -117,10 +121,10 @@ def run(model: Path, cfg: TransportConfig, on_level: Callable[[str], None] | Non
         prompt=cfg.prompt,
         level_timeout_s=cfg.level_timeout_s,
     )
-    port = topology.free_port()
+    argv = launch.serve_argv(model, "--http-port", str(launch.free_port()))  # --http-port 0: off
     try:
-        with served.ServerProcess("transports", served.ours_argv(model, ["--http-port", str(port)])) as srv:
-            base = f"http://127.0.0.1:{port}"
+        with launch.Server(argv, name="transports", http=True).start() as srv:
+            base = f"http://{srv.http_target}"
             for n in cfg.levels:
                 if on_level:
                     on_level(f"{n} streams")
@@ -139,3 +143,68 @@ def run(model: Path, cfg: TransportConfig, on_level: Callable[[str], None] | Non
     except (RuntimeError, OSError) as e:
         out["error"] = (str(e).splitlines() or [type(e).__name__])[0]
     return out
+
+
+COLUMNS = (
+    "streams",
+    "gRPC tokens/s",
+    "HTTP/SSE tokens/s",
+    "HTTP / gRPC",
+    "gRPC TTFT p50 ms",
+    "HTTP TTFT p50 ms",
+    "errors",
+)
+
+
+def rows(tr: dict) -> list[list[str]]:
+    return [
+        [
+            str(r["concurrency"]),
+            f"{r['grpc']['tokens_per_s']:,.0f}",
+            f"{r['http']['tokens_per_s']:,.0f}",
+            fmt(r["ratio"], ".2f"),
+            fmt((r["grpc"]["ttft_ms"] or {}).get("p50"), ".2f"),
+            fmt((r["http"]["ttft_ms"] or {}).get("p50"), ".2f"),
+            str(r["grpc"]["errors"] + r["http"]["errors"]),
+        ]
+        for r in tr["rows"]
+    ]
+
+
+class Transports(Section):
+    skip = "no_http"
+
+    def run(self, ctx: Context) -> dict:
+        label = "HTTP/SSE beside gRPC"
+        ctx.step(label)
+        out = {"transports": run(ctx.model, mode_config(ctx.name), lambda w: ctx.step(f"{label}: {w}"))}
+        ctx.advance()
+        return out
+
+    def tables(self, results: dict, console: Console) -> None:
+        tr = results.get("transports") or {}
+        if tr.get("rows"):
+            console.print(table("HTTP/SSE beside gRPC (one server)", COLUMNS, rows(tr)))
+        if tr.get("error"):
+            console.print(f"HTTP/SSE beside gRPC stopped early: {tr['error']}")
+
+    def markdown(self, results: dict, plots: dict[str, str], prefix: str) -> list[str]:
+        tr = results.get("transports") or {}
+        if not tr:
+            return []
+        lines = [
+            "## HTTP/SSE beside gRPC",
+            "",
+            tr["method"],
+            "",
+            f"T = {tr['config']['tokens']} tokens per request.",
+            "",
+        ]
+        if tr.get("rows"):
+            lines += [md_table(list(COLUMNS), rows(tr)), ""]
+        if tr.get("error"):
+            lines += [f"Stopped early: {tr['error']}", ""]
+        return lines
+
+
+SECTION = Transports()

@@ -7,6 +7,7 @@ import sys
 
 from exporters.model import greedy_continue, load_checkpoint
 from exporters.torch_bench import model_from_onnx
+from gru_serve import launch
 from gru_serve.bench import served
 from gru_serve.client import Client
 
@@ -32,7 +33,8 @@ def test_torch_bench_prints_json():
 
 
 def test_baseline_server_speaks_the_same_api():
-    with served.ServerProcess("baseline", served.baseline_argv(D2L, 2)) as srv, Client(srv.target) as c:
+    baseline = launch.Server(served.baseline_argv(D2L, 2), name="baseline")
+    with baseline.start() as srv, Client(srv.target) as c:
         msgs = list(c.generate("time traveller", max_new_tokens=40))
         assert all(len(m.tokens) == 1 for m in msgs[:-1]) and msgs[-1].finished.generated_tokens == 40
         net, vocab = model_from_onnx(D2L)

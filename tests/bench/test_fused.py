@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from gru_serve.client import Client, sampling
-from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions, fused_generate, step_generate
-from gru_serve.engine.sampling import SamplingParams
-from gru_serve.engine.scheduler import DoneEvent, FailedEvent, Job, Scheduler
+from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
+from gru_serve.engine.scheduler import Job, Scheduler
+from gru_serve.outputs import DoneEvent, FailedEvent
+from gru_serve.reference import fused_generate, step_generate
+from gru_serve.sampling import SamplingParams
 from gru_serve.shipped import shipped_models
 
 from ..serve.conftest import D2L, reference_generate, start_server
