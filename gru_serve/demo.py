@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from gru_serve.server import ready_target
+from gru_serve.launch import ready_target
 
 CLI = [sys.executable, "-m", "gru_serve.cli"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import signal
 import socket
 import sys
@@ -19,6 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gru_serve.core.metrics import bind as bind_metrics
+from gru_serve.core.metrics import refresh_sessions
 from gru_serve.core.service import GenerationService
 from gru_serve.engine.client import EngineClient
 from gru_serve.engine.runtime import ModelRuntime, load_runtime
@@ -29,11 +30,14 @@ from gru_serve.grpc.generated.inference import grpc_service_pb2, grpc_service_pb
 from gru_serve.grpc.generation import GenerationServicer
 from gru_serve.grpc.inference import InferenceServicer
 from gru_serve.grpc.interceptors import ServerInterceptor
-from gru_serve.http.app import HttpFront
+from gru_serve.http.common import HttpFront
 from gru_serve.http.server import HttpServer
 from gru_serve.http.server import bind as bind_http
+from gru_serve.launch import HTTP_READY_LINE, READY_LINE
+from gru_serve.oip.dataplane import DataPlane
 from gru_serve.ops.auth import load_tokens
 from gru_serve.ops.errors import ModelLoadError
+from gru_serve.ops.gate import Gate
 from gru_serve.ops.metrics import Metrics
 from gru_serve.ops.settings import Settings
 from gru_serve.shipped import shipped_models
@@ -43,21 +47,6 @@ from gru_serve.stores.sessions import SessionStore
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-# A server's first line on stdout once it serves (gru-serve's, and the benchmark's baseline's).
-READY_LINE = "{name} listening on {host}:{port}"
-# The next line, when the HTTP front end is on.
-HTTP_READY_LINE = "{name} http listening on {host}:{port}"
-
-
-def ready_target(line: str) -> str | None:
-    """The address in a READY_LINE, as a client on this machine reaches it; None otherwise."""
-    m = re.fullmatch(READY_LINE.format(name=r"\S+", host=r"(\S+)", port=r"(\d+)") + r"\s*", line)
-    if m is None:
-        return None
-    host = "127.0.0.1" if m.group(1) in ("0.0.0.0", "[::]") else m.group(1)
-    return f"{host}:{m.group(2)}"
-
-
 # The engine process loads every model before it says Ready (with CUDA: device set-up as well).
 ENGINE_START_TIMEOUT_S = 300.0
 LIVENESS = "liveness"  # a health service name that is SERVING while the process answers
@@ -143,10 +132,10 @@ class GruServer:
                 address = self.supervisor.address
             engine = EngineClient(address, self._engine_changed)
         self.service = GenerationService(runtimes, store, s, metrics=self.metrics, engine=engine, **kwargs)
-        self.metrics.bind(self.service)
-        # Open Inference Protocol (KServe v2 / Triton) servicer, with the model repository: made
+        bind_metrics(self.metrics, self.service)
+        # Open Inference Protocol (KServe v2 / Triton) data plane, with the model repository: made
         # before the schedulers start, so that a bad --model-repository stops the start cleanly.
-        self.inference = InferenceServicer(self.service)
+        self.dataplane = DataPlane(self.service)
         self.service.start()
         if engine is not None:
             try:
@@ -160,12 +149,15 @@ class GruServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self.interceptor = ServerInterceptor(self.metrics, load_tokens(s))
-        self._server = grpc.aio.server(options=options, interceptors=[self.interceptor])
+        self.gate = Gate(load_tokens(s))  # auth, drain and calls in flight, for both transports
+        interceptor = ServerInterceptor(self.metrics, self.gate)
+        self._server = grpc.aio.server(options=options, interceptors=[interceptor])
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(self.service), self._server
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane), self._server
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = [
@@ -178,7 +170,7 @@ class GruServer:
         self.port = listen(self._server, s)
         self.http: HttpServer | None = None
         if s.http_port or self.http_socket is not None:
-            front = HttpFront(self.service, self.inference, self.metrics, self.interceptor, s.max_body_bytes)
+            front = HttpFront(self.service, self.dataplane, self.metrics, self.gate, s.max_body_bytes)
             self.http = HttpServer(front, s, self.http_socket)
         await self._server.start()
         if self.http is not None:
@@ -188,11 +180,11 @@ class GruServer:
         self._store_health = ("", *names[:2])
         for name in (*self._store_health, LIVENESS):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.inference.ready = True  # ServerReady / ModelReady of the inference protocol
+        self.dataplane.ready = True  # ServerReady / ModelReady of the inference protocol
         if s.metrics_port:
             self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
         self._background += [
-            asyncio.create_task(self.metrics.refresh_sessions(self.service)),
+            asyncio.create_task(refresh_sessions(self.metrics, self.service)),
             asyncio.create_task(self._watch_store()),
         ]
         providers = ", ".join(f"{n} on {self.service.provider(rt)}" for n, rt in runtimes.items())
@@ -239,13 +231,13 @@ class GruServer:
         still running near its end fail with UNAVAILABLE (a status the client can act on)
         rather than being cut off; then the port closes."""
         grace = self.settings.grace_s if grace is None else grace
-        self.inference.ready = False
-        self.interceptor.draining = True
+        self.dataplane.ready = False
+        self.gate.draining = True
         await self.health.enter_graceful_shutdown()
         margin = min(0.5, grace / 2)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.interceptor.idle.wait(), timeout=grace - margin)
-        if self.interceptor.in_flight:
+            await asyncio.wait_for(self.gate.idle.wait(), timeout=grace - margin)
+        if self.gate.in_flight:
             await asyncio.to_thread(self.service.stop)
         if self.http is not None:
             await self.http.stop()

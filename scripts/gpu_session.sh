@@ -14,7 +14,8 @@ for tf32 in 0 1; do
   step "exported graph CPU vs CUDA (NVIDIA_TF32_OVERRIDE=$([ $tf32 = 0 ] && echo 0 || echo unset))" env $([ $tf32 = 1 ] && echo -u NVIDIA_TF32_OVERRIDE) "$PY" - <<'PY'
 import json, numpy as np, onnxruntime as ort
 from gru_serve.shipped import default_model_path
-from gru_serve.engine.runtime import CUDA, CUDA_OPTIONS, CPU
+from gru_serve.engine.runtime import CUDA_OPTIONS
+from gru_serve.served import CPU, CUDA
 import os; tf32 = os.environ.get("NVIDIA_TF32_OVERRIDE")
 ort.preload_dlls()  # not prepare_cuda: it would turn TF32 off for the "unset" run
 p = str(default_model_path()); cpu = ort.InferenceSession(p, providers=[CPU]); gpu = ort.InferenceSession(p, providers=[(CUDA, CUDA_OPTIONS), CPU])
@@ -33,7 +34,7 @@ step "gpu_check.py" "$PY" scripts/gpu_check.py --json "$OUT/gpu_check.json"
 step "placement and fused K=64, CUDA beside CPU" "$PY" - "$OUT" <<'PY'
 import json, sys, time, numpy as np
 from gru_serve.engine.runtime import FusedBatch, ModelRuntime, RuntimeOptions
-from gru_serve.engine.sampling import uniforms
+from gru_serve.sampling import uniforms
 from gru_serve.shipped import default_model_path
 out = {}
 gpu = ModelRuntime(default_model_path(), RuntimeOptions("cuda")); cpu = ModelRuntime(default_model_path(), RuntimeOptions("cpu", check_placement=True))

@@ -136,9 +136,9 @@ def served_greedy(path: Path, prompt: list[int], n: int = 100) -> list[int]:
     """The model served by gru-serve over gRPC (fast path and all): n greedy tokens after the
     prompt, given as its text (the model's tokenizer must read it back as the same ids)."""
     from gru_serve.client import Client
-    from gru_serve.engine.tokenizer import load_tokenizer
     from gru_serve.ops.settings import Settings
     from gru_serve.server import ThreadedServer
+    from gru_serve.tokenizer import load_tokenizer
 
     text = load_tokenizer(read_model(onnx.load(str(path)))).decode(prompt)
     srv = ThreadedServer(Settings(port=0, models=(str(path),)))

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gru_serve.client import Client, sampling
-from gru_serve.engine.sampling import SamplingParams
+from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 from tests.http.conftest import openai_client, start_http_server
 from tests.serve.conftest import D2L, LONG, reference_generate, wait_until
@@ -466,7 +466,7 @@ def test_a_draining_server_refuses_new_http_calls_while_a_stream_finishes():
             assert next(line for line in events if line.startswith("data: "))
             stopper = threading.Thread(target=srv.stop, kwargs={"grace": 20.0})
             stopper.start()
-            wait_until(lambda: srv.server.interceptor.draining)
+            wait_until(lambda: srv.server.gate.draining)
             with httpx.Client(base_url=srv.http_target, timeout=10) as fresh:
                 refused = fresh.get("/v1/models")
                 assert refused.status_code == 503 and refused.headers["x-gru-serve-refused"] == "draining"

@@ -449,7 +449,7 @@ def test_wrong_method_and_unknown_model_routes(http):
 
 def test_readiness_follows_the_servers_ready_flag(server, http, triton):
     async def set_ready(value: bool) -> None:
-        server.server.inference.ready = value  # what start-up sets and a drain clears first
+        server.server.dataplane.ready = value  # what start-up sets and a drain clears first
 
     server.call(set_ready(False))
     try:

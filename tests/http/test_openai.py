@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from gru_serve.client import sampling
-from gru_serve.core.service import MAX_CHOICES
-from gru_serve.engine.sampling import SamplingParams
+from gru_serve.core.generation import MAX_CHOICES
+from gru_serve.sampling import SamplingParams
 from tests.http.conftest import TOKEN, openai_client, start_http_server
 from tests.serve.conftest import D2L, reference_generate
 

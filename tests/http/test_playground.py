@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from gru_serve.client import Client, sampling
-from gru_serve.engine.sampling import SamplingParams
+from gru_serve.sampling import SamplingParams
 from tests.http.conftest import start_http_server
 from tests.serve.conftest import D2L, reference_generate
 

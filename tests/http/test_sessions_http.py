@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from gru_serve.client import Client, sampling
-from gru_serve.engine.sampling import SamplingParams
+from gru_serve.sampling import SamplingParams
 from tests.serve.conftest import D2L, reference_generate
 
 SEEDED = {"temperature": 0.8, "seed": 11}

@@ -13,8 +13,8 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from gru_serve.engine.sampling import SamplingParams
 from gru_serve.ops.settings import Settings
+from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 from tests.serve.conftest import D2L, reference_generate
 

@@ -2,8 +2,6 @@
 
 import json
 import os
-import socket
-import subprocess
 import time
 import urllib.request
 from collections import Counter
@@ -11,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gru_serve.bench.served import ours_argv
-from gru_serve.server import ready_target
+from gru_serve import launch
+from gru_serve.launch import free_port
 from gru_serve.shipped import default_model_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,25 +43,15 @@ def pytest_sessionfinish(session, exitstatus):
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`gru-serve serve` as a separate process, with its metrics endpoint."""
+class ServerProcess(launch.Server):
+    """`gru-serve serve` as a separate process (started through gru_serve.launch), with its
+    metrics endpoint; its stderr in log_text()."""
 
     def __init__(self, *args: str) -> None:
         self.metrics_port = free_port()
-        cmd = ours_argv(default_model_path(), ["--metrics-port", str(self.metrics_port), *args])
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        target = ready_target(line)
-        if target is None:
-            self.proc.kill()
-            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
-        self.target = target
+        argv = launch.serve_argv(default_model_path(), "--metrics-port", str(self.metrics_port), *args)
+        super().__init__(argv)
+        self.start()
 
     def metrics(self) -> dict[str, float]:
         text = (
@@ -88,10 +76,8 @@ class ServerProcess:
                 raise TimeoutError(f"{name} = {value} did not reach the condition in {timeout} s")
             time.sleep(0.05)
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(timeout=60)
+    def stop(self, deadline_s: float = 60.0) -> int:
+        return super().stop(deadline_s)
 
 
 @pytest.fixture
@@ -105,6 +91,7 @@ def server_process():
     yield start
     for p in procs:
         p.stop()
+        p.close()
 
 
 @pytest.fixture(scope="session")

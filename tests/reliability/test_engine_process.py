@@ -33,12 +33,12 @@ from gru_serve.client import Client, sampling
 from gru_serve.engine import protocol as proto
 from gru_serve.engine.process import SETTINGS_ENV
 from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions, load_metadata
-from gru_serve.engine.sampling import SamplingParams
 from gru_serve.engine.scheduler import Job
 from gru_serve.engine.supervisor import ENGINE_SETTINGS
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.ops.settings import Settings
+from gru_serve.sampling import SamplingParams
 
 from ..scale.conftest import RedisServer
 from ..serve.conftest import D2L, LONG, reference_generate, start_server, wait_until
@@ -350,20 +350,20 @@ def test_a_failing_prefill_fails_only_its_request(thread_server):
 
 @pytest.mark.parametrize("stage", ["emit", "Tokens"])
 def test_a_fault_handing_out_tokens_fails_only_its_round(thread_server, monkeypatch, stage):
-    import gru_serve.core.service as service
+    import gru_serve.core.jobs as jobs
     import gru_serve.engine.scheduler as scheduler
 
     srv = thread_server
     sched = srv.service.schedulers[MODEL]
     fault = OneShot(sched, stage)
     if stage == "emit":  # the service's emit callback, as the scheduler thread calls it
-        emitted = service._Backlog.emitted
+        emitted = jobs.Backlog.emitted
 
         def broken_emit(self, n):
             fault.maybe_fail()
             emitted(self, n)
 
-        monkeypatch.setattr(service._Backlog, "emitted", broken_emit)
+        monkeypatch.setattr(jobs.Backlog, "emitted", broken_emit)
     else:
         tokens = scheduler.Tokens
 

@@ -74,7 +74,7 @@ def test_no_prompt_text_in_logs_at_info(server_process):
         c.generate_text(secret, session_id=s.session_id, max_new_tokens=5)
         c.score(secret)
     srv.stop()
-    err = srv.proc.stderr.read()
+    err = srv.log_text()
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert any(x["msg"] == "rpc" for x in lines)
     assert "zebra" not in err and "quartz" not in err

@@ -18,11 +18,11 @@ from gru_serve.bench.topology import (  # noqa: F401 (the tests import them from
     RedisServer,
     Replica,
     Topology,
-    free_port,
     health,
     render_envoy_config,
     wait_for,
 )
+from gru_serve.launch import free_port  # noqa: F401 (the tests import it from here)
 
 
 def installed_binary(name: str) -> str:

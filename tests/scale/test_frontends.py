@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 
@@ -14,11 +13,10 @@ import grpc
 import psutil
 import pytest
 
-from gru_serve.bench.served import ours_argv
+from gru_serve import launch
 from gru_serve.engine.runtime import load_metadata
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
-from gru_serve.server import ready_target
 
 from ..serve.conftest import D2L, reference_generate
 from .conftest import NOT_SERVING, SERVING, free_port, health, wait_for
@@ -30,12 +28,10 @@ TOKENS = load_metadata(D2L)[0].vocab
 class Family:
     def __init__(self, redis_url: str) -> None:
         self.metrics_port = free_port()
-        argv = ours_argv(D2L, ["--frontends", "2", "--session-store", redis_url])
+        argv = launch.serve_argv(D2L, "--frontends", "2", "--session-store", redis_url)
         argv += ["--metrics-port", str(self.metrics_port), "--log-level", "ERROR"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        self.target = ready_target(line)
-        assert self.target, f"the family did not start: {line!r}"
+        self.server = launch.Server(argv, name="family").start()
+        self.proc, self.target = self.server.proc, self.server.target
 
     def members(self) -> dict[str, list[psutil.Process]]:
         kids = psutil.Process(self.proc.pid).children()
@@ -60,8 +56,8 @@ class Family:
         )
 
     def stop(self) -> None:
-        self.proc.terminate()
-        assert self.proc.wait(timeout=60) == 0
+        assert self.server.stop(60) == 0
+        self.server.close()
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ import redis
 import yaml
 
 from gru_serve.client import Client
-from gru_serve.engine.sampling import SamplingParams
-from gru_serve.server import ready_target
+from gru_serve.launch import ready_target
+from gru_serve.sampling import SamplingParams
 from tests.serve.conftest import reference_generate
 
 from .conftest import D2L, DOCKER, SERVING, free_port, health, installed_binary, wait_for

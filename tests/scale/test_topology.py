@@ -18,9 +18,9 @@ import pytest
 
 from gru_serve.client import Client, StreamLost, sampling
 from gru_serve.engine.runtime import ModelRuntime
-from gru_serve.engine.sampling import SamplingParams
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
+from gru_serve.sampling import SamplingParams
 from tests.serve.conftest import reference_generate
 
 from .conftest import DOCKER, NOT_SERVING, SERVING, Envoy, Replica, Topology, free_port, health, wait_for

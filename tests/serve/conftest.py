@@ -10,9 +10,10 @@ import onnxruntime as ort
 import pytest
 
 from gru_serve.client import Client
-from gru_serve.engine.runtime import ModelRuntime, step_generate
-from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.runtime import ModelRuntime
 from gru_serve.ops.settings import Settings
+from gru_serve.reference import step_generate
+from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import default_model_path
 
@@ -68,7 +69,7 @@ def reference_generate(
     the exported graph as written (input_ids, state -> logits, state_out) in a bare onnxruntime
     CPU session, the prompt prefilled in one call, then one token per call at batch 1; text
     mapped with the vocabulary and normalisation read from the file's metadata. Only the
-    sampling contract (gru_serve.engine.sampling, tested on its own) is shared with the server. A
+    sampling contract (gru_serve.sampling, tested on its own) is shared with the server. A
     ModelRuntime stands for its file: its derived graphs are what the tests check."""
     path = str(getattr(rt_or_model_path, "path", rt_or_model_path))
     session, meta = _plain_model(path)

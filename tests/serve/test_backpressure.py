@@ -12,9 +12,9 @@ import psutil
 import pytest
 
 from gru_serve.client import Client, sampling
-from gru_serve.engine.sampling import SamplingParams
 from gru_serve.engine.scheduler import Job
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
+from gru_serve.sampling import SamplingParams
 
 from ..reliability.conftest import ServerProcess
 from .conftest import LONG, reference_generate, start_server, wait_until

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gru_serve.client import Client
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
-from gru_serve.server import ready_target
+from gru_serve.launch import ready_target
 
 from .conftest import D2L, reference_generate
 

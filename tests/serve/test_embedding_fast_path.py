@@ -27,9 +27,11 @@ from gru_serve.contract import (
     STATE_OUT,
     ModelMetadata,
 )
-from gru_serve.engine.decode_graphs import NotAGRULanguageModel, decode_graph, gru_weights
-from gru_serve.engine.runtime import ModelRuntime, fused_generate, step_generate
-from gru_serve.engine.sampling import SamplingParams
+from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.graphs.decode import decode_graph
+from gru_serve.graphs.weights import NotAGRULanguageModel, gru_weights
+from gru_serve.reference import fused_generate, step_generate
+from gru_serve.sampling import SamplingParams
 from gru_serve.shipped import shipped_models
 
 from .conftest import D2L

@@ -8,9 +8,11 @@ import threading
 import numpy as np
 import pytest
 
-from gru_serve.engine.runtime import FusedBatch, ModelRuntime, step_generate
-from gru_serve.engine.sampling import SamplingParams, uniforms
-from gru_serve.engine.scheduler import DoneEvent, FailedEvent, Job, Scheduler
+from gru_serve.engine.runtime import FusedBatch, ModelRuntime
+from gru_serve.engine.scheduler import Job, Scheduler
+from gru_serve.outputs import DoneEvent, FailedEvent
+from gru_serve.reference import step_generate
+from gru_serve.sampling import SamplingParams, uniforms
 from gru_serve.shipped import shipped_models
 
 PARAMS = [

@@ -8,7 +8,7 @@ import pytest
 
 from exporters.model import greedy_continue, load_checkpoint
 from gru_serve.client import Client, sampling
-from gru_serve.engine.sampling import SamplingParams
+from gru_serve.sampling import SamplingParams
 
 from ..exporters.conftest import REPO
 from .conftest import LONG, reference_generate, wait_until

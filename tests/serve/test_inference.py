@@ -464,7 +464,7 @@ def test_sequences_belong_to_their_token_and_ready_turns_off_on_drain():
             assert stub.ServerReady(pb.ServerReadyRequest(), metadata=a).ready
     finally:
         srv.stop()
-    assert not srv.server.inference.ready
+    assert not srv.server.dataplane.ready
 
 
 def test_cancelling_a_stream_leaves_the_sequence_as_it_was(server, stub, runtime):

@@ -9,7 +9,7 @@ right. Two more tiny models have no unknown token: a word-list ("words") model a
 model without <unk>.
 
 The references are independent of the server: the ONNX file run as written in a bare
-onnxruntime session (prefill, then one token per call; only gru_serve.engine.sampling is shared, as in
+onnxruntime session (prefill, then one token per call; only gru_serve.sampling is shared, as in
 conftest.reference_generate), prompts encoded and ids decoded by the `tokenizers` library
 itself, and each token's expected text computed from the library's decode of growing prefixes.
 """
@@ -31,10 +31,10 @@ import pytest
 
 from gru_serve.client import Client, sampling
 from gru_serve.contract import IDENTITY_NORMALIZATION, ModelMetadata
-from gru_serve.engine.runtime import step_generate
-from gru_serve.engine.sampling import SamplingParams
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.ops.settings import Settings
+from gru_serve.reference import step_generate
+from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 
 torch = pytest.importorskip("torch")

@@ -11,19 +11,10 @@ import pytest
 
 from gru_serve.client import Client
 from gru_serve.engine.prefix_cache import BLOCK
-from gru_serve.engine.sampling import SamplingParams
-from gru_serve.engine.scheduler import (
-    DoneEvent,
-    Event,
-    FailedEvent,
-    Job,
-    RunDone,
-    RunJob,
-    Scheduler,
-    Tokens,
-    scheduler_for,
-)
+from gru_serve.engine.scheduler import Job, RunJob, Scheduler, scheduler_for
 from gru_serve.ops.settings import Settings
+from gru_serve.outputs import DoneEvent, Event, FailedEvent, RunDone, Tokens
+from gru_serve.sampling import SamplingParams
 
 from .conftest import reference_generate, start_server
 

@@ -17,6 +17,7 @@ from gru_serve.client import Client
 from gru_serve.core.sequences import Sequence
 from gru_serve.engine.prefix_cache import BLOCK, ENTRY_OVERHEAD, Entry, PrefixCache, block_keys
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from gru_serve.state import StateSpec
 
 from .conftest import reference_generate, start_server, wait_until
 from .test_inference import generate_request, text_of
@@ -72,10 +73,10 @@ def test_lru_is_bounded_in_bytes():
 
 def test_entry_bytes_round_trip():
     e = Entry(np.arange(8, dtype=np.float32).reshape(2, 4), np.array([-0.0, np.inf, 1e-45], np.float32))
-    back = Entry.from_bytes(e.to_bytes(), (2, 4), 3)
+    back = Entry.from_bytes(e.to_bytes(), StateSpec.single((2, 4)), 3)
     assert back is not None
     assert back.state.tobytes() == e.state.tobytes() and back.logits.tobytes() == e.logits.tobytes()
-    assert Entry.from_bytes(e.to_bytes(), (2, 4), 4) is None
+    assert Entry.from_bytes(e.to_bytes(), StateSpec.single((2, 4)), 4) is None
 
 
 # -- served --

@@ -179,19 +179,19 @@ def test_score_runs_a_long_text_in_pieces_within_the_cap(capped):
     """Score returns log-probabilities only: its model runs stay within max_response_logits
     (pieces of CAP_IDS tokens here) and give the bare model's log-probabilities."""
     runs: list[tuple[int, ...]] = []
-    service = capped.service
-    run_model = service.run_model
+    jobs = capped.service.jobs
+    run_model = jobs.run
 
     async def counted(rt, ids, state):
         runs.append(ids.shape)
         return await run_model(rt, ids, state)
 
-    service.run_model = counted
+    jobs.run = counted
     try:
         with Client(capped.target) as c:
             r = c.score(TEXT)
     finally:
-        del service.run_model
+        del jobs.run
     ids = plain_ids(TEXT)
     assert len(ids) > 5 * CAP_IDS
     assert runs and max(shape[1] for shape in runs) <= CAP_IDS, runs

@@ -7,7 +7,7 @@ import pytest
 
 from gru_serve.cli import main as cli
 from gru_serve.client import Client, sampling
-from gru_serve.engine.sampling import SamplingParams
+from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 
 from .conftest import LONG, reference_generate, start_server

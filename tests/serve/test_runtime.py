@@ -6,8 +6,9 @@ import onnxruntime as ort
 import pytest
 
 from gru_serve.client import Client, sampling
-from gru_serve.engine.runtime import CUDA, ModelRuntime, RuntimeOptions
+from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.ops.errors import ModelLoadError
+from gru_serve.served import CUDA
 
 from .conftest import D2L, start_server
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from gru_serve.engine.sampling import SamplingParams, sample, uniforms
 from gru_serve.ops.errors import InvalidArgument
+from gru_serve.sampling import SamplingParams, sample, uniforms
 
 
 def rows(n, **kw):

@@ -8,8 +8,8 @@ import tokenizers
 
 from gru_serve.client import Client, sampling
 from gru_serve.engine.runtime import ModelRuntime
-from gru_serve.engine.sampling import SamplingParams
 from gru_serve.ops.settings import Settings
+from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import shipped_models
 

@@ -11,10 +11,10 @@ import pytest
 
 from gru_serve.client import Client, sampling
 from gru_serve.core import snapshots
-from gru_serve.engine.sampling import SamplingParams
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.ops.errors import FailedPrecondition, InvalidArgument, ModelLoadError
 from gru_serve.ops.settings import Settings
+from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import shipped_models
 

@@ -20,9 +20,9 @@ import pytest
 import tritonclient.http as httpclient
 
 from gru_serve.core.sequences import Sequence
-from gru_serve.engine.sampling import SamplingParams
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from gru_serve.ops.settings import Settings
+from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 
 from .conftest import D2L, reference_generate

@@ -1,4 +1,4 @@
-"""gru_serve.engine.tokenizer against independent references: d2l's rule written out (chars), Python's str
+"""gru_serve.tokenizer against independent references: d2l's rule written out (chars), Python's str
 operations (words), the `tokenizers` library's own decode (huggingface), and a brute-force
 search of decoded prefixes (stop strings)."""
 
@@ -19,7 +19,9 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from gru_serve.contract import IDENTITY_NORMALIZATION, ContractError, ModelMetadata, read_model
-from gru_serve.engine.tokenizer import (
+from gru_serve.ops.errors import InvalidArgument
+from gru_serve.shipped import default_model_path
+from gru_serve.tokenizer import (
     PRIME_TOKENS,
     REPLACEMENT,
     CharTokenizer,
@@ -29,8 +31,6 @@ from gru_serve.engine.tokenizer import (
     WordTokenizer,
     load_tokenizer,
 )
-from gru_serve.ops.errors import InvalidArgument
-from gru_serve.shipped import default_model_path
 
 # A small corpus with accents, CJK and emoji (one ZWJ sequence, one skin tone).
 CORPUS = [
