@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +37,10 @@ from onnx import TensorProto, helper, numpy_helper
 from exporters.validate import ValidationError, compare_runs, ort_step, validate
 from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT, ModelMetadata, read_model
 from gru_serve.graphs.decode import decode_graph
-from gru_serve.graphs.fused import FUSED_INPUTS, FUSED_OUTPUTS, fused_graph
+from gru_serve.graphs.fused import FUSED_OUTPUTS, fused_graph
 from gru_serve.graphs.weights import gru_weights
 from gru_serve.reference import fused_generate, step_generate
-from gru_serve.sampling import SamplingParams
+from gru_serve.sampling import SamplingParams, column_feeds
 from gru_serve.scoring import d2l_perplexity, stream_perplexity
 from gru_serve.tokenizer import load_tokenizer
 
@@ -157,15 +158,11 @@ class StepPath:
         self,
         tokens: np.ndarray,
         state: np.ndarray,
-        temperature: np.ndarray,
-        top_k: np.ndarray,
-        top_p: np.ndarray,
+        cols: Mapping[str, np.ndarray],
         uniforms: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        inputs = (tokens, state, temperature, top_k, top_p, uniforms)
-        sampled, logits, states = self.fused_file.run(
-            list(FUSED_OUTPUTS), dict(zip(FUSED_INPUTS, inputs, strict=True))
-        )
+        feeds = {"tokens": tokens, STATE: state, **column_feeds(cols, len(tokens)), "uniforms": uniforms}
+        sampled, logits, states = self.fused_file.run(list(FUSED_OUTPUTS), feeds)
         return sampled, logits, states
 
 

@@ -37,6 +37,27 @@ def add_setting_flags(p: argparse.ArgumentParser) -> None:
         )
 
 
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per SamplingParams field (--top-k for top_k), its help the field's."""
+    from dataclasses import fields
+
+    from gru_serve.sampling import SamplingParams
+
+    for f in fields(SamplingParams):
+        name, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type.startswith("tuple"):
+            p.add_argument(name, action="append", help=help_)
+        else:
+            p.add_argument(name, type=float if f.type == "float" else int, help=help_)
+
+
+def sampling_args(args: argparse.Namespace) -> dict:
+    """The sampling flags' values by option name, for gru_serve.client.sampling."""
+    from gru_serve.sampling import OPTIONS
+
+    return {name: getattr(args, name) for name in OPTIONS if name != "stop"} | {"stop": args.stop or ()}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gru_serve.ops.errors import ModelLoadError
     from gru_serve.server import serve
@@ -88,7 +109,7 @@ def cmd_generate_choices(args: argparse.Namespace) -> int:
     if args.snapshot:
         print("gru-serve: error: --snapshot does not go with -n, --commit or --best-of", file=sys.stderr)
         return 2
-    params = sampling(args.temperature, args.top_k, args.top_p, args.seed, args.stop or ())
+    params = sampling(**sampling_args(args))
     texts: list[list[str]] = [[] for _ in range(max(args.n, 1))]
     finished = {}
     with _client(args) as c:
@@ -126,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.n > 1 or args.commit is not None or args.best_of:
         return cmd_generate_choices(args)
-    params = sampling(args.temperature, args.top_k, args.top_p, args.seed, args.stop or ())
+    params = sampling(**sampling_args(args))
     snapshot = _read_snapshot(args.snapshot) if args.snapshot else b""
     with _client(args) as c:
         finished = None
@@ -227,7 +248,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, v in sorted(m.perplexity.items()):
         print(f"perplexity {k} = {v:.4f}")
     print(f"limits     {str(m.limits).strip().replace(chr(10), ', ')}")
-    from gru_serve.engine.runtime import cuda_status
+    from gru_serve.engine.cuda import cuda_status
 
     # CUDA on this machine, as onnxruntime sees it: its own reason when it cannot start.
     ok, reason = cuda_status()
@@ -274,11 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from this snapshot (`session export`) instead of a session; the new one replaces it",
     )
     g.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (server default 64)")
-    g.add_argument("--temperature", type=float, help="0 or unset: greedy")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int, help="makes sampling reproducible")
-    g.add_argument("--stop", action="append", help="stop after this string, repeatable")
+    add_sampling_flags(g)
     g.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
     g.add_argument(
         "-n",

@@ -19,9 +19,13 @@ def sampling(
     top_p: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    **options: float | int | None,
 ) -> pb.SamplingParams:
+    """The native SamplingParams message; the first five options may come by position, any
+    option (a field of the message) by name; None leaves it unset."""
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, **options}
     msg = pb.SamplingParams(stop=list(stop))
-    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
+    for name, value in given.items():
         if value is not None:
             setattr(msg, name, value)
     return msg

@@ -7,11 +7,12 @@ graph's function, so exporters run them on plain onnxruntime sessions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
 
-from gru_serve.sampling import SamplingParams, sample, uniforms
+from gru_serve.sampling import SamplingParams, columns, sample, uniforms
 from gru_serve.scoring import StepFn
 
 
@@ -26,9 +27,7 @@ class FusedModel(Protocol):
         self,
         tokens: np.ndarray,
         state: np.ndarray,
-        temperature: np.ndarray,
-        top_k: np.ndarray,
-        top_p: np.ndarray,
+        cols: Mapping[str, np.ndarray],
         uniforms: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
@@ -53,10 +52,9 @@ def step_generate(
     own. Returns the tokens and the logits [V] and state [L, H] after the last one."""
     logits, state = step(np.array([ids], np.int64), state)
     logits, out = logits[:, -1], []
-    seed, t = np.array([params.seed], np.uint64), np.array([params.temperature])
-    top_k, top_p = np.array([params.top_k]), np.array([params.top_p])
+    seed, cols = np.array([params.seed], np.uint64), columns([params])
     for j in range(n):
-        tok = sample(logits, t, top_k, top_p, uniforms(seed, np.array([len(ids) + j], np.uint64)))
+        tok = sample(logits, u=uniforms(seed, np.array([len(ids) + j], np.uint64)), **cols)
         out.append(int(tok[0]))
         logits, state = step(tok[:, None].astype(np.int64), state)
         logits = logits[:, -1]
@@ -74,18 +72,16 @@ def fused_generate(
     firsts = [rt.step(np.array([ids], np.int64), rt.zero_state()) for ids in prompts]
     logits = np.stack([lg[0, -1] for lg, _ in firsts])
     state = np.stack([st[0] for _, st in firsts])
-    t = np.array([p.temperature for p in params])
-    top_k = np.array([p.top_k for p in params], np.int64)
-    top_p = np.array([p.top_p for p in params])
+    cols = columns(params)
     seeds = np.array([p.seed for p in params], np.uint64)
     pos = np.array([len(ids) for ids in prompts], np.uint64)
     out: list[list[int]] = [[] for _ in prompts]
     done = 0
     while done < n:
-        tok = sample(logits, t, top_k, top_p, uniforms(seeds, pos + done))
+        tok = sample(logits, u=uniforms(seeds, pos + done), **cols)
         kk = min(k, n - done)
         u = np.stack([uniforms(seeds, pos + done + j) for j in range(1, kk + 1)], axis=1)
-        sampled, step_logits, step_states = fused(tok, state, t, top_k, top_p, u)
+        sampled, step_logits, step_states = fused(tok, state, cols, u)
         for r in range(len(prompts)):
             out[r] += [int(tok[r]), *sampled[: kk - 1, r].tolist()]
         logits, state = step_logits[kk - 1], step_states[kk - 1]

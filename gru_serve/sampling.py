@@ -1,6 +1,11 @@
 """Sampling parameters (one definition for every transport) and the numpy sampler, vectorised
 across a batch.
 
+A sampling option is one `SamplingParams` field: its check, its --help text and, for the
+sampler's per-row settings, its column type live on the field, and the transports (gRPC, the
+OpenAI and inference-protocol bodies, the CLI), the batch's columns and the fused graph's inputs
+pick the fields up by name.
+
 Randomness is counter-based: the uniform number for a token is a hash of (seed, position of
 the token in its session). A request's tokens therefore never depend on what else shares its
 batch, and a session generating 50 tokens in one call draws exactly what it draws in two
@@ -11,7 +16,9 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -36,48 +43,105 @@ def float32(x: float) -> float:
     return float(np.float32(x))
 
 
+def _temperature(v: Any) -> float:
+    t = 0.0 if v is None else float32(float(v))
+    t = 0.0 if 0.0 <= t < MIN_TEMPERATURE else t
+    if not (math.isfinite(t) and 0.0 <= t <= MAX_TEMPERATURE):
+        raise InvalidArgument(f"sampling.temperature must be in [0, {MAX_TEMPERATURE:g}], got {t}")
+    return t
+
+
+def _top_k(v: Any) -> int:
+    k = 0 if v is None else int(v)
+    if not 0 <= k <= MAX_TOP_K:
+        raise InvalidArgument(f"sampling.top_k must be in [0, {MAX_TOP_K}] (0: no limit), got {k}")
+    return k
+
+
+def _top_p(v: Any) -> float:
+    p = 1.0 if v is None else float32(float(v))
+    if not (math.isfinite(p) and 0.0 < p <= 1.0):
+        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {p}")
+    return p
+
+
+def _seed(v: Any) -> int:
+    s = secrets.randbits(63) if v is None else int(v)
+    if not 0 <= s < 1 << 64:
+        raise InvalidArgument(f"sampling.seed must be in [0, 2^64), got {s}")
+    return s
+
+
+def _stop(v: Any) -> tuple[str, ...]:
+    stop = tuple(v or ())
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"sampling.stop has {len(stop)} strings; the limit is {MAX_STOP_STRINGS}")
+    for s in stop:
+        if not 0 < len(s) <= MAX_STOP_CHARS:
+            raise InvalidArgument(
+                f"sampling.stop strings must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}"
+            )
+    return stop
+
+
+def option(default: Any, check: Callable[[Any], Any], help: str, column: type | None = None) -> Any:
+    """A SamplingParams field: `check` turns a transport's value (None: unset) into the field's
+    or raises InvalidArgument naming it; `help` is its CLI --help; `column` (np.float64 or
+    np.int64) makes it a per-row setting of the sampler: a column of the batch and an input of
+    the fused graph, named as the field."""
+    return field(default=default, metadata={"check": check, "help": help, "column": column})
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """What a request samples with. Built through `checked` at every transport, so temperature
-    and top_p are held at float32 precision (gRPC's), and it travels whole to the engine."""
+    """What a request samples with. Built through `checked` at every transport, so float fields
+    are held at float32 precision (gRPC's), and it travels whole to the engine. A new option is
+    a field here (added last: tests build the first ones positionally), its proto field of the
+    same name, and its steps in `sample` and in the fused graph's sampler."""
 
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: no limit
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
+    temperature: float = option(0.0, _temperature, "0 or unset: greedy", np.float64)
+    top_k: int = option(0, _top_k, "keep the k most likely tokens (0 or unset: no limit)", np.int64)
+    top_p: float = option(
+        1.0, _top_p, "keep the smallest set of tokens whose mass reaches p, in (0, 1]", np.float64
+    )
+    seed: int = option(0, _seed, "makes sampling reproducible (unset: a random seed)")
+    stop: tuple[str, ...] = option((), _stop, "stop after this string, repeatable")
 
     @classmethod
-    def checked(
-        cls,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: tuple[str, ...] = (),
-    ) -> SamplingParams:
-        """Validated parameters; a bad field raises InvalidArgument naming it and its limit."""
-        t = 0.0 if temperature is None else float32(float(temperature))
-        t = 0.0 if 0.0 <= t < MIN_TEMPERATURE else t
-        if not (math.isfinite(t) and 0.0 <= t <= MAX_TEMPERATURE):
-            raise InvalidArgument(f"sampling.temperature must be in [0, {MAX_TEMPERATURE:g}], got {t}")
-        k = 0 if top_k is None else int(top_k)
-        if not 0 <= k <= MAX_TOP_K:
-            raise InvalidArgument(f"sampling.top_k must be in [0, {MAX_TOP_K}] (0: no limit), got {k}")
-        p = 1.0 if top_p is None else float32(float(top_p))
-        if not (math.isfinite(p) and 0.0 < p <= 1.0):
-            raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {p}")
-        if len(stop) > MAX_STOP_STRINGS:
-            raise InvalidArgument(f"sampling.stop has {len(stop)} strings; the limit is {MAX_STOP_STRINGS}")
-        for s in stop:
-            if not 0 < len(s) <= MAX_STOP_CHARS:
-                raise InvalidArgument(
-                    f"sampling.stop strings must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}"
-                )
-        s_ = secrets.randbits(63) if seed is None else int(seed)
-        if not 0 <= s_ < 1 << 64:
-            raise InvalidArgument(f"sampling.seed must be in [0, 2^64), got {s_}")
-        return cls(t, k, p, s_, tuple(stop))
+    def checked(cls, **given: Any) -> SamplingParams:
+        """Validated parameters from the fields' values by name (None or absent: unset); a bad
+        field raises InvalidArgument naming it and its limit."""
+        unknown = set(given) - set(OPTIONS)
+        if unknown:
+            raise TypeError(f"not sampling options: {sorted(unknown)}")
+        return cls(**{f.name: f.metadata["check"](given.get(f.name)) for f in fields(cls)})
+
+
+# Every option's name, and those that are per-row columns of the sampler with their dtype, in
+# field order (the fused graph's inputs follow it).
+OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
+COLUMNS: dict[str, type] = {
+    f.name: f.metadata["column"] for f in fields(SamplingParams) if f.metadata["column"]
+}
+_DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}
+
+
+def help_of(name: str) -> str:
+    return next(f.metadata["help"] for f in fields(SamplingParams) if f.name == name)
+
+
+def columns(params: Sequence[SamplingParams]) -> dict[str, np.ndarray]:
+    """The batch's per-row sampler settings, one array per COLUMNS entry."""
+    return {name: np.array([getattr(p, name) for p in params], dtype) for name, dtype in COLUMNS.items()}
+
+
+def column_feeds(cols: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """Every column at its dtype, for the fused graph; one not given holds its default (what a
+    request that leaves the option unset samples with)."""
+    return {
+        name: np.asarray(cols[name], dtype) if name in cols else np.full(batch, _DEFAULTS[name], dtype)
+        for name, dtype in COLUMNS.items()
+    }
 
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)

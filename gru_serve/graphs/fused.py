@@ -9,9 +9,11 @@ from onnx import TensorProto, helper, numpy_helper
 from gru_serve.contract import STATE
 from gru_serve.graphs.decode import _axis1, _cell, _Graph, _model, _split_state
 from gru_serve.graphs.weights import GRUWeights, gru_weights
+from gru_serve.sampling import COLUMNS
 
-# The fused graph's tensors (gru_serve side only: the exported contract stays as it is).
-FUSED_INPUTS = ("tokens", STATE, "temperature", "top_k", "top_p", "uniforms")
+# The fused graph's tensors (gru_serve side only: the exported contract stays as it is): one
+# input per sampler column (gru_serve.sampling.COLUMNS), named as the SamplingParams field.
+FUSED_INPUTS = ("tokens", STATE, *COLUMNS, "uniforms")
 FUSED_OUTPUTS = ("sampled", "step_logits", "step_states")
 
 
@@ -92,6 +94,7 @@ def fused_graph(base: onnx.ModelProto, w: GRUWeights | None = None) -> onnx.Mode
     w = w or gru_weights(base)
     L, H, V = len(w.layers), w.hidden, w.vocab
     d, i64, f = TensorProto.DOUBLE, TensorProto.INT64, TensorProto.FLOAT
+    cols = COLUMNS.items()
     g = _Graph()
     trips = g.op("Gather", g.op("Shape", "uniforms"), g.const("one_i", np.array(1, np.int64)), axis=0)
     h0 = _split_state(g, STATE, L)
@@ -179,9 +182,7 @@ def fused_graph(base: onnx.ModelProto, w: GRUWeights | None = None) -> onnx.Mode
         [
             helper.make_tensor_value_info("tokens", i64, ["batch"]),
             helper.make_tensor_value_info(STATE, f, ["batch", L, H]),
-            helper.make_tensor_value_info("temperature", d, ["batch"]),
-            helper.make_tensor_value_info("top_k", i64, ["batch"]),
-            helper.make_tensor_value_info("top_p", d, ["batch"]),
+            *[helper.make_tensor_value_info(n, i64 if t is np.int64 else d, ["batch"]) for n, t in cols],
             helper.make_tensor_value_info("uniforms", d, ["batch", "k"]),
         ],
         [

@@ -49,13 +49,15 @@ def session_pb(info: SessionInfo) -> pb.Session:
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
-    return SamplingParams.checked(
-        temperature=msg.temperature if msg.HasField("temperature") else None,
-        top_k=msg.top_k if msg.HasField("top_k") else None,
-        top_p=msg.top_p if msg.HasField("top_p") else None,
-        seed=msg.seed if msg.HasField("seed") else None,
-        stop=tuple(msg.stop),
-    )
+    # The message's fields are SamplingParams' by name: optional scalars (unset: None) and
+    # repeated ones.
+    given = {}
+    for f in msg.DESCRIPTOR.fields:
+        if f.is_repeated:
+            given[f.name] = tuple(getattr(msg, f.name))
+        elif msg.HasField(f.name):
+            given[f.name] = getattr(msg, f.name)
+    return SamplingParams.checked(**given)
 
 
 def tokens_pb(chunk: Tokens) -> list[pb.Token]:

@@ -24,7 +24,7 @@ Content-Length). The logits one request may produce are capped (max_response_log
 Generate request: a JSON object whose fields named like the model's inputs are inputs (`prompt`:
 a string), `parameters` an object of parameters, `id` the request id, `stream` (there or in
 `parameters`) ignored as the URL decides, and every other field a parameter (`max_new_tokens`,
-`temperature`, `top_k`, `top_p`, `seed`, `stop`, `sequence_id`, `sequence_start`,
+the sampling options by their SamplingParams names, `sequence_id`, `sequence_start`,
 `sequence_end`). Only generation models (`M-generate`) generate. Response: {"model_name",
 "model_version", "id"?, "text" (the tokens' text joined), "token_ids" [numbers], "parameters"
 (finish_reason, prompt_tokens, generated_tokens, tokens_seen)}; each stream event has the same

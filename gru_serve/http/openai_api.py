@@ -34,7 +34,8 @@ POST /v1/completions
     Extensions (the openai client sends them with `extra_body`):
     session_id   continue that session, exactly as Generate with session_id (the session
                  commits the prompt and the completion)
-    top_k        as gRPC's sampling.top_k (0: no limit)
+    top_k, ...   every other sampling option by its gru_serve.sampling.SamplingParams name,
+                 as gRPC's sampling (top_k: 0 is no limit)
     snapshot     base64 of a session snapshot (stateless mode, as GenerateRequest.snapshot);
                  the reply's extension object then carries the snapshot after the request
 
@@ -67,10 +68,10 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, create_model, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -80,7 +81,7 @@ from gru_serve.core.service import GenerationService
 from gru_serve.http.common import HttpFront, event_stream, owner, parse_body, sse_event
 from gru_serve.ops.errors import InvalidArgument, NotFound
 from gru_serve.outputs import Tokens
-from gru_serve.sampling import SamplingParams
+from gru_serve.sampling import OPTIONS, SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 CHAT_TEMPLATE_KEY = "gru_serve.chat_template"
@@ -93,7 +94,7 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # OpenAI's padding against length attacks: none here
 
 
-class CompletionRequest(BaseModel):
+class _CompletionBody(BaseModel):
     # Strict: "5" is not a number and 1 is not true, as in OpenAI's API. Every field is
     # nullable because clients built on other SDKs send null for "the default".
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -118,7 +119,6 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
     # gru-serve's extensions
     session_id: str | None = None
-    top_k: int | None = None
     snapshot: str | None = None
 
     @field_validator("prompt", mode="before")
@@ -144,6 +144,19 @@ class CompletionRequest(BaseModel):
         if isinstance(v, list) and len(v) > MAX_STOP:
             raise ValueError(f"has {len(v)} strings; at most {MAX_STOP}")
         return v
+
+
+# The body: OpenAI's fields above, and every other sampling option (a SamplingParams field) by
+# its name, as an extension.
+CompletionRequest = create_model(
+    "CompletionRequest",
+    __base__=_CompletionBody,
+    **{
+        f.name: (float | None if f.type == "float" else int | None, None)
+        for f in fields(SamplingParams)
+        if f.name not in _CompletionBody.model_fields
+    },
+)
 
 
 class ChatRequest(BaseModel):
@@ -206,13 +219,9 @@ def plan(body: CompletionRequest, service: GenerationService) -> Plan:
         if not snapshot:
             raise InvalidArgument("snapshot: empty")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    sampling = SamplingParams.checked(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=stop,
-    )
+    given = {name: getattr(body, name) for name in OPTIONS}
+    temperature = 1.0 if body.temperature is None else body.temperature
+    sampling = SamplingParams.checked(**given | {"temperature": temperature, "stop": stop})
     prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt or ""
     req = GenerateRequest(
         session_id=body.session_id or "",

@@ -11,8 +11,9 @@ Each served model M appears twice:
   `sequence_end` it runs on that sequence's state and advances it (gru_serve.core.sequences: a
   sequence is a session in the native API's store, owned by the caller).
 - `M-generate`: a decoupled generation model. Input `prompt` BYTES [1]; request parameters
-  max_new_tokens, temperature, top_k, top_p, seed, stop (a string, or a JSON list of strings),
-  and optionally the sequence parameters to continue a sequence of M. A number may also come as
+  max_new_tokens and every sampling option by its SamplingParams name (temperature, top_k, ...;
+  stop: a string, or a JSON list of strings), and optionally the sequence parameters to
+  continue a sequence of M. A number may also come as
   a string ("0.8": Triton's C++ client has no double parameters). Streamed, each message of
   tokens ready together is one response with outputs `text` BYTES [n] (one string per token)
   and `token_ids` INT64 [n]; every response carries `triton_final_response`, and when the

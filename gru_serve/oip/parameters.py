@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import fields
 
 from gru_serve.core.sequences import Sequence
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
@@ -109,12 +110,10 @@ def sequence_of(request: pb.ModelInferRequest) -> Sequence | None:
 
 
 def sampling_of(request: pb.ModelInferRequest) -> tuple[int | None, SamplingParams]:
-    max_new = _int(request, "max_new_tokens")
-    params = SamplingParams.checked(
-        temperature=_float(request, "temperature"),
-        top_k=_int(request, "top_k"),
-        top_p=_float(request, "top_p"),
-        seed=_int(request, "seed"),
-        stop=_stop(request),
-    )
-    return max_new, params
+    # Every SamplingParams field is a parameter of its name, read by the field's type.
+    readers = {"float": _float, "int": _int}
+    given = {
+        f.name: _stop(request) if f.name == "stop" else readers[f.type](request, f.name)
+        for f in fields(SamplingParams)
+    }
+    return _int(request, "max_new_tokens"), SamplingParams.checked(**given)

@@ -14,12 +14,13 @@ import numpy as np
 from gru_serve.contract import INPUT_IDS, LOGITS
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.ops.errors import InvalidArgument
+from gru_serve.sampling import OPTIONS
 from gru_serve.served import ServedModel
 
 MODEL_VERSION = "1"
 PROMPT, TEXT, TOKEN_IDS = "prompt", "text", "token_ids"
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
-SAMPLING_PARAMETERS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+SAMPLING_PARAMETERS = ("max_new_tokens", *OPTIONS)  # every SamplingParams field by name
 EMPTY_FINAL = "triton_enable_empty_final_response"
 FINAL = "triton_final_response"
 # Wire (little-endian) and in-memory types of the numeric datatypes the models use.

@@ -10,9 +10,9 @@ const $ = (id) => document.getElementById(id);
 
 const ui = {
   model: $("model"),
-  temperature: $("temperature"),
-  topK: $("top-k"),
-  topP: $("top-p"),
+  // The sampling options' inputs: each names its completions field (an OpenAI or gru-serve
+  // sampling option) in data-option; step="1" marks a whole number.
+  options: document.querySelectorAll("[data-option]"),
   maxTokens: $("max-tokens"),
   seed: $("seed"),
   token: $("token"),
@@ -135,6 +135,14 @@ function numberOr(input, parse) {
   return raw === "" ? undefined : parse(raw);
 }
 
+function sampling() {
+  const options = {};
+  for (const el of ui.options) {
+    options[el.dataset.option] = numberOr(el, el.step === "1" ? (v) => parseInt(v, 10) : parseFloat);
+  }
+  return options;
+}
+
 // Seeds are 64-bit: more than a JavaScript number holds exactly, so they travel as digits,
 // spliced into the JSON text both ways.
 function seedDigits() {
@@ -156,9 +164,7 @@ async function run(prompt) {
     model: s.model,
     prompt,
     max_tokens: numberOr(ui.maxTokens, (v) => parseInt(v, 10)),
-    temperature: numberOr(ui.temperature, parseFloat),
-    top_p: numberOr(ui.topP, parseFloat),
-    top_k: numberOr(ui.topK, (v) => parseInt(v, 10)),
+    ...sampling(),
     stream: true,
     stream_options: { include_usage: true }, // a last chunk that counts the tokens
     session_id: s.id,
