@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gru_serve.bench.topology import RedisServer
 from gru_serve.ops.errors import ResourceExhausted, SessionExpired
 from gru_serve.ops.settings import Settings
 from gru_serve.stores.factory import build_store
 from gru_serve.stores.sessions import SessionRecord, SessionStore, new_session_id
-
-from .conftest import RedisServer
 
 STORES = ("memory", "sqlite", "redis")
 ALICE, BOB = "a" * 32, "b" * 32  # principals as the server derives them from tokens
@@ -154,7 +153,8 @@ def test_the_redis_owner_index_follows_deletes_and_global_evictions(redis_server
     async def scenario(store) -> None:
         recs = [record(owner) for owner in (ALICE, BOB, ALICE, BOB, ALICE)]
         for rec in recs:
-            await store.create(rec)  # the fifth evicts one at max_sessions (4)
+            await store.create(rec)  # the fifth evicts the first at max_sessions (4)
+            tick()  # creates a millisecond apart: Redis's LRU order is the creation order
         await store.delete(recs[3].session_id)  # one of bob's
         live = {ALICE: set(), BOB: set()}
         for rec in recs:

@@ -26,12 +26,12 @@ import pytest
 import redis
 import yaml
 
+from gru_serve.bench.topology import D2L, DOCKER, SERVING, health, wait_for
 from gru_serve.client import Client
-from gru_serve.launch import ready_target
+from gru_serve.launch import free_port, ready_target
 from gru_serve.sampling import SamplingParams
-from tests.serve.conftest import reference_generate
-
-from .conftest import D2L, DOCKER, SERVING, free_port, health, installed_binary, wait_for
+from tests.support.binaries import installed_binary
+from tests.support.serving import reference_generate
 
 KUBE = DOCKER / "kubernetes"
 PROMPT = "time traveller"
@@ -175,10 +175,24 @@ def pod_command(dep: dict, redis_port: int, secret_dir: Path, with_empty_dirs: b
     assert argv[:2] == ["gru-serve", "serve"]
     server = [sys.executable, "-m", "gru_serve.cli", *argv[1:]]
     writable = empty if with_empty_dirs else []
-    mounts = [f"mount -t tmpfs -o size=64m tmpfs {shlex.quote(p)}" for p in writable]
-    script = " && ".join(["mount -o remount,ro,bind /", *mounts, "exec " + shlex.join(server)])
+    script = " && ".join([*code_kept_over(writable, secret_dir), "exec " + shlex.join(server)])
     base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", script], {**base, **env}
+
+
+def code_kept_over(writable: list[str], hold: Path) -> list[str]:
+    """Shell steps: / read-only, a tmpfs at each writable path. In a pod the code lives in the
+    image; here the checkout and its Python may lie under one of those paths (a clone in /tmp),
+    so they are bind-mounted aside first and back, read-only, over the tmpfs."""
+    code = {Path(__file__).resolve().parents[2], Path(sys.prefix), Path(sys.base_prefix)}
+    under = [shlex.quote(str(c)) for c in sorted(code) if any(c.is_relative_to(w) for w in writable)]
+    aside = [shlex.quote(str(hold / f"code{i}")) for i in range(len(under))]
+    pairs = list(zip(under, aside, strict=True))
+    steps = [f"mkdir -p {a} && mount --bind {c} {a}" for c, a in pairs]
+    steps += ["mount -o remount,ro,bind /"]
+    steps += [f"mount -t tmpfs -o size=64m tmpfs {shlex.quote(w)}" for w in writable]
+    steps += [f"mkdir -p {c} && mount --bind {a} {c} && mount -o remount,ro,bind {c}" for c, a in pairs]
+    return steps
 
 
 def start(cmd: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, str | None]:

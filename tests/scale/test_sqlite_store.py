@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 import pytest
 
+from gru_serve.bench.topology import D2L, Replica, wait_for
 from gru_serve.client import Client
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
@@ -37,9 +38,7 @@ from gru_serve.ops.settings import Settings
 from gru_serve.stores.factory import build_store
 from gru_serve.stores.sessions import SessionRecord, new_session_id
 from gru_serve.stores.sqlite_store import COLUMNS, DAY_S, SQLiteStore
-from tests.serve.conftest import reference_generate
-
-from .conftest import D2L, Replica, wait_for
+from tests.support.serving import reference_generate
 
 PROMPT = "time traveller"
 
@@ -332,7 +331,7 @@ def test_a_new_store_on_the_file_has_every_committed_session_and_no_lease(tmp_pa
 
 def test_a_missing_directory_stops_the_start_with_one_line_naming_it(tmp_path):
     url = f"sqlite:///{tmp_path}/missing/s.db"
-    cmd = [sys.executable, "-m", "gru_serve.cli", "serve", "--port", "0", "--model", str(D2L)]
+    cmd = [sys.executable, "-m", "gru_serve.cli", "serve", "--port", "0", "--http-port", "0", "--model", str(D2L)]
     r = subprocess.run([*cmd, "--session-store", url], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     (line,) = [x for x in r.stderr.splitlines() if "gru-serve: error" in x]
