@@ -18,9 +18,10 @@ import asyncio
 import logging
 import signal
 
+from gru_serve.core.models import engine_config
 from gru_serve.engine.supervisor import EngineSupervisor, exit_of
 from gru_serve.http.server import bind
-from gru_serve.launch import SERVE, Server, settings_env
+from gru_serve.launch import SERVE, Server, ServerDidNotStart, settings_env
 from gru_serve.ops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def frontend_argv(settings: Settings, i: int, address: str, port: int, http_port
 
 async def serve_family(settings: Settings, ready_line: str, http_ready_line: str) -> int:
     s = settings
-    engine = EngineSupervisor(s)
+    engine = EngineSupervisor(engine_config(s))
     engine.start()
     grpc_port = bind(s.host, s.port, shared=True, listen=False)
     http_port = bind(s.host, s.http_port, shared=True, listen=False) if s.http_port else None
@@ -106,4 +107,9 @@ async def _keep(front: Server, stop: asyncio.Event) -> None:
         if stop.is_set():
             return
         log.error("front end %d exited with %s; starting another", front.proc.pid, code)
-        await _start(front)
+        try:
+            await _start(front)
+        except ServerDidNotStart:
+            if stop.is_set():
+                return  # the family stopped it while it was starting (it waited for the engine)
+            raise

@@ -20,9 +20,9 @@ from grpc_reflection.v1alpha import reflection
 
 from gru_serve.core.metrics import bind as bind_metrics
 from gru_serve.core.metrics import refresh_sessions
+from gru_serve.core.models import engine_config
 from gru_serve.core.service import GenerationService
-from gru_serve.engine.client import EngineClient
-from gru_serve.engine.runtime import ModelRuntime, load_runtime
+from gru_serve.engine.api import EngineClient, ModelRuntime, load_runtime
 from gru_serve.engine.supervisor import EngineSupervisor
 from gru_serve.frontends import serve_family
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2, generation_pb2_grpc
@@ -68,7 +68,7 @@ def load_runtimes(settings: Settings) -> dict[str, ModelRuntime]:
     model repository loads later ones through the same load_runtime)."""
     runtimes: dict[str, ModelRuntime] = {}
     for name, path in model_specs(settings.models):
-        rt = load_runtime(path, settings, name, front_end=settings.engine == "process")
+        rt = load_runtime(path, engine_config(settings), name, front_end=settings.engine == "process")
         if rt.name in runtimes:
             raise ModelLoadError(f"model name {rt.name!r} is given twice; use NAME=PATH to rename one")
         runtimes[rt.name] = rt
@@ -127,7 +127,7 @@ class GruServer:
         if s.engine == "process":
             address = s.engine_address
             if not address:
-                self.supervisor = EngineSupervisor(s)
+                self.supervisor = EngineSupervisor(engine_config(s))
                 self.supervisor.start()
                 address = self.supervisor.address
             engine = EngineClient(address, self._engine_changed)

@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 
 from gru_serve.core.prefix import Prefixes
-from gru_serve.engine.runtime import ModelRuntime
-from gru_serve.engine.scheduler import Job, RunJob, Scheduler
+from gru_serve.engine.api import Job, ModelEngine, ModelRuntime, RunJob
 from gru_serve.outputs import DoneEvent, FailedEvent, RunDone, Tokens
 from gru_serve.sampling import SamplingParams
 from gru_serve.stores.sessions import SessionRecord
@@ -64,32 +63,36 @@ def _deliver(group: list[tuple[asyncio.Queue, object]]) -> None:
 
 class Backlog:
     """A stream's tokens emitted by the scheduler thread less those its consumer (on the event
-    loop) has taken. At BACKLOG_TOKENS the job is paused; when the consumer takes tokens and the
-    backlog falls below that, it is resumed. One lock orders the two sides, so a job is never
-    left paused with nothing waiting. (Lock order: this one, then the scheduler's; the scheduler
-    thread calls emit without holding its own.)"""
+    loop) has taken. At BACKLOG_TOKENS the job is paused (ModelEngine.pause); when the consumer
+    takes tokens and the backlog falls below that, it is resumed. One lock orders the two sides,
+    so a job is never left paused with nothing waiting. (Lock order: this one, then the
+    scheduler's; the scheduler thread calls emit without holding its own.)"""
 
-    __slots__ = ("job", "lock", "scheduler", "sent", "taken")
+    __slots__ = ("job", "lock", "paused", "scheduler", "sent", "taken")
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: ModelEngine) -> None:
         self.job: Job | None = None
         self.scheduler = scheduler
         self.lock = threading.Lock()
         self.sent = 0
         self.taken = 0
+        self.paused = False
 
     def emitted(self, n: int) -> None:
-        """On the scheduler thread, as a chunk of n tokens goes out."""
+        """On the scheduler thread (the event loop with the engine process), as a chunk of n
+        tokens goes out."""
         with self.lock:
             self.sent += n
-            if self.sent - self.taken >= BACKLOG_TOKENS:
-                self.job.paused = True
+            if not self.paused and self.sent - self.taken >= BACKLOG_TOKENS:
+                self.paused = True
+                self.scheduler.pause(self.job)
 
     def took(self, n: int) -> None:
         """On the event loop, as the consumer takes n tokens from the queue."""
         with self.lock:  # held while resuming, so that a pause that follows is not undone
             self.taken += n
-            if self.job.paused and self.sent - self.taken < BACKLOG_TOKENS:
+            if self.paused and self.sent - self.taken < BACKLOG_TOKENS:
+                self.paused = False
                 self.scheduler.resume(self.job)
 
 
@@ -97,7 +100,7 @@ class Jobs:
     """Runs jobs on the models' schedulers and streams their events back."""
 
     def __init__(
-        self, delivery: Delivery, scheduler: Callable[[ModelRuntime], Scheduler], prefixes: Prefixes
+        self, delivery: Delivery, scheduler: Callable[[ModelRuntime], ModelEngine], prefixes: Prefixes
     ) -> None:
         """scheduler: the scheduler running a runtime (the model set's lookup)."""
         self.delivery = delivery

@@ -6,7 +6,7 @@ import collections
 import contextlib
 from collections.abc import Iterator
 
-from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.api import ModelRuntime
 from gru_serve.ops.errors import InvalidArgument, ResourceExhausted
 from gru_serve.ops.settings import Settings
 

@@ -84,10 +84,11 @@ class ServiceCollector(Collector):
         # changes it in place), so this thread iterates a stable copy; a model unloaded since
         # its last scrape is simply absent.
         for name, sched in s.schedulers.items():
-            batch.add_metric([name], sched.last_batch_size)
-            queue.add_metric([name], sched.queue_depth)
-            paused.add_metric([name], sched.paused)
-            pauses.add_metric([name], sched.pauses)
+            stats = sched.stats()
+            batch.add_metric([name], stats.last_batch_size)
+            queue.add_metric([name], stats.queue_depth)
+            paused.add_metric([name], stats.paused)
+            pauses.add_metric([name], stats.pauses)
             provider.add_metric([name, sched.provider], 1)
         yield from (batch, queue, paused, pauses, provider)
         pc = s.prefix_cache

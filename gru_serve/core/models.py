@@ -8,11 +8,14 @@ import collections
 import contextlib
 from collections.abc import Callable, Iterator
 
-from gru_serve.engine.client import EngineClient, RemoteScheduler
-from gru_serve.engine.runtime import ModelRuntime
-from gru_serve.engine.scheduler import Scheduler, scheduler_for
+from gru_serve.engine.api import FIELDS, EngineClient, EngineConfig, ModelEngine, ModelRuntime, model_engine
 from gru_serve.ops.errors import InvalidArgument, NotFound, Unavailable
 from gru_serve.ops.settings import Settings
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's part of the server's settings."""
+    return EngineConfig(**settings.model_dump(include=set(FIELDS)))
 
 
 class ModelSet:
@@ -42,7 +45,7 @@ class ModelSet:
         self._holds: collections.Counter[ModelRuntime] = collections.Counter()
         self._unloading: set[ModelRuntime] = set()
         self._idle: dict[ModelRuntime, asyncio.Event] = {}  # set when a draining runtime's holds end
-        self._retiring: dict[ModelRuntime, Scheduler] = {}  # replaced by a reload, draining
+        self._retiring: dict[ModelRuntime, ModelEngine] = {}  # replaced by a reload, draining
         self._retirements: set[asyncio.Task] = set()
 
     def start(self) -> None:
@@ -74,12 +77,10 @@ class ModelSet:
             )
         return rt
 
-    def _scheduler_for(self, rt: ModelRuntime) -> Scheduler | RemoteScheduler:
-        if self.engine is not None:
-            return RemoteScheduler(self.engine, rt, self._on_round)
-        return scheduler_for(rt, self.settings, self._on_round)
+    def _scheduler_for(self, rt: ModelRuntime) -> ModelEngine:
+        return model_engine(rt, engine_config(self.settings), self._on_round, self.engine)
 
-    def scheduler(self, rt: ModelRuntime) -> Scheduler:
+    def scheduler(self, rt: ModelRuntime) -> ModelEngine:
         """The scheduler running `rt`: a retiring one's (replaced by a reload), else its name's."""
         retiring = self._retiring.get(rt)
         return retiring if retiring is not None else self.schedulers[rt.name]

@@ -9,11 +9,11 @@ import logging
 
 import numpy as np
 
-from gru_serve.engine.prefix_cache import BLOCK, Entry, PrefixCache, SharedBlocks, block_keys
-from gru_serve.engine.runtime import ModelRuntime
-from gru_serve.engine.scheduler import Job
+from gru_serve.engine.api import Job, ModelRuntime
+from gru_serve.engine.prefix_cache import Entry, PrefixCache, SharedBlocks, block_keys
 from gru_serve.ops.errors import Unavailable
 from gru_serve.ops.settings import Settings
+from gru_serve.prefill import BLOCK
 from gru_serve.state import StateSpec
 from gru_serve.stores.sessions import SessionRecord, SessionStore
 

@@ -38,8 +38,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gru_serve.core.models import engine_config
 from gru_serve.core.service import GenerationService
-from gru_serve.engine.runtime import load_runtime
+from gru_serve.engine.api import load_runtime
 from gru_serve.ops.errors import FailedPrecondition, ModelLoadError, NotFound
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,8 @@ class ModelRepository:
                 self._loading.add(name)
                 try:
                     s = self.service.settings
-                    rt = await asyncio.to_thread(load_runtime, path, s, name, s.engine == "process")
+                    remote = s.engine == "process"
+                    rt = await asyncio.to_thread(load_runtime, path, engine_config(s), name, remote)
                     if self.service.engine is not None:
                         # READY means the engine serves it: wait for its answer (its failure fails
                         # the load, and the model is never registered half-loaded).

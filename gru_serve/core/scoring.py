@@ -12,7 +12,7 @@ from gru_serve.core.jobs import Jobs
 from gru_serve.core.limits import StreamSlots, encode
 from gru_serve.core.models import ModelSet
 from gru_serve.core.sessions import Sessions
-from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.api import ModelRuntime
 from gru_serve.ops.errors import InvalidArgument
 from gru_serve.ops.settings import Settings
 from gru_serve.scoring import perplexity, piece_logprobs

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from gru_serve.core.service import GenerationService
-from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.api import ModelRuntime
 from gru_serve.ops.errors import InvalidArgument, NotFound, PermissionDenied, SessionExpired, SessionNotFound
 from gru_serve.stores.sessions import SessionRecord
 

@@ -22,10 +22,8 @@ from gru_serve.core.models import ModelSet
 from gru_serve.core.prefix import Prefixes
 from gru_serve.core.scoring import ModelInfo, ScoreResult, Scoring
 from gru_serve.core.sessions import SessionInfo, Sessions
-from gru_serve.engine.client import EngineClient
+from gru_serve.engine.api import EngineClient, ModelEngine, ModelRuntime
 from gru_serve.engine.prefix_cache import PrefixCache
-from gru_serve.engine.runtime import ModelRuntime
-from gru_serve.engine.scheduler import Scheduler
 from gru_serve.ops.metrics import Metrics
 from gru_serve.ops.settings import Settings
 from gru_serve.outputs import RunDone
@@ -77,7 +75,7 @@ class GenerationService:
         return self.models.runtimes
 
     @property
-    def schedulers(self) -> dict[str, Scheduler]:
+    def schedulers(self) -> dict[str, ModelEngine]:
         return self.models.schedulers
 
     @property
@@ -175,4 +173,3 @@ class GenerationService:
 
     def model_info(self, model: str = "") -> ModelInfo:
         return self.scoring.model_info(model)
-

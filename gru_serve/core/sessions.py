@@ -13,7 +13,7 @@ from gru_serve.core.jobs import Jobs
 from gru_serve.core.limits import encode
 from gru_serve.core.models import ModelSet
 from gru_serve.core.snapshots import Snapshot, load_keys, open_, require_keys, seal
-from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.api import ModelRuntime
 from gru_serve.ops.errors import (
     FailedPrecondition,
     InvalidArgument,

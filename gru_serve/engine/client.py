@@ -1,5 +1,6 @@
-"""A front end's side of the engine process: the connection, and each model's scheduler as the
-service sees one (RemoteScheduler has the Scheduler methods the service calls).
+"""A front end's side of the engine process: the connection (EngineClient), and each model as
+gru_serve.engine.api's ModelEngine (RemoteModel: the remote implementation; a Scheduler is the
+in-process one).
 
 Everything here runs on the front end's event loop, the only user of its socket. A job's events
 come in one Batch per engine round and go to the job's `emit` as the scheduler thread would call
@@ -26,7 +27,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from gru_serve.engine import protocol as proto
 from gru_serve.engine.runtime import ModelRuntime
-from gru_serve.engine.scheduler import Job, RunJob
+from gru_serve.engine.work import Job, RunJob, SchedulerStats
 from gru_serve.ops.errors import ModelLoadError, Unavailable
 from gru_serve.outputs import FailedEvent
 from gru_serve.state import StateSpec
@@ -38,7 +39,7 @@ def engine_key(rt: ModelRuntime) -> str:
     return f"{rt.name}@{rt.model_hash[:16]}"
 
 
-class RemoteScheduler:
+class RemoteModel:
     """One model's scheduler in the engine process."""
 
     def __init__(self, client: EngineClient, runtime: ModelRuntime, flush: Callable[[], None]) -> None:
@@ -48,15 +49,11 @@ class RemoteScheduler:
         # The engine's name for it: a reload of another file under the same name is another
         # scheduler there, so requests in flight on the old one finish on it.
         self.key = engine_key(runtime)
-        self.stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0, 0)
+        self.last_stats = SchedulerStats(0, 0, 0, 0, 0, 0, 0)  # as the engine last sent them
         self.provider = ""  # the engine's, from its Ready
 
-    def __getattr__(self, name: str) -> int:
-        """The scheduler's gauges (last_batch_size, queue_depth, active, paused, ...), as the
-        engine last sent them."""
-        if name in proto.SchedulerStats.__struct_fields__:
-            return getattr(self.stats, name)
-        raise AttributeError(name)
+    def stats(self) -> SchedulerStats:
+        return self.last_stats
 
     def start(self) -> None:
         self.client.add(self)
@@ -71,8 +68,11 @@ class RemoteScheduler:
     def submit_run(self, job: RunJob) -> None:
         self.client.submit(self, job)
 
+    def pause(self, job: Job) -> None:
+        """Its consumer fell behind (the service's emit, on the event loop): the engine parks it."""
+        self.client.control(job, proto.Pause)
+
     def resume(self, job: Job) -> None:
-        job.paused = False
         self.client.control(job, proto.Resume)
 
     def cancel(self, job: Job | RunJob) -> None:
@@ -93,15 +93,15 @@ class EngineClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self.schedulers: dict[str, RemoteScheduler] = {}
-        self.jobs: dict[int, tuple[RemoteScheduler, Job | RunJob]] = {}
-        self.paused_sent: set[int] = set()
+        self.schedulers: dict[str, RemoteModel] = {}
+        self.jobs: dict[int, tuple[RemoteModel, Job | RunJob]] = {}
         self.rids = itertools.count(1)
         self.up = False
         self.boot = ""
         self.ready = asyncio.Event()
         self.restarts = 0  # engines seen after the first
         self.failed: dict[str, str] = {}  # models the engine could not load, as it last said
+        self.refused = ""  # why the engine refused this front end (another protocol version)
         self.providers: dict[str, str] = {}  # the engine's models and their providers, as it last said
         self._loads: dict[str, asyncio.Future[None]] = {}  # engine key -> a load() waiting for it
         self._tasks: list[asyncio.Task] = []
@@ -112,6 +112,8 @@ class EngineClient:
         self._tasks = [asyncio.create_task(t) for t in (self._read(), self._watch(), self._ping())]
         self.sock.connect(self.address)
         await asyncio.wait_for(self.ready.wait(), timeout)
+        if self.refused:
+            raise ModelLoadError(f"the engine at {self.address} refused this front end: {self.refused}")
         if self.failed:
             raise ModelLoadError("; ".join(self.failed.values()))
 
@@ -137,7 +139,8 @@ class EngineClient:
                 self._send(proto.Ping())
 
     def _hello(self) -> None:
-        sent = self._send(proto.Hello({s.key: str(s.runtime.path) for s in self.schedulers.values()}))
+        models = {s.key: str(s.runtime.path) for s in self.schedulers.values()}
+        sent = self._send(proto.Hello(proto.PROTOCOL_VERSION, models))
         if not sent and not self.up:  # connected, not yet ready for messages: soon
             self.loop.call_later(0.02, self._hello)
 
@@ -152,7 +155,7 @@ class EngineClient:
             fut = self._loads[key] = self.loop.create_future()
             fut.add_done_callback(lambda _: self._loads.pop(key, None))
             models = {s.key: str(s.runtime.path) for s in self.schedulers.values()}
-            if not self._send(proto.Hello({**models, key: str(rt.path)})):
+            if not self._send(proto.Hello(proto.PROTOCOL_VERSION, {**models, key: str(rt.path)})):
                 fut.set_exception(Unavailable("the engine is not connected; retry the load shortly"))
         await asyncio.shield(fut)
 
@@ -161,19 +164,19 @@ class EngineClient:
             if not fut.done():
                 fut.set_exception(Unavailable(why))
 
-    def add(self, sched: RemoteScheduler) -> None:
+    def add(self, sched: RemoteModel) -> None:
         self.schedulers[sched.key] = sched
         sched.provider = self.providers.get(sched.key, "")
         if self.up:
             self._hello()  # the engine loads it before reading anything sent after this
 
-    def remove(self, sched: RemoteScheduler) -> None:
+    def remove(self, sched: RemoteModel) -> None:
         if self.schedulers.get(sched.key) is sched:
             del self.schedulers[sched.key]
             self._send(proto.Unload(sched.key))
         self._lost("the server shut down before the request finished", sched)
 
-    def submit(self, sched: RemoteScheduler, job: Job | RunJob) -> None:
+    def submit(self, sched: RemoteModel, job: Job | RunJob) -> None:
         if not self.up:
             raise Unavailable("the engine is restarting; retry shortly")
         job.key = next(self.rids)
@@ -187,17 +190,12 @@ class EngineClient:
             del self.jobs[job.key]
             raise Unavailable("the engine is not connected; retry shortly")
 
-    def control(self, job: Job, kind: type[proto.Cancel | proto.Pause | proto.Resume]) -> None:
+    def control(self, job: Job | RunJob, kind: type[proto.Cancel | proto.Pause | proto.Resume]) -> None:
         if job.key in self.jobs:
             self._send(kind(job.key))
-            if kind is proto.Pause:
-                self.paused_sent.add(job.key)
-            else:
-                self.paused_sent.discard(job.key)
 
     def forget(self, job: Job | RunJob) -> None:
         self.jobs.pop(job.key, None)
-        self.paused_sent.discard(job.key)
 
     # -- from the engine --
 
@@ -211,17 +209,22 @@ class EngineClient:
                 continue
             if isinstance(msg, proto.Batch):
                 if msg.model in self.schedulers:
-                    self.schedulers[msg.model].stats = msg.stats
+                    self.schedulers[msg.model].last_stats = msg.stats
                 self._dispatch(msg.events)
+            elif isinstance(msg, proto.Refused):
+                log.error("the engine refused this front end: %s", msg.message)
+                self.refused = msg.message
+                self._fail_loads(msg.message)
+                self.ready.set()
             elif isinstance(msg, proto.Stats):
                 for key, stats in msg.models.items():
                     if key in self.schedulers:
-                        self.schedulers[key].stats = stats
+                        self.schedulers[key].last_stats = stats
             else:
                 self._ready(msg)
 
     def _dispatch(self, events: list[proto.EventOut]) -> None:
-        touched: dict[int, RemoteScheduler] = {}
+        touched: dict[int, RemoteModel] = {}
         for out in events:
             found = self.jobs.get(out.rid)
             if found is None:
@@ -232,11 +235,7 @@ class EngineClient:
                 job.blocks = proto.blocks_in(out.blocks, spec, vocab)
             if not isinstance(out, proto.TokensOut):
                 del self.jobs[out.rid]
-                self.paused_sent.discard(out.rid)
-            job.emit(proto.event_in(out, spec, vocab))
-            # Its consumer fell behind (the service's emit said so): the engine parks it.
-            if job.paused and out.rid in self.jobs and out.rid not in self.paused_sent:
-                self.control(job, proto.Pause)
+            job.emit(proto.event_in(out, spec, vocab))  # may pause it (RemoteModel.pause)
             touched[id(sched)] = sched
         for sched in touched.values():
             sched.flush()
@@ -279,12 +278,11 @@ class EngineClient:
                 if self.on_change is not None:
                     self.on_change(False)
 
-    def _lost(self, why: str, only: RemoteScheduler | None = None) -> None:
+    def _lost(self, why: str, only: RemoteModel | None = None) -> None:
         """Fail the jobs under way (of one scheduler, or all)."""
         jobs = {rid: found for rid, found in self.jobs.items() if only is None or found[0] is only}
         for rid in jobs:
             del self.jobs[rid]
-            self.paused_sent.discard(rid)
         touched = {}
         for sched, job in jobs.values():
             job.emit(FailedEvent(Unavailable(why)))

@@ -31,9 +31,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from gru_serve.prefill import BLOCK
 from gru_serve.state import DTYPE, State, StateSpec, logits_from_bytes, tensors, to_bytes
 
-BLOCK = 64  # tokens per cached block (and per prefill chunk of a zero-state prompt)
 # Per entry, beside its arrays: the key, the Entry and two ndarray objects, the dict slot.
 ENTRY_OVERHEAD = 512
 

@@ -1,6 +1,6 @@
 """The engine process: every model's onnxruntime sessions and scheduler, serving front ends.
 
-`python -m gru_serve.engine.process ADDRESS` with the settings as JSON in GRU_SERVE_ENGINE_SETTINGS
+`python -m gru_serve.engine.process ADDRESS` with its EngineConfig as JSON in GRU_SERVE_ENGINE_SETTINGS
 (gru_serve.engine.supervisor starts it so). One I/O thread owns the ROUTER socket at ADDRESS:
 it reads the front ends' messages (gru_serve.engine.protocol) and sends what the scheduler
 threads hand it. A scheduler thread never touches that socket: during a round its jobs' events
@@ -28,14 +28,16 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from gru_serve.engine import protocol as proto
+from gru_serve.engine.config import EngineConfig
 from gru_serve.engine.runtime import load_runtime
-from gru_serve.engine.scheduler import Job, RunJob, Scheduler, scheduler_for
+from gru_serve.engine.scheduler import Scheduler, scheduler_for
+from gru_serve.engine.work import Job, RunJob, SchedulerStats
 from gru_serve.ops.errors import GruServeError, Unavailable
 from gru_serve.ops.logs import configure
-from gru_serve.ops.settings import Settings
 from gru_serve.outputs import Event, FailedEvent, Tokens
 from gru_serve.state import StateSpec
 
@@ -72,15 +74,15 @@ class Outbox:
             self.push = self.engine.ctx.socket(zmq.PUSH)
             self.push.setsockopt(zmq.SNDHWM, 0)
             self.push.connect(EVENTS)
-        stats = proto.SchedulerStats.of(self.scheduler)
+        stats = self.scheduler.stats()
         for front, events in self.pending.items():
             self.push.send_multipart([front, proto.encoder.encode(proto.Batch(self.model, stats, events))])
         self.pending = {}
 
 
 class Engine:
-    def __init__(self, settings: Settings, address: str, folder: str = "") -> None:
-        self.settings = settings
+    def __init__(self, config: EngineConfig, address: str, folder: str = "") -> None:
+        self.config = config
         self.folder = folder  # removed when the parent goes away (its owner, the supervisor, is gone)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -112,13 +114,13 @@ class Engine:
         if self.paths.get(name) == path:
             return ""
         try:
-            rt = load_runtime(Path(path), self.settings, name.partition("@")[0])
+            rt = load_runtime(Path(path), self.config, name.partition("@")[0])
         except Exception as e:  # onnxruntime's own errors too: a graph that fails its warm-up run
             why = str(e) if isinstance(e, GruServeError) else f"model {path}: {type(e).__name__}: {e}"
             log.error("engine: model %s not loaded: %s", name, why)
             return why
         outbox = Outbox(self, name)
-        outbox.scheduler = sched = scheduler_for(rt, self.settings, outbox.flush)
+        outbox.scheduler = sched = scheduler_for(rt, self.config, outbox.flush)
         self.outboxes[name] = outbox
         old = self.schedulers.get(name)
         self.schedulers = {**self.schedulers, name: sched}
@@ -169,7 +171,7 @@ class Engine:
 
     def _refuse(self, front: bytes, rid: int, err: GruServeError) -> None:
         self.jobs.pop((front, rid), None)
-        stats = proto.SchedulerStats(0, 0, 0, 0, 0, 0, 0)
+        stats = SchedulerStats(0, 0, 0, 0, 0, 0, 0)
         self._send(front, proto.Batch("", stats, [proto.event_out(rid, FailedEvent(err))]))
 
     def handle(self, front: bytes, msg: proto.ToEngine) -> None:
@@ -194,6 +196,9 @@ class Engine:
         if isinstance(msg, proto.Ping):
             return
         if isinstance(msg, proto.Hello):
+            if msg.version != proto.PROTOCOL_VERSION:
+                self.refuse(front, msg.version)
+                return
             self.fronts.add(front)
             self.loader.submit(self.hello, front, msg.models)
             return
@@ -208,9 +213,18 @@ class Engine:
             sched.cancel(job)
             self.jobs.pop((front, msg.rid), None)  # a cancelled job sends nothing more
         elif isinstance(msg, proto.Pause):
-            job.paused = True  # it leaves the batch between rounds
+            sched.pause(job)  # it leaves the batch between rounds
         else:
             sched.resume(job)
+
+    def refuse(self, front: bytes, version: int) -> None:
+        """A front end of another protocol version said Hello: told so, and not served."""
+        log.error(
+            "engine: refused a front end of engine protocol version %d (this is %d)",
+            version,
+            proto.PROTOCOL_VERSION,
+        )
+        self._send(front, proto.refusal(version))
 
     def gone(self, front: bytes) -> None:
         """A front end fell silent (it pings every PING_EVERY_S): nobody reads its jobs' tokens
@@ -228,7 +242,7 @@ class Engine:
             log.warning("engine: a front end fell silent; its %d request(s) stopped", len(mine))
 
     def stats(self) -> proto.Stats:
-        return proto.Stats({name: proto.SchedulerStats.of(s) for name, s in self.schedulers.items()})
+        return proto.Stats({name: s.stats() for name, s in self.schedulers.items()})
 
     def run(self) -> None:
         parent = os.getppid()
@@ -249,6 +263,12 @@ class Engine:
                     self.seen[front] = time.monotonic()
                     try:
                         self.handle(front, proto.to_engine.decode(payload))
+                    except msgspec.ValidationError:
+                        version = proto.hello_version(payload)
+                        if version is None:
+                            log.exception("engine: a message from a front end could not be read")
+                        else:  # another version's Hello, whose layout differs from this one's
+                            self.refuse(front, version)
                     except Exception:  # one bad message must not take every front end's work down
                         log.exception("engine: a message from a front end could not be handled")
             now = time.monotonic()
@@ -285,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     dies without removing it."""
     args = argv or sys.argv[1:]
     address, folder = args[0], (args[1] if len(args) > 1 else "")
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
-    configure(settings.log_level)
+    config = msgspec.json.decode(os.environ[SETTINGS_ENV], type=EngineConfig)
+    configure(config.log_level)
     # The I/O thread and the scheduler threads share the GIL; a scheduler thread back from
     # session.run should not wait 5 ms for it (as in the front end: gru_serve.server.serve).
     sys.setswitchinterval(0.0005)
-    engine = Engine(settings, address, folder)
+    engine = Engine(config, address, folder)
     signal.signal(signal.SIGTERM, lambda *_: engine.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: engine.stopping.set())
     print(f"gru-serve engine {engine.boot} ready at {address}", flush=True)

@@ -1,12 +1,16 @@
 """The messages between front-end processes and the engine process (msgpack, by msgspec).
 
 A front end connects a ZeroMQ DEALER to the engine's ROUTER (docs/architecture.md, Processes).
-It says Hello (the models it serves, by name and file) and gets Ready (Hello again when its models
+It says Hello (its PROTOCOL_VERSION and the models it serves, by name and file) and gets Ready,
+or Refused when the engine speaks another version (a front end may attach with --engine-address
+to an engine started separately, from another install) (Hello again when its models
 change; Unload when one goes); then it sends one Submit
 per generation and, for one that is under way, Cancel, Pause (its client stopped reading) and
 Resume. The engine answers with one Batch per front end per scheduler round: every event of
 that round for that front end's generations, in order, and the scheduler's gauges as of that
-round (for metrics; Stats brings them a few times a second while nothing runs).
+round (for metrics; Stats brings them a few times a second while nothing runs). A failure
+travels as its status in gru_serve.ops.errors' table (gRPC code name, HTTP status) and message,
+and is rebuilt as the table's class on the front end.
 
 A job's states and logits travel by gru_serve.state's codec, its ids as raw int64: the receiver
 knows the model's shapes. A GRU's state is a few KB, so a whole session crosses in one message.
@@ -17,16 +21,33 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
-from gru_serve.engine.scheduler import Job, RunJob, Scheduler
+from gru_serve.engine.work import Job, RunJob, SchedulerStats
 from gru_serve.ops import errors
 from gru_serve.outputs import DoneEvent, Event, FailedEvent, RunDone, Tokens
 from gru_serve.sampling import SamplingParams
 from gru_serve.state import State, StateSpec, array_from_bytes, logits_from_bytes, tensors, to_bytes
 from gru_serve.tokenizer import PRIME_TOKENS
 
+# The messages' layout: raised whenever a message below changes. A Hello's version comes first,
+# so that an engine can read it from a front end of any version (PROTOCOL_VERSION 1 had none).
+PROTOCOL_VERSION = 2
+
 
 class Hello(msgspec.Struct, tag=True, array_like=True):
+    version: int  # the front end's PROTOCOL_VERSION
     models: dict[str, str]  # name -> model file
+
+
+def hello_version(payload: bytes) -> int | None:
+    """The protocol version of a message that reads as some version's Hello but not as this
+    one's (1 for a Hello without one); None when it is not a Hello at all."""
+    try:
+        msg = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    if not (isinstance(msg, list) and msg and msg[0] == "Hello"):
+        return None
+    return msg[1] if len(msg) > 2 and type(msg[1]) is int else 1
 
 
 class Submit(msgspec.Struct, tag=True, array_like=True):
@@ -79,6 +100,14 @@ PING_EVERY_S = 0.5
 ToEngine = Hello | Unload | Submit | Run | Cancel | Pause | Resume | Ping
 
 
+class Refused(msgspec.Struct, tag=True, array_like=True):
+    """The answer to a Hello of another protocol version; nothing else is read from that front end
+    until it says a Hello of this one."""
+
+    version: int  # the engine's PROTOCOL_VERSION
+    message: str
+
+
 class Ready(msgspec.Struct, tag=True, array_like=True):
     boot: str  # one id per engine process: a new one after a restart
     failed: dict[str, str]  # models the engine could not load: name -> why
@@ -107,7 +136,8 @@ class DoneOut(msgspec.Struct, tag=True, array_like=True):
 
 class FailedOut(msgspec.Struct, tag=True, array_like=True):
     rid: int
-    error: str  # the class's name in gru_serve.ops.errors
+    code: str  # the error's status in gru_serve.ops.errors.STATUS: gRPC code name,
+    http: int  # and HTTP status
     message: str
 
 
@@ -122,22 +152,6 @@ class RunOut(msgspec.Struct, tag=True, array_like=True):
 EventOut = TokensOut | DoneOut | FailedOut | RunOut
 
 
-class SchedulerStats(msgspec.Struct, array_like=True):
-    last_batch_size: int
-    peak_batch_size: int
-    queue_depth: int
-    active: int
-    paused: int
-    pauses: int
-    decoders: int
-
-    @classmethod
-    def of(cls, s: Scheduler) -> SchedulerStats:
-        return cls(
-            s.last_batch_size, s.peak_batch_size, s.queue_depth, s.active, s.paused, s.pauses, s.decoders
-        )
-
-
 class Batch(msgspec.Struct, tag=True, array_like=True):
     model: str
     stats: SchedulerStats  # as of the round that made the events
@@ -148,7 +162,7 @@ class Stats(msgspec.Struct, tag=True, array_like=True):
     models: dict[str, SchedulerStats]
 
 
-FromEngine = Ready | Batch | Stats
+FromEngine = Ready | Refused | Batch | Stats
 
 encoder = msgspec.msgpack.Encoder()
 to_engine = msgspec.msgpack.Decoder(ToEngine)
@@ -157,6 +171,15 @@ from_engine = msgspec.msgpack.Decoder(FromEngine)
 
 def _bytes(a: State | None) -> bytes | None:
     return None if a is None else to_bytes(a)
+
+
+def refusal(version: int) -> Refused:
+    """The engine's answer to a Hello of `version`, naming both versions."""
+    return Refused(
+        PROTOCOL_VERSION,
+        f"engine protocol version mismatch: the front end speaks version {version}, the engine "
+        f"version {PROTOCOL_VERSION}; run the same gru-serve release on both sides",
+    )
 
 
 def submit(rid: int, model: str, job: Job) -> Submit:
@@ -217,8 +240,7 @@ def event_out(rid: int, ev: Event, blocks: list | None = None) -> EventOut:
         )
     if isinstance(ev, RunDone):
         return RunOut(rid, _bytes(ev.logits), _bytes(ev.state), ev.start_ns, ev.end_ns)
-    err = ev.error
-    return FailedOut(rid, type(err).__name__, str(err))
+    return FailedOut(rid, *errors.status_of(ev.error), str(ev.error))
 
 
 def event_in(ev: EventOut, spec: StateSpec, vocab: int) -> Event:
@@ -232,13 +254,7 @@ def event_in(ev: EventOut, spec: StateSpec, vocab: int) -> Event:
         state = spec.batch_from_bytes(ev.state)
         logits = array_from_bytes(ev.logits, (len(tensors(state)[0]), -1, vocab), "logits")
         return RunDone(logits, state, ev.start_ns, ev.end_ns)
-    kind = getattr(errors, ev.error, None)
-    if isinstance(kind, type) and issubclass(kind, errors.GruServeError):
-        try:
-            return FailedEvent(kind(ev.message))
-        except TypeError:
-            pass  # a class whose constructor takes other arguments
-    return FailedEvent(errors.Internal(ev.message))
+    return FailedEvent(errors.error_of(ev.code, ev.http, ev.message))
 
 
 def blocks_in(

@@ -11,16 +11,11 @@ batch.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import logging
-import os
-import re
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,25 +24,21 @@ import onnx
 import onnxruntime as ort
 
 from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT, ContractError, ModelMetadata, read_model
+from gru_serve.engine.config import EngineConfig
+from gru_serve.engine.cuda import CUDA_OPTIONS, ort_log, ort_reason, prepare_cuda
+from gru_serve.engine.device_batch import Decoder, FusedBatch
 from gru_serve.engine.device_graphs import rebuild_graph, take_graph
 from gru_serve.engine.placement import Placement, profiling_options, read_profile
 from gru_serve.graphs.decode import decode_graph
 from gru_serve.graphs.fused import FUSED_OUTPUTS, fused_graph
 from gru_serve.graphs.weights import NotAGRULanguageModel, gru_weights
 from gru_serve.ops.errors import ModelLoadError
-from gru_serve.ops.settings import Settings
+from gru_serve.sampling import SamplingParams, column_feeds, columns
 from gru_serve.served import CPU, CUDA
 from gru_serve.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-# onnxruntime's CUDA provider turns TF32 on by default: 10-bit mantissas in every MatMul, which
-# would put the derived graphs outside the load-time check's bounds and the output off PyTorch's.
-# use_tf32 reaches cuBLAS only; cuDNN (the exported graph's GRU) keeps its default math mode,
-# TF32 on Ampere and later, unless NVIDIA_TF32_OVERRIDE=0 is in the environment when the
-# libraries load (the engine's environment and the CUDA image set it; so does _want_cuda).
-CUDA_OPTIONS = {"use_tf32": "0"}
-TF32_ENV = {"NVIDIA_TF32_OVERRIDE": "0"}
 # Weights beyond which a model gets the decode step but no fused loop (see _decode_only). The
 # shipped models hold 0.1 to 2.4 MiB.
 FUSED_MAX_WEIGHT_BYTES = 64 << 20
@@ -70,90 +61,6 @@ class RuntimeOptions:
     # Profile every session at load and refuse a compute node outside the provider in use
     # (always on under CUDA: gru_serve.engine.placement).
     check_placement: bool = False
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@contextlib.contextmanager
-def _ort_log() -> Iterator[list[str]]:
-    """onnxruntime's own log lines written during the block (its logger writes to fd 2, not
-    through Python), each also logged here (info) so that nothing it said is lost; the caller
-    warns once, with the reason."""
-    lines: list[str] = []
-    with tempfile.TemporaryFile() as f:
-        saved = os.dup(2)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            f.seek(0)
-            for line in _ANSI.sub("", f.read().decode(errors="replace")).splitlines():
-                if line.strip():
-                    lines.append(line.strip())
-                    log.info("onnxruntime: %s", line.strip())
-
-
-def _reason(lines: list[str]) -> str:
-    """onnxruntime's reason in its log lines: the text after its last 'FAIL : ' or ']'."""
-    for line in reversed(lines):
-        if "FAIL : " in line:
-            return line.rsplit("FAIL : ", 1)[1]
-    return lines[-1].rsplit("] ", 1)[-1] if lines else ""
-
-
-_preloaded: list[str] = []
-
-
-def prepare_cuda() -> str:
-    """Before the first CUDA session: TF32 off for cuBLAS and cuDNN alike, and the CUDA 13,
-    cuBLAS and cuDNN 9 libraries of the `cuda` extra (the nvidia-* wheels) loaded with
-    onnxruntime.preload_dlls. Returns what preload_dlls said (it prints the libraries it could
-    not load), once."""
-    os.environ.update(TF32_ENV)
-    if not _preloaded:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            try:
-                ort.preload_dlls()
-            except Exception as e:  # a missing folder or a library that will not load: said below
-                print(f"{type(e).__name__}: {e}")
-        _preloaded.append(" ".join(out.getvalue().split()))
-    return _preloaded[0]
-
-
-def cuda_status() -> tuple[bool, str]:
-    """(True, '') when onnxruntime starts its CUDA provider here, else (False, onnxruntime's
-    reason): a one-node session asked for CUDA, with onnxruntime's log read back."""
-    if CUDA not in ort.get_available_providers():
-        return False, f"this onnxruntime build ({ort.__version__}) has no CUDA provider"
-    preload = prepare_cuda()
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    model = helper.make_model(
-        helper.make_graph(
-            [helper.make_node("Neg", ["x"], ["y"])],
-            "probe",
-            [x],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        ),
-        opset_imports=[helper.make_opsetid("", 17)],
-        ir_version=8,
-    )
-    ort.set_default_logger_severity(3)
-    try:
-        with _ort_log() as lines:
-            session = ort.InferenceSession(model.SerializeToString(), providers=[(CUDA, CUDA_OPTIONS), CPU])
-    except Exception as e:
-        return False, str(e).splitlines()[0]
-    finally:
-        ort.set_default_logger_severity(2)
-    if CUDA in session.get_providers():
-        return True, ""
-    return False, _reason(lines) or preload or "onnxruntime fell back to the CPU without saying why"
 
 
 def load_metadata(path: Path) -> tuple[ModelMetadata, bytes]:
@@ -242,7 +149,7 @@ class ModelRuntime:
         # onnxruntime's errors (why CUDA did not start) are read back, logged and reported once.
         ort.set_default_logger_severity(3)
         try:
-            with _ort_log() as lines:
+            with ort_log() as lines:
                 session = ort.InferenceSession(raw, so, providers=providers)
         except Exception as e:
             shutil.rmtree(self._profiles.pop("exported", ""), ignore_errors=True)
@@ -257,7 +164,7 @@ class ModelRuntime:
         if CUDA in active:
             return session, CUDA
         if want_cuda:
-            self.cuda_reason = _reason(lines) or preload or "no reason given"
+            self.cuda_reason = ort_reason(lines) or preload or "no reason given"
         if not options.check_placement:
             self._drop_profile(session, "exported")
         if options.device == "cuda":
@@ -336,9 +243,7 @@ class ModelRuntime:
         and 64 (the best of two runs each, after a warm-up), for the scheduler's round budget."""
         per_step = []
         for batch in (1, 64):
-            fb = FusedBatch(
-                self, self.zero_state(batch), np.zeros(batch), np.zeros(batch, np.int64), np.ones(batch)
-            )
+            fb = FusedBatch(self, self.zero_state(batch), {})  # greedy: every option at its default
             tokens, u = np.zeros(batch, np.int64), np.zeros((batch, 8))
             best = float("inf")
             for _ in range(3):
@@ -349,11 +254,9 @@ class ModelRuntime:
         b = max((per_step[1] - per_step[0]) / 63, 0.0)
         return max(per_step[0] - b, 1e-7), b
 
-    def fused_batch(
-        self, state: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray
-    ) -> FusedBatch:
-        """A batch's fused loop, its state and sampler settings put where the model runs."""
-        return FusedBatch(self, state, temperature, top_k, top_p)
+    def fused_batch(self, state: np.ndarray, cols: Mapping[str, np.ndarray]) -> FusedBatch:
+        """A batch's fused loop, its state and sampler columns put where the model runs."""
+        return FusedBatch(self, state, cols)
 
     def fused_step_cost(self, batch: int) -> float:
         """The measured seconds per fused step at this batch size."""
@@ -397,12 +300,12 @@ class ModelRuntime:
                 None, {INPUT_IDS: np.zeros((batch, 1 if graph == "decode" else 3), np.int64), STATE: state}
             )
         elif graph in ("fused", "fused_single"):
-            for t, k, p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (1.0, 3, 0.9)):
-                fb = FusedBatch(self, state, np.full(batch, t), np.full(batch, k), np.full(batch, p), session)
+            for params in (SamplingParams(), SamplingParams(1.0), SamplingParams(1.0, 3, 0.9)):
+                fb = FusedBatch(self, state, columns([params] * batch), session)
                 fb.run(np.zeros(batch, np.int64), np.full((batch, 2), 0.5))
                 fb.rows_logits([(0, 0)])
         elif graph == "rebuild":
-            fb = FusedBatch(self, state, np.zeros(batch), np.zeros(batch, np.int64), np.ones(batch))
+            fb = FusedBatch(self, state, {})
             fb.rebuild(np.array([1, 2]), self.zero_state(1))
 
     def _refuse(self, problem: str) -> None:
@@ -461,15 +364,12 @@ class ModelRuntime:
         if fused is None:
             return ""
         # The fused graph, greedy, from the decode path's own tokens: bit-identical or unused.
-        z = np.zeros(batch)
         sampled, logits, states = fused.run(
             list(FUSED_OUTPUTS),
             {
                 "tokens": ids[:, 0],
                 STATE: state,
-                "temperature": z,
-                "top_k": z.astype(np.int64),
-                "top_p": z + 1.0,
+                **column_feeds({}, batch),  # greedy: every option at its default
                 "uniforms": np.zeros((batch, 4)),
             },
         )
@@ -512,9 +412,7 @@ class ModelRuntime:
         self,
         tokens: np.ndarray,
         state: np.ndarray,
-        temperature: np.ndarray,
-        top_k: np.ndarray,
-        top_p: np.ndarray,
+        cols: Mapping[str, np.ndarray],
         uniforms: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Feed tokens [B], then K = uniforms.shape[1] times: sample the next token with
@@ -529,187 +427,26 @@ class ModelRuntime:
             {
                 "tokens": tokens.astype(np.int64, copy=False),
                 STATE: state,
-                "temperature": temperature.astype(np.float64, copy=False),
-                "top_k": top_k.astype(np.int64, copy=False),
-                "top_p": top_p.astype(np.float64, copy=False),
+                **column_feeds(cols, len(tokens)),
                 "uniforms": uniforms.astype(np.float64, copy=False),
             },
         )
         return sampled, logits, states
 
 
-class FusedBatch:
-    """The fused loop of one batch with IOBinding: the batch's state and the sampler's settings
-    stay where the model runs (on the GPU under CUDA) from one round to the next. A round sends
-    its tokens and uniforms, and brings back only the sampled tokens; logits and states of
-    single rows (those that finish or leave, the logprob rows) are fetched by `rows_logits`
-    and `rows_states`. On the CPU the same calls run with CPU OrtValues."""
-
-    def __init__(
-        self,
-        rt: ModelRuntime,
-        state: np.ndarray | ort.OrtValue,
-        temperature: np.ndarray,
-        top_k: np.ndarray,
-        top_p: np.ndarray,
-        session: ort.InferenceSession | None = None,
-    ) -> None:
-        if rt.fused_session is None or rt.take_session is None:
-            raise RuntimeError(f"model {rt.name}: no fused graph ({rt.fast_path_note})")
-        self.rt = rt
-        self.device = rt.device
-        self.batch = len(temperature)
-        self.session = session or (rt.fused_single if self.batch == 1 else rt.fused_session)
-        # [B, L, H], where the model runs
-        self.state = state if isinstance(state, ort.OrtValue) else self._put(state, np.float32)
-        self._params = {
-            "temperature": self._put(temperature, np.float64),
-            "top_k": self._put(top_k, np.int64),
-            "top_p": self._put(top_p, np.float64),
-        }
-        self._logits: ort.OrtValue | None = None  # step_logits [K, B, V] of the last run
-        self._states: ort.OrtValue | None = None  # step_states [K, B, L, H] of the last run
-        self.k = 0
-
-    def _put(self, a: np.ndarray, dtype) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype), self.device, 0)
-
-    def run(self, tokens: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-        """Feed tokens [B], then K = uniforms.shape[1] sampled steps (as ModelRuntime.fused).
-        Returns sampled [K, B] on the host; the state moves on to the one after step K - 1."""
-        b = self.session.io_binding()
-        b.bind_ortvalue_input("tokens", self._put(tokens, np.int64))
-        b.bind_ortvalue_input(STATE, self.state)
-        for name, value in self._params.items():
-            b.bind_ortvalue_input(name, value)
-        b.bind_ortvalue_input("uniforms", self._put(uniforms, np.float64))
-        b.bind_output(FUSED_OUTPUTS[0], "cpu")
-        b.bind_output(FUSED_OUTPUTS[1], self.device)
-        b.bind_output(FUSED_OUTPUTS[2], self.device)
-        self.session.run_with_iobinding(b)
-        sampled, self._logits, self._states = b.get_outputs()
-        self.k = uniforms.shape[1]
-        last = np.stack([np.full(self.batch, self.k - 1), np.arange(self.batch)], axis=1)
-        self.state = self._take(self._states, last, self.device)
-        return sampled.numpy()
-
-    def _take(self, x: ort.OrtValue, index: np.ndarray, where: str) -> ort.OrtValue:
-        """x[index[i, 0], index[i, 1]] for each i, on `where`."""
-        session = self.rt.take_session
-        b = session.io_binding()
-        b.bind_ortvalue_input("x", x)
-        b.bind_ortvalue_input("index", self._put(index, np.int64))
-        b.bind_output("rows", where)
-        session.run_with_iobinding(b)
-        return b.get_outputs()[0]
-
-    def rows_logits(self, pairs: list[tuple[int, int]]) -> np.ndarray:
-        """step_logits[k, i] of the last run for each (k, i), on the host: [len(pairs), V]."""
-        assert self._logits is not None
-        return self._take(self._logits, np.array(pairs, np.int64).reshape(-1, 2), "cpu").numpy()
-
-    def rows_states(self, pairs: list[tuple[int, int]]) -> np.ndarray:
-        """step_states[k, i] of the last run for each (k, i), on the host: [len(pairs), L, H]."""
-        assert self._states is not None
-        return self._take(self._states, np.array(pairs, np.int64).reshape(-1, 2), "cpu").numpy()
-
-    def host_state(self) -> np.ndarray:
-        """The whole current state [B, L, H] on the host."""
-        return self.state.numpy()
-
-    def rebuild(self, order: np.ndarray, new_rows: np.ndarray) -> ort.OrtValue:
-        """A state for another batch, without leaving the device: row j is this batch's row
-        order[j] when order[j] < B, else new_rows[order[j] - B] (new_rows [N, L, H] from the host)."""
-        session = self.rt.rebuild_session
-        assert session is not None
-        b = session.io_binding()
-        b.bind_ortvalue_input("x", self.state)
-        b.bind_ortvalue_input("extra", self._put(new_rows, np.float32))
-        b.bind_ortvalue_input("order", self._put(order, np.int64))
-        b.bind_output("rows", self.device)
-        session.run_with_iobinding(b)
-        return b.get_outputs()[0]
-
-    def with_members(
-        self,
-        order: np.ndarray,
-        new_rows: np.ndarray,
-        temperature: np.ndarray,
-        top_k: np.ndarray,
-        top_p: np.ndarray,
-    ) -> FusedBatch:
-        """The FusedBatch of the batch whose rows `order` and `new_rows` give (see rebuild)."""
-        return FusedBatch(self.rt, self.rebuild(order, new_rows), temperature, top_k, top_p)
-
-
-class Decoder:
-    """The decode step of one batch with IOBinding: preallocated ids and logits buffers and a
-    double-buffered state that stays where the model runs (on the GPU under CUDA), so a step
-    copies only token ids in and logits out."""
-
-    def __init__(self, rt: ModelRuntime, state: np.ndarray) -> None:
-        self.rt = rt
-        self.batch = state.shape[0]
-        self.session = rt.decode_session or rt.session
-        self.ids = np.zeros((self.batch, 1), np.int64)
-        self.logits = np.zeros((self.batch, 1, rt.metadata.vocab_size), np.float32)
-        device = rt.device
-        if device == "cpu":
-            self._host = [np.array(state, np.float32, order="C"), np.empty_like(state, np.float32)]
-            self._states = [ort.OrtValue.ortvalue_from_numpy(h) for h in self._host]
-        else:
-            self._host = []
-            self._states = [
-                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(state, np.float32), device, 0),
-                ort.OrtValue.ortvalue_from_shape_and_type(state.shape, np.float32, device, 0),
-            ]
-        ids, logits = (
-            ort.OrtValue.ortvalue_from_numpy(self.ids),
-            ort.OrtValue.ortvalue_from_numpy(self.logits),
-        )
-        self._bindings = []
-        for src in (0, 1):
-            b = self.session.io_binding()
-            b.bind_ortvalue_input(INPUT_IDS, ids)
-            b.bind_ortvalue_input(STATE, self._states[src])
-            b.bind_ortvalue_output(LOGITS, logits)
-            b.bind_ortvalue_output(STATE_OUT, self._states[1 - src])
-            self._bindings.append(b)
-        self._cur = 0
-
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """Feed tokens [B]; returns the logits [B, V] (a view, overwritten by the next step)."""
-        self.ids[:, 0] = tokens
-        self.session.run_with_iobinding(self._bindings[self._cur])
-        self._cur = 1 - self._cur
-        return self.logits[:, 0]
-
-    def state(self) -> np.ndarray:
-        """The batch's state [B, L, H] (on CPU a view, overwritten by the next step)."""
-        if self._host:
-            return self._host[self._cur]
-        return self._states[self._cur].numpy()
-
-    def load(self, state: np.ndarray) -> None:
-        if self._host:
-            np.copyto(self._host[self._cur], state)
-        else:
-            self._states[self._cur].update_inplace(np.ascontiguousarray(state, np.float32))
-
-
-def load_runtime(path: Path, settings: Settings, name: str = "", front_end: bool = False) -> ModelRuntime:
+def load_runtime(path: Path, config: EngineConfig, name: str = "", front_end: bool = False) -> ModelRuntime:
     """A model file as the server serves it: checked against the contract, in onnxruntime with
-    the settings' device and threads, warmed up (the first run allocates). Any problem is one
+    the config's device and threads, warmed up (the first run allocates). Any problem is one
     ModelLoadError naming the file. front_end: the copy of a front end whose engine is another
     process: its metadata and tokenizer, with the exported graph opened on the CPU (never run:
     the engine runs everything)."""
     if front_end:
         return ModelRuntime(path, RuntimeOptions("cpu", 1, 1, fast_path=False), name)
     options = RuntimeOptions(
-        settings.device,
-        settings.intra_op_threads,
-        settings.inter_op_threads,
-        fast_path=settings.fast_path == "on",
+        config.device,
+        config.intra_op_threads,
+        config.inter_op_threads,
+        fast_path=config.fast_path == "on",
     )
     rt = ModelRuntime(path, options, name)
     rt.step(np.zeros((1, 1), np.int64), rt.zero_state())

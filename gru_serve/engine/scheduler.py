@@ -1,4 +1,6 @@
-"""Continuous batching: one thread runs every active generation of a model.
+"""Continuous batching: one thread runs every active generation of a model. This module holds
+the queues, admission, prefill, model runs and pause/resume; the round itself is
+gru_serve.engine.rounds (a mixin of Scheduler), the batch's arrays gru_serve.engine.batch.
 
 Each round samples the next token of every active job from its pending logits (vectorised,
 gru_serve.sampling), hands the tokens out at once, then runs the model for the whole batch:
@@ -26,15 +28,15 @@ the round that follows runs fewer fused steps by the time the prefill took: a lo
 the running streams about one round budget per round instead of stalling them for all of it.
 Plain model runs (RunJob: Score, ModelInfer) wait in the same queue and are read the same way,
 up to prefill_chunk positions between two rounds. A prompt read from the zero state goes in chunks of
-gru_serve.engine.prefix_cache.BLOCK tokens, so that its prefix states can be cached and reused bit
+gru_serve.prefill.BLOCK tokens, so that its prefix states can be cached and reused bit
 for bit whatever the load; any other in chunks of `prefill_chunk` tokens from where it starts
 (one call for a prompt up to that long, as without chunking; splitting a longer one gave the
 same logits and state bit for bit as one call with the shipped models on CPU). A job whose
 prompt is read joins the batch in the round that follows; with no round to run, prefill goes on
 at once.
 
-Backpressure: a job whose consumer falls behind is marked `paused` (by its emit callback, on
-this thread; gru_serve.core.service decides when). Between rounds a paused job leaves the batch,
+Backpressure: a job whose consumer falls behind is paused (`Scheduler.pause`, called by its emit
+callback on this thread; gru_serve.core.jobs decides when). Between rounds a paused job leaves the batch,
 its state and pending logits written back to the job, and no longer holds a batch slot; once
 resumed (`Scheduler.resume`, from any thread) it rejoins ahead of the waiting prompts as slots
 allow, from exactly where it stopped. Sampling draws by (seed, position), so its tokens are
@@ -49,143 +51,30 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from gru_serve.engine.prefix_cache import BLOCK
-from gru_serve.engine.runtime import Decoder, FusedBatch, ModelRuntime
+from gru_serve.engine.batch import Batch
+from gru_serve.engine.config import EngineConfig
+from gru_serve.engine.rounds import DecodeRounds
+from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.work import Job, RunJob, SchedulerStats
 from gru_serve.ops.errors import Internal, ResourceExhausted, Unavailable
-from gru_serve.ops.settings import Settings
-from gru_serve.outputs import DoneEvent, Event, FailedEvent, RunDone, Tokens
-from gru_serve.sampling import SamplingParams, sample, uniforms
-from gru_serve.scoring import token_logprobs
-from gru_serve.tokenizer import PRIME_TOKENS, StopMatcher, TextStream
+from gru_serve.outputs import DoneEvent, FailedEvent, RunDone
+from gru_serve.prefill import BLOCK, check_prefill_chunk
+from gru_serve.tokenizer import PRIME_TOKENS, StopMatcher
 
 log = logging.getLogger(__name__)
 
 # Most tokens a job gets from one round (one fused session.run), and the time a fused round is
 # sized to take: the server's defaults.
-FUSED_TOKENS: int = Settings.model_fields["fused_tokens"].default
-ROUND_BUDGET_S: float = Settings.model_fields["round_budget_ms"].default / 1000
+FUSED_TOKENS: int = EngineConfig().fused_tokens
+ROUND_BUDGET_S: float = EngineConfig().round_budget_ms / 1000
 # Most prompt tokens prefilled between two rounds: the server's default.
-PREFILL_CHUNK: int = Settings.model_fields["prefill_chunk"].default
+PREFILL_CHUNK: int = EngineConfig().prefill_chunk
 
 
-@dataclass(eq=False)
-class RunJob:
-    """A plain model run (Score, the inference protocol's ModelInfer): the exported graph over
-    `ids` [batch, seq] from `state`, in chunks of at most prefill_chunk positions between
-    decode rounds, queued and bounded with the generations."""
-
-    ids: np.ndarray
-    state: np.ndarray
-    emit: Callable[[Event], None]
-    cancelled: bool = False
-    ended: bool = False
-    paused: bool = False  # never: a run has no consumer to wait for
-    key: int = 0
-    offset: int = 0
-    parts: list[np.ndarray] = field(default_factory=list)
-    start_ns: int = 0
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass(eq=False)
-class Job:
-    """One generation request as the scheduler sees it. `emit` must be thread-safe; it gets at
-    most one Tokens per round."""
-
-    prompt: np.ndarray  # int64 token ids to consume first (may be empty)
-    state: np.ndarray  # [layers, hidden]
-    logits: np.ndarray | None  # [vocab] pending distribution
-    max_new_tokens: int
-    params: SamplingParams
-    position: int  # session position of the first generated token (seeds the sampler)
-    want_logprobs: bool
-    emit: Callable[[Event], None]
-    cancelled: bool = False
-    ended: bool = False  # its last event (done or failed) is out
-    generated: int = 0
-    # The generation's text, token by token (Scheduler.submit makes it from the runtime's
-    # tokenizer, primed with the prompt, when none is given), and its stop strings (None when
-    # it has none; made from params.stop when not given).
-    stream: TextStream | None = None
-    stops: StopMatcher | None = None
-    prime: list[int] | None = None  # the ids its text stream reads first (default: the prompt's)
-    first_token_at: float | None = None
-    stop_hit: str = field(default="")
-    # A prompt read from the zero state is prefilled in BLOCK-token chunks from its first token
-    # (gru_serve.engine.prefix_cache), whether or not a prefix came from the cache, so that a cached
-    # state is bit for bit what the skipped chunks would have made.
-    chunked: bool = False
-    offset: int = 0  # prompt tokens consumed so far (a cached prefix, then each chunk)
-    # With the prefix cache on: (block index, state, logits) after each whole block prefilled.
-    blocks: list[tuple[int, np.ndarray, np.ndarray]] | None = None
-    # Its consumer is behind: set by its emit callback (on the scheduler thread), cleared through
-    # Scheduler.resume. A paused job sits out the rounds with its state kept on the job.
-    paused: bool = False
-    key: int = 0  # its id between a front end and the engine process (gru_serve.engine.client)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class _Batch:
-    """The active jobs' state [B, L, H], pending logits [B, V] and sampling settings, in one
-    order; rebuilt when the members change. With a Decoder the state may live in its
-    buffers (on the GPU under CUDA) and is fetched only when needed. After a fused round the
-    state stays in its FusedBatch (on the device) with the logits, and the next round's tokens
-    are those the loop already drew from them (`next_tokens`): host copies of the state and
-    logits are made only for the rows that need them."""
-
-    def __init__(self, jobs: list[Job], state: np.ndarray | None, logits: np.ndarray | None) -> None:
-        self.jobs = jobs
-        self.host_state: np.ndarray | None = state
-        self.logits = logits  # [B, V] on the host, or None while they are on the device
-        self.fused: FusedBatch | None = None  # holds the state after a fused round
-        self.next_tokens: np.ndarray | None = None  # the tokens drawn from the pending logits
-        # Where pending logits on the device are: (the FusedBatch, its step), and per row the
-        # row there (-1: a newcomer, whose logits are on its job).
-        self.device_logits: tuple[FusedBatch, int] | None = None
-        self.origin = np.arange(len(jobs))
-        self.decoder: Decoder | None = None
-        self.decoder_current = False  # the decoder holds the batch's current state
-        params = [j.params for j in jobs]
-        self.temperature = np.array([p.temperature for p in params], np.float64)
-        self.top_k = np.array([p.top_k for p in params], np.int64)
-        self.top_p = np.array([p.top_p for p in params], np.float64)
-        self.seeds = np.array([p.seed for p in params], np.uint64)
-        self.any_sampled = bool((self.temperature > 0).any())
-        self.logprobs = [i for i, j in enumerate(jobs) if j.want_logprobs]
-
-    def state(self) -> np.ndarray:
-        if self.host_state is None:
-            if self.fused is not None:
-                self.host_state = self.fused.host_state()
-            else:
-                assert self.decoder is not None
-                self.host_state = self.decoder.state()
-        return self.host_state
-
-    def logits_rows(self, rows: list[int]) -> np.ndarray:
-        """The pending logits of these rows [len(rows), V], fetched from the device if there."""
-        if self.logits is not None:
-            return self.logits[rows]
-        assert self.device_logits is not None
-        fused, step = self.device_logits
-        on_device = [r for r in rows if self.origin[r] >= 0]
-        got = fused.rows_logits([(step, int(self.origin[r])) for r in on_device]) if on_device else None
-        where = {r: i for i, r in enumerate(on_device)}
-        return np.stack([got[where[r]] if r in where else self.jobs[r].logits for r in rows])
-
-    def positions(self) -> np.ndarray:
-        return np.array([j.position + j.generated for j in self.jobs], np.uint64)
-
-
-class Scheduler:
+class Scheduler(DecodeRounds):
     def __init__(
         self,
         runtime: ModelRuntime,
@@ -201,8 +90,10 @@ class Scheduler:
         consumer can deliver a round's events with one wake-up instead of one per job; it must
         not raise. prefill_chunk: the most prompt tokens prefilled between two rounds, a
         multiple of BLOCK."""
-        if prefill_chunk < BLOCK or prefill_chunk % BLOCK:
-            raise ValueError(f"prefill_chunk must be a positive multiple of {BLOCK}, got {prefill_chunk}")
+        try:
+            check_prefill_chunk(prefill_chunk)
+        except ValueError as e:
+            raise ValueError(f"prefill_chunk {e}") from None
         self.runtime = runtime
         self.flush = flush
         # A "chars" token's text is the token itself, whatever came before: looked up directly
@@ -223,7 +114,7 @@ class Scheduler:
         self._prefilling: list[Job] = []  # admitted, prompt being read (first come first)
         self._active: list[Job] = []
         self._paused: list[Job] = []  # out of the batch until resumed; state and logits on the job
-        self._batch: _Batch | None = None
+        self._batch: Batch | None = None
         self._step_cost: dict[int, float] = {}  # batch size -> seconds per fused step (EMA)
         self._read_s = 0.0  # prefill and model runs before this round (its budget shrinks by it)
         self._cond = threading.Condition()
@@ -274,6 +165,22 @@ class Scheduler:
     @property
     def paused_jobs(self) -> list[Job]:
         return list(self._paused)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            self.last_batch_size,
+            self.peak_batch_size,
+            self.queue_depth,
+            self.active,
+            self.paused,
+            self.pauses,
+            self.decoders,
+        )
+
+    def pause(self, job: Job) -> None:
+        """Its consumer is behind (any thread; the service's emit calls it on this scheduler's
+        thread): the job leaves the batch between rounds, its state kept, until resumed."""
+        job.paused = True
 
     def resume(self, job: Job) -> None:
         """Let a paused job run again (any thread); it rejoins the batch at the next round. Also
@@ -495,252 +402,19 @@ class Scheduler:
         job.ended = True
         job.emit(DoneEvent(reason, job.state, job.logits, job.generated, job.stop_hit, job.first_token_at))
 
-    def _members(self, jobs: list[Job]) -> _Batch:
-        """The batch arrays for `jobs`: reused while the members stay, else rebuilt with the
-        rows of staying jobs taken from the old arrays and the newcomers' from the jobs."""
-        old = self._batch
-        if old is not None and old.jobs == jobs:
-            return old
-        if old is not None and old.fused is not None:
-            return self._members_on_device(old, jobs)
-        if old is None:
-            state = np.stack([j.state for j in jobs])
-            logits = np.stack([j.logits for j in jobs])
-        else:
-            rows = {id(j): i for i, j in enumerate(old.jobs)}
-            old_state = old.state()
-            state = np.stack([old_state[rows[id(j)]] if id(j) in rows else j.state for j in jobs])
-            logits = np.stack([old.logits[rows[id(j)]] if id(j) in rows else j.logits for j in jobs])
-        self._batch = _Batch(list(jobs), state, logits)
-        return self._batch
-
-    def _members_on_device(self, old: _Batch, jobs: list[Job]) -> _Batch:
-        """The batch for `jobs` from one whose state is on the device: the staying rows' state,
-        next tokens and logits stay there; the newcomers' come from their jobs."""
-        assert old.fused is not None and old.next_tokens is not None
-        rows = {id(j): i for i, j in enumerate(old.jobs)}
-        new = [r for r, j in enumerate(jobs) if id(j) not in rows]
-        origin = np.array([rows.get(id(j), -1) for j in jobs], np.int64)
-        order, extra = origin.copy(), np.arange(len(old.jobs), len(old.jobs) + len(new))
-        order[new] = extra
-        shape = (0, *self.runtime.state_shape)
-        new_rows = np.stack([jobs[r].state for r in new]) if new else np.zeros(shape, np.float32)
-        batch = _Batch(list(jobs), None, None)
-        batch.fused = old.fused.with_members(order, new_rows, batch.temperature, batch.top_k, batch.top_p)
-        batch.device_logits, batch.origin = old.device_logits, origin
-        tokens = np.zeros(len(jobs), np.int64)
-        kept = origin >= 0
-        tokens[kept] = old.next_tokens[origin[kept]]
-        if new:
-            # Sampling is per row (counter-based uniforms): the newcomers alone draw what they
-            # would draw in the whole batch.
-            logits = np.stack([jobs[r].logits for r in new])
-            u = uniforms(batch.seeds[new], batch.positions()[new])
-            tokens[new] = (
-                sample(logits, batch.temperature[new], batch.top_k[new], batch.top_p[new], u)
-                if batch.any_sampled
-                else logits.argmax(axis=1)
-            )
-        batch.next_tokens = tokens
-        self._batch = batch
-        return batch
-
-    def _round(self) -> None:
-        jobs = self._active
-        n = len(jobs)
-        self.last_batch_size = n
-        self.peak_batch_size = max(self.peak_batch_size, n)
-        batch = self._members(jobs)
-        positions = batch.positions()
-        if batch.next_tokens is not None:  # drawn on the device by the last fused round
-            tokens = batch.next_tokens
-        elif batch.any_sampled:
-            tokens = sample(
-                batch.logits, batch.temperature, batch.top_k, batch.top_p, uniforms(batch.seeds, positions)
-            )
-        else:
-            tokens = batch.logits.argmax(axis=1)
-        lp_rows = batch.logprobs
-        first_lp = token_logprobs(batch.logits_rows(lp_rows), tokens[lp_rows]) if lp_rows else ()
-        lps = dict(zip(batch.logprobs, first_lp, strict=True))
-        now = time.perf_counter()
-        lookup = self._lookup
-        left = np.empty(n, np.int64)  # tokens each job may still take in this round
-        firsts: list[Tokens] = []
-        fresh: list[bool] = []
-        for i, job in enumerate(jobs):
-            tid = int(tokens[i])
-            text = lookup[tid] if lookup is not None else job.stream.push((tid,))[0]
-            fresh.append(job.first_token_at is None)
-            if job.first_token_at is None:
-                job.first_token_at = now
-            job.generated += 1
-            stops = job.stops
-            if stops is not None and (hit := stops.feed((text,))) is not None:
-                job.stop_hit = hit.stop
-                left[i] = 0
-            else:
-                left[i] = rest = job.max_new_tokens - job.generated
-                if not rest and lookup is None:
-                    text += job.stream.flush()  # its last token: the text held back goes too
-            lp = lps.get(i)
-            firsts.append(Tokens([tid], [text], job.generated - 1, None if lp is None else [float(lp)]))
-        self.tokens += n
-        k = self._fused_steps(n, int(left.max()), self._read_s)
-        # A newcomer's first token goes out now, before the model runs; in a fused round the
-        # others' goes out with the tokens the loop makes (one message instead of two).
-        for i, job in enumerate(jobs):
-            if k == 1 or fresh[i]:
-                job.emit(firsts[i])
-        if self.flush is not None:
-            self.flush()  # before the model runs, as the comment above says
-        try:
-            if k > 1:
-                held = [None if fresh[i] else firsts[i] for i in range(n)]
-                self._fused_round(batch, tokens, positions, left, k, held)
-            else:
-                self._step_round(batch, tokens)
-        except Exception as e:
-            self._fail(jobs, e)
-            self._active = []
-            self._batch = None
-            return
-        self.rounds += 1
-
-    def _fused_steps(self, n: int, most_left: int, spent_s: float = 0.0) -> int:
-        """Steps for this round: 1 (a decode step) or K for the fused loop, K - 1 being the
-        tokens the longest-running job still takes, within fused_tokens and the time budget
-        less `spent_s` (the prompts and model runs read before it: the streams wait for both)."""
-        if self.fused_tokens <= 1 or most_left < 1 or not self.runtime.has_fused:
-            return 1
-        # Measured on this batch size's rounds, else the runtime's measure at load (its device).
-        cost = self._step_cost.get(n) or self.runtime.fused_step_cost(n)
-        budget = max(2, int((self.round_budget_s - spent_s) / cost))
-        return min(self.fused_tokens, most_left + 1, budget)
-
-    def _step_round(self, batch: _Batch, tokens: np.ndarray) -> None:
-        """Feed this round's tokens in one batched decode step. IOBinding pays off over many
-        steps of one batch: with the fused path on, a step round is a batch's last, so it runs
-        plainly."""
-        if self.io_binding and (self.fused_tokens <= 1 or not self.runtime.has_fused):
-            if batch.decoder is None:
-                batch.decoder = self.runtime.decoder(batch.state())
-                self.decoders += 1
-                batch.decoder_current = True
-            elif not batch.decoder_current:
-                batch.decoder.load(batch.state())
-                batch.decoder_current = True
-            batch.logits = batch.decoder.step(tokens).copy()
-            batch.host_state = batch.decoder.state() if self.runtime.device == "cpu" else None
-        else:
-            logits, batch.host_state = self.runtime.step(tokens[:, None].astype(np.int64), batch.state())
-            batch.logits = logits[:, 0]
-        batch.fused, batch.next_tokens, batch.device_logits = None, None, None
-        still = []
-        for i, job in enumerate(batch.jobs):
-            if job.stop_hit or job.generated >= job.max_new_tokens:
-                job.logits, job.state = batch.logits[i].copy(), batch.state()[i].copy()
-                self._finish(job, "stop" if job.stop_hit else "length")
-            elif not job.cancelled:
-                still.append(job)
-        self._active = still
-
-    def _fused_round(
-        self,
-        batch: _Batch,
-        tokens: np.ndarray,
-        positions: np.ndarray,
-        left: np.ndarray,
-        k: int,
-        held: list[Tokens | None],
-    ) -> None:
-        """Feed this round's tokens, then generate up to k - 1 more per job in one run; `held`
-        are first tokens not handed out yet."""
-        n = len(batch.jobs)
-        u = (
-            uniforms(
-                np.repeat(batch.seeds, k), (positions[:, None] + np.arange(1, k + 1, dtype=np.uint64)).ravel()
-            )
-            if batch.any_sampled
-            else np.zeros(n * k)
-        ).reshape(n, k)
-        t0 = time.perf_counter()
-        if batch.fused is None:
-            batch.fused = self.runtime.fused_batch(batch.state(), batch.temperature, batch.top_k, batch.top_p)
-        fused = batch.fused
-        sampled = fused.run(tokens, u)
-        self.fused_rounds += 1
-        lookup = self._lookup
-        lp_rows = set(batch.logprobs)
-        chunks, ends, finished = [], [], []
-        for i, job in enumerate(batch.jobs):
-            take = int(min(left[i], k - 1))  # tokens from the loop: sampled[0 .. take - 1]
-            ids = sampled[:take, i].tolist()
-            texts = [lookup[t] for t in ids] if lookup is not None else job.stream.push(ids)
-            end = take  # the job's last fed token is step index `end`
-            stops = job.stops
-            if stops is not None and take and (hit := stops.feed(texts)) is not None:
-                job.stop_hit = hit.stop
-                end = hit.index + 1
-                del ids[end:], texts[end:]
-            elif take and lookup is None and job.generated + take >= job.max_new_tokens:
-                texts[-1] += job.stream.flush()  # its last token: the text held back goes too
-            chunks.append((ids, texts))
-            ends.append(end)
-            if job.stop_hit or job.generated + end >= job.max_new_tokens:
-                finished.append(i)
-        # Only these rows come back from the device: the logprob rows' logits, and the logits
-        # and state of the rows that finish (one fetch each).
-        lp_pairs = [(j, i) for i in sorted(lp_rows) for j in range(ends[i])]
-        lp_logits = fused.rows_logits(lp_pairs) if lp_pairs else None
-        lp_at = {pair: r for r, pair in enumerate(lp_pairs)}
-        done_pairs = [(ends[i], i) for i in finished]
-        done_logits = fused.rows_logits(done_pairs) if done_pairs else None
-        done_states = fused.rows_states(done_pairs) if done_pairs else None
-        done_at = {i: r for r, i in enumerate(finished)}
-        still = []
-        for i, job in enumerate(batch.jobs):
-            (ids, texts), end = chunks[i], ends[i]
-            lps = None
-            if i in lp_rows:
-                rows = lp_logits[[lp_at[(j, i)] for j in range(end)]] if end else np.zeros((0, 1), np.float32)
-                lps = token_logprobs(rows, sampled[:end, i]).tolist()
-            chunk = Tokens(ids, texts, job.generated, lps)
-            job.generated += end
-            first = held[i]
-            if first is not None:
-                first.extend(chunk)
-                chunk = first
-            if chunk.ids:
-                job.emit(chunk)
-            self.tokens += end
-            self.fused_tokens_generated += end
-            if i in done_at:
-                job.logits, job.state = done_logits[done_at[i]].copy(), done_states[done_at[i]].copy()
-                self._finish(job, "stop" if job.stop_hit else "length")
-            elif not job.cancelled:
-                still.append(job)
-        batch.logits, batch.host_state = None, None
-        batch.next_tokens = sampled[k - 1]
-        batch.device_logits, batch.origin = (fused, k - 1), np.arange(n)
-        batch.decoder_current = False
-        self._active = still
-        cost = (time.perf_counter() - t0) / k  # the run and handing out its tokens, per step
-        self._step_cost[n] = 0.8 * self._step_cost.get(n, cost) + 0.2 * cost
-
 
 def scheduler_for(
-    runtime: ModelRuntime, settings: Settings, flush: Callable[[], None] | None = None
+    runtime: ModelRuntime, config: EngineConfig, flush: Callable[[], None] | None = None
 ) -> Scheduler:
-    """A model's scheduler as the settings configure it (in the engine process or a thread)."""
-    s = settings
+    """A model's scheduler as the engine's config sets it (in the engine process or a thread)."""
+    c = config
     return Scheduler(
         runtime,
-        s.max_batch_size,
-        s.max_queue,
-        s.io_binding == "on" or (s.io_binding == "auto" and runtime.device == "cuda"),
-        fused_tokens=s.fused_tokens,
-        round_budget_s=s.round_budget_ms / 1000,
-        prefill_chunk=s.prefill_chunk,
+        c.max_batch_size,
+        c.max_queue,
+        c.io_binding_on(runtime.device),
+        fused_tokens=c.fused_tokens,
+        round_budget_s=c.round_budget_ms / 1000,
+        prefill_chunk=c.prefill_chunk,
         flush=flush,
     )

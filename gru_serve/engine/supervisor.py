@@ -1,11 +1,11 @@
 """Starts the engine process and starts it again whenever it exits while the server runs.
 
 The engine listens on a Unix socket in a private temporary folder (ZeroMQ's ipc transport),
-the same path across restarts, so front ends reconnect by themselves. It gets only the settings
-it uses (no tokens, keys or certificates), as JSON in its environment, and of this process's
-environment only the allow-listed variables (engine_env): a GRU_SERVE_* token or key, or any
-other secret the server was given, never reaches it. If this process is killed (SIGKILL) the
-engine removes the folder as it stops.
+the same path across restarts, so front ends reconnect by themselves. It gets only its
+EngineConfig (the settings it uses: no tokens, keys or certificates), as JSON in its
+environment, and of this process's environment only the allow-listed variables (engine_env):
+a GRU_SERVE_* token or key, or any other secret the server was given, never reaches it. If
+this process is killed (SIGKILL) the engine removes the folder as it stops.
 """
 
 from __future__ import annotations
@@ -20,24 +20,13 @@ import sys
 import tempfile
 import threading
 
+import msgspec
+
+from gru_serve.engine.config import EngineConfig
 from gru_serve.engine.process import SETTINGS_ENV
-from gru_serve.ops.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ENGINE_SETTINGS = (
-    "device",
-    "intra_op_threads",
-    "inter_op_threads",
-    "io_binding",
-    "fast_path",
-    "max_batch_size",
-    "max_queue",
-    "fused_tokens",
-    "round_budget_ms",
-    "prefill_chunk",
-    "log_level",
-)
 RESTART_DELAY_S = 0.2  # between an exit and the next start: a crash loop does not spin
 # What the engine may see of this process's environment: what Python, onnxruntime, CUDA and the
 # locale read. Everything else (GRU_SERVE_* tokens and keys, cloud credentials) stays here.
@@ -48,19 +37,19 @@ ENGINE_ENV_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "CUDA_", "NVIDIA_")
 ENGINE_GPU_ENV = {"NVIDIA_TF32_OVERRIDE": "0"}
 
 
-def engine_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
+def engine_env(config: EngineConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The engine process's whole environment: the allow-list of `environ` (default: this
-    process's), ENGINE_GPU_ENV, and the engine's settings."""
+    process's), ENGINE_GPU_ENV, and the engine's config."""
     source = os.environ if environ is None else environ
     env = {k: v for k, v in source.items() if k in ENGINE_ENV_NAMES or k.startswith(ENGINE_ENV_PREFIXES)}
     env.update(ENGINE_GPU_ENV)
-    env[SETTINGS_ENV] = settings.model_dump_json(include=set(ENGINE_SETTINGS))
+    env[SETTINGS_ENV] = msgspec.json.encode(config).decode()
     return env
 
 
 class EngineSupervisor:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
         self.folder = tempfile.mkdtemp(prefix="gru-serve-engine-")
         self.address = f"ipc://{self.folder}/engine.sock"
         self.proc: subprocess.Popen | None = None
@@ -71,7 +60,7 @@ class EngineSupervisor:
     def _spawn(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gru_serve.engine.process", self.address, self.folder],
-            env=engine_env(self.settings),
+            env=engine_env(self.config),
             stdout=subprocess.DEVNULL,
         )
         self.starts += 1

@@ -128,6 +128,15 @@ def status_of(error: BaseException) -> tuple[str, int]:
     return INTERNAL_STATUS
 
 
+def error_of(code: str, http: int, message: str) -> GruServeError:
+    """The table's class for a status (gRPC code name, HTTP status) with `message`: an error that
+    crossed a process boundary as its status. A status the table lacks is Internal."""
+    for kind, status in STATUS.items():
+        if status == (code, http):
+            return kind(message)
+    return Internal(message)
+
+
 def public(error: BaseException) -> tuple[str, int, str]:
     """What a client is told of an error: its gRPC code name, HTTP status and message. A bug's
     details stay in the log under an incident id that the message carries."""

@@ -12,8 +12,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
-from gru_serve.engine.prefix_cache import BLOCK
 from gru_serve.ops.errors import ModelLoadError
+from gru_serve.prefill import BLOCK, check_prefill_chunk
 
 ENV_PREFIX = "GRU_SERVE_"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -210,9 +210,7 @@ class Settings(BaseSettings):
     @field_validator("prefill_chunk")
     @classmethod
     def _whole_blocks(cls, v: int) -> int:
-        if v % BLOCK:
-            raise ValueError(f"must be a multiple of {BLOCK} (the prefix cache's block of prompt tokens)")
-        return v
+        return check_prefill_chunk(v)
 
     @field_validator("engine_address")
     @classmethod
