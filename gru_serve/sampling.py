@@ -65,6 +65,13 @@ def _top_p(v: Any) -> float:
     return p
 
 
+def _min_p(v: Any) -> float:
+    m = 0.0 if v is None else float32(float(v))
+    if not (math.isfinite(m) and 0.0 <= m <= 1.0):
+        raise InvalidArgument(f"sampling.min_p must be in [0, 1] (0: off), got {m}")
+    return m
+
+
 def _seed(v: Any) -> int:
     s = secrets.randbits(63) if v is None else int(v)
     if not 0 <= s < 1 << 64:
@@ -106,6 +113,12 @@ class SamplingParams:
     )
     seed: int = option(0, _seed, "makes sampling reproducible (unset: a random seed)")
     stop: tuple[str, ...] = option((), _stop, "stop after this string, repeatable")
+    min_p: float = option(
+        0.0,
+        _min_p,
+        "drop tokens less likely than min_p x the likeliest, in [0, 1] (0 or unset: off)",
+        np.float64,
+    )
 
     @classmethod
     def checked(cls, **given: Any) -> SamplingParams:
@@ -160,15 +173,23 @@ def uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 
 def sample(
-    logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, u: np.ndarray
+    logits: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    u: np.ndarray,
+    min_p: np.ndarray | None = None,
 ) -> np.ndarray:
     """Next token per row. logits [B, V]; the rest [B]. Rows with temperature 0 take the argmax;
-    the others draw by inverse CDF with `u` after temperature, top-k and top-p."""
+    the others draw by inverse CDF with `u` after temperature, min_p, top-k and top-p (vLLM's
+    order)."""
     out = logits.argmax(axis=1)
     rows = np.flatnonzero(temperature > 0)
     if rows.size == 0:
         return out
     z = logits[rows].astype(np.float64) / temperature[rows, None]
+    if min_p is not None:
+        _min_p_filter(z, min_p[rows])
     vocab = z.shape[1]
     k = top_k[rows]
     limited = (k > 0) & (k < vocab)
@@ -196,3 +217,14 @@ def sample(
     picked = (cdf < (u[rows] * cdf[:, -1])[:, None]).sum(axis=1)
     out[rows] = np.minimum(picked, vocab - 1)
     return out
+
+
+def _min_p_filter(z: np.ndarray, m: np.ndarray) -> None:
+    """min_p in place: a token whose probability is below m x the largest is removed. A token's
+    probability over the largest is exp(z - max z), so no normalising sum is needed; the fused
+    graph computes the same ops."""
+    relative = m > 0
+    if relative.any():
+        zr = z[relative]
+        scaled = np.exp(zr - zr.max(axis=1, keepdims=True))
+        z[relative] = np.where(scaled < m[relative, None], -np.inf, zr)

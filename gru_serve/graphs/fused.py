@@ -28,13 +28,15 @@ def _sampling_rows(g: _Graph, V: int) -> dict[str, str]:
     )
     k_idx = g.op("Where", limited, g.op("Sub", "top_k", c("one_i", np.array(1, np.int64))), c("vmax", V - 1))
     nucleus = g.op("Less", "top_p", c("one", np.array(1.0)))
-    filtered = g.op("Cast", g.op("Or", limited, nucleus), to=TensorProto.INT32)
+    relative = g.op("Greater", "min_p", c("zero", np.array(0.0)))
+    filtered = g.op("Cast", g.op("Or", g.op("Or", limited, nucleus), relative), to=TensorProto.INT32)
     return {
         "any_filter": g.op("Cast", g.op("ReduceMax", filtered, keepdims=0), to=TensorProto.BOOL),
         "t_pos": t_pos,
         "t_col": g.op("Unsqueeze", g.op("Where", t_pos, "temperature", c("one", np.array(1.0))), _axis1(g)),
         "k_idx": g.op("Unsqueeze", k_idx, _axis1(g)),
         "p_col": g.op("Unsqueeze", "top_p", _axis1(g)),
+        "min_p_col": g.op("Unsqueeze", "min_p", _axis1(g)),
         "nucleus_col": g.op("Unsqueeze", nucleus, _axis1(g)),
         "zeros": g.op(
             "ConstantOfShape",
@@ -46,14 +48,18 @@ def _sampling_rows(g: _Graph, V: int) -> dict[str, str]:
 
 
 def _sample(g: _Graph, logits: str, u: str, rows: dict[str, str], V: int, filters: bool) -> str:
-    """gru_serve.sampling.sample in ONNX, op for op in float64: temperature, top-k, softmax,
-    top-p, inverse CDF with the uniform `u` [B]; rows with temperature 0 take the argmax.
-    Without `filters` (no row limits top-k or top-p) the top-k and top-p ops, which leave such
-    rows unchanged, are left out."""
+    """gru_serve.sampling.sample in ONNX, op for op in float64: temperature, min_p, top-k,
+    softmax, top-p, inverse CDF with the uniform `u` [B]; rows with temperature 0 take the argmax.
+    Without `filters` (no row uses min_p, top-k or top-p) their ops, which leave such rows
+    unchanged, are left out."""
     c, ax = g.const, _axis1(g)
     vocab = c("vocab", np.array([V], np.int64))
     z = g.op("Div", g.op("Cast", logits, to=TensorProto.DOUBLE), rows["t_col"])
     if filters:
+        # min_p: drop a token when exp(z - max z), its probability over the largest, is below
+        # min_p (rows with min_p 0 drop none)
+        scaled = g.op("Exp", g.op("Sub", z, g.op("ReduceMax", z, axes=[1], keepdims=1)))
+        z = g.op("Where", g.op("Less", scaled, rows["min_p_col"]), c("neg_inf", np.array(-np.inf)), z)
         # top-k: keep logits >= the k-th largest (ties stay in); unlimited rows compare with the minimum
         ranked = g.op("TopK", z, vocab, axis=1, largest=1, sorted=1, outputs=2)[0]
         kth = g.op("GatherElements", ranked, rows["k_idx"], axis=1)

@@ -15,8 +15,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from gru_serve.client import Client, sampling
 from gru_serve.sampling import SamplingParams
-from tests.http.conftest import start_http_server
-from tests.serve.conftest import D2L, reference_generate
+from tests.support.serving import D2L, reference_generate, start_http_server
 
 CHROMIUM = os.environ.get("GRU_SERVE_CHROMIUM", "/usr/bin/chromium")
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "playground.png"
@@ -222,3 +221,19 @@ def test_a_token_typed_into_the_page_is_sent(browser):
             expect(page.locator("#output .gen")).to_have_text(reference_generate(D2L, PROMPT, N))
     finally:
         srv.stop()
+
+
+def test_the_min_p_control_is_sent(page, server):
+    loaded(page)
+    settings(page, temperature="1.3", seed="8")
+    page.fill("#min-p", "1")  # only the likeliest token is left: the greedy text
+    assert press(page, "#generate", PROMPT) == "done"
+    expect(page.locator("#output .gen").last).to_have_text(reference_generate(D2L, PROMPT, N))
+    page.fill("#min-p", "0.2")
+    assert press(page, "#generate", PROMPT) == "done"
+    seeded = SamplingParams.checked(temperature=1.3, seed=8, min_p=0.2)
+    assert reference_generate(D2L, PROMPT, N, seeded) != reference_generate(D2L, PROMPT, N)
+    expect(page.locator("#output .gen").last).to_have_text(reference_generate(D2L, PROMPT, N, seeded))
+    page.fill("#min-p", "1.5")
+    assert press(page, "#generate", PROMPT) == "error"
+    expect(page.locator("#message")).to_contain_text("sampling.min_p must be in [0, 1]")
