@@ -7,7 +7,7 @@ MODELS := gru_serve/models
 FULL_RECIPE := --hidden-size 384 --num-layers 2 --dropout 0.5 --optimizer adam --lr 0.003 --epochs 24 \
 	--num-steps 64 --max-tokens 0 --holdout 0.1 --eval-every 2
 
-.PHONY: install browser demo test lint models protos reliability bench clean
+.PHONY: install browser demo test test-unit lint models protos reliability bench clean
 
 install: $(STAMP) browser
 
@@ -37,9 +37,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m gru_serve.demo
 
+# Every tier (unit, serve, system; tests/conftest.py marks them by folder): the CI gate.
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# The unit tier alone (no server, subprocess or Redis): under a minute.
+test-unit: $(STAMP)
+	$(BIN)/pytest -q -m unit tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,9 +10,8 @@ from exporters.torch_bench import model_from_onnx
 from gru_serve import launch
 from gru_serve.bench import served
 from gru_serve.client import Client
-
-from ..exporters.conftest import REPO
-from ..serve.conftest import D2L
+from tests.support.paths import REPO
+from tests.support.serving import D2L
 
 
 def test_the_torch_model_from_onnx_is_the_checkpoint():

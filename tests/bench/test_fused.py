@@ -8,13 +8,13 @@ import pytest
 
 from gru_serve.client import Client, sampling
 from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
-from gru_serve.engine.scheduler import Job, Scheduler
+from gru_serve.engine.scheduler import Scheduler
+from gru_serve.engine.work import Job
 from gru_serve.outputs import DoneEvent, FailedEvent
 from gru_serve.reference import fused_generate, step_generate
 from gru_serve.sampling import SamplingParams
 from gru_serve.shipped import shipped_models
-
-from ..serve.conftest import D2L, reference_generate, start_server
+from tests.support.serving import D2L, reference_generate, start_server
 
 # Values exact in float32, as they arrive over gRPC.
 PARAMS = [

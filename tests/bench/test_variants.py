@@ -12,8 +12,7 @@ from exporters.cli import main as export_main
 from exporters.validate import ToleranceExceeded
 from gru_serve.contract import read_model
 from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
-
-from ..serve.conftest import D2L
+from tests.support.serving import D2L
 
 
 @pytest.fixture(scope="module")

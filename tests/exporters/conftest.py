@@ -4,19 +4,12 @@ import pytest
 import torch
 
 from exporters.corpus import Corpus
-from exporters.model import GRULanguageModel, ModelConfig
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.checkpoints import random_state_dict
 
 
 @pytest.fixture(scope="session")
 def corpus() -> Corpus:
     return Corpus.time_machine()
-
-
-def random_state_dict(vocab_size: int = 28, hidden: int = 256, layers: int = 1, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    return GRULanguageModel(ModelConfig(vocab_size, hidden, layers)).state_dict()
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ from exporters.cli import main
 from exporters.model import Checkpoint, GRULanguageModel, ModelConfig, load_checkpoint
 from exporters.validate import ContractMismatch, ToleranceExceeded, validate
 from gru_serve.contract import ContractError, LinearBeforeResetError, read_model
-
-from .conftest import random_state_dict
+from tests.support.checkpoints import random_state_dict
 
 
 class D2LRNNModel(nn.Module):

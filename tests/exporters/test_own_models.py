@@ -25,8 +25,7 @@ from exporters.embedding import EMBEDDING, HEAD_B, HEAD_W
 from exporters.export import export_module, validate_module
 from exporters.tokenizer import read_tokenizer
 from gru_serve.contract import IDENTITY_NORMALIZATION, read_model
-
-from .conftest import REPO
+from tests.support.paths import REPO
 
 # PyTorch's examples/word_language_model/model.py RNNModel, GRU only, as its users have it.
 WLM_SOURCE = """

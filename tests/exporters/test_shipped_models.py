@@ -14,8 +14,7 @@ from exporters.validate import ort_step, validate
 from gru_serve.contract import read_model
 from gru_serve.scoring import d2l_perplexity, stream_perplexity
 from gru_serve.shipped import DEFAULT_MODEL, shipped_models
-
-from .conftest import REPO
+from tests.support.paths import REPO
 
 MODELS = shipped_models()
 

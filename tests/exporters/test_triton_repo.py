@@ -11,8 +11,7 @@ from google.protobuf import text_format
 
 from exporters import cli
 from gru_serve.contract import STATE, STATE_OUT, graph_io, read_model
-
-from ..serve.test_inference_proto import triton_class, triton_pool
+from tests.support.oip import triton_class, triton_pool
 
 MODEL = Path(__file__).resolve().parents[2] / "gru_serve" / "models" / "timemachine-d2l" / "model.onnx"
 TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}

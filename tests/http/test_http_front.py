@@ -19,9 +19,8 @@ from hypothesis import strategies as st
 from gru_serve.client import Client, sampling
 from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
-from tests.http.conftest import openai_client, start_http_server
-from tests.serve.conftest import D2L, LONG, reference_generate, wait_until
-from tests.serve.test_operations import make_certs
+from tests.support.certs import make_certs
+from tests.support.serving import D2L, LONG, openai_client, reference_generate, start_http_server, wait_until
 
 PROMPT = "the time traveller"
 ERROR_STATUSES = {400, 404, 409, 413, 429}  # what a /v1/completions body can get (no auth here)

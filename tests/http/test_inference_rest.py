@@ -1,7 +1,7 @@
 """The Open Inference Protocol over HTTP/REST (gru_serve.http.inference_api), on real sockets.
 
 References that share no code with the server's REST layer: the unmodified tritonclient.http
-in process; the unmodified tritonclient.grpc in a subprocess (tests/serve/triton_client_check.py:
+in process; the unmodified tritonclient.grpc in a subprocess (tests/support/triton_client_check.py:
 it cannot share a process with our generated stubs); the exported ONNX file run by a bare
 onnxruntime session with its state chained by hand; and native gRPC Generate.
 """
@@ -14,7 +14,6 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,12 +29,12 @@ from gru_serve.client import Client
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as gen_pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.serve.conftest import D2L, _plain_model
+from tests.support.oip import TRITON_CHECK
+from tests.support.serving import D2L, plain_model
 
 MODEL = "timemachine-d2l"
 GENERATE = MODEL + "-generate"
 CHUNKS = [[3, 4, 5, 1], [9, 2], [7, 7, 1, 6, 2]]
-CHECK = Path(__file__).parents[1] / "serve" / "triton_client_check.py"
 HEADER = "Inference-Header-Content-Length"
 ERROR_STATUSES = {400, 404}  # what a malformed or unknown request may get
 
@@ -45,7 +44,7 @@ ERROR_STATUSES = {400, 404}  # what a malformed or unknown request may get
 
 def plain_chained(chunks: list[list[int]]) -> list[np.ndarray]:
     """Logits of the exported file in a bare onnxruntime session, state chained by hand."""
-    session, meta = _plain_model(str(D2L))
+    session, meta = plain_model(str(D2L))
     state = np.zeros((1, int(meta["gru_serve.num_layers"]), int(meta["gru_serve.hidden_size"])), np.float32)
     out = []
     for chunk in chunks:
@@ -57,7 +56,7 @@ def plain_chained(chunks: list[list[int]]) -> list[np.ndarray]:
 
 
 def plain_stateless(ids: list[list[int]]) -> np.ndarray:
-    session, meta = _plain_model(str(D2L))
+    session, meta = plain_model(str(D2L))
     shape = (len(ids), int(meta["gru_serve.num_layers"]), int(meta["gru_serve.hidden_size"]))
     (logits,) = session.run(
         ["logits"], {"input_ids": np.array(ids, np.int64), "state": np.zeros(shape, np.float32)}
@@ -66,7 +65,7 @@ def plain_stateless(ids: list[list[int]]) -> np.ndarray:
 
 
 def vocab_size() -> int:
-    _, meta = _plain_model(str(D2L))
+    _, meta = plain_model(str(D2L))
     return len(json.loads(meta["gru_serve.vocab"]))
 
 
@@ -84,7 +83,7 @@ def grpc_triton(server) -> dict[str, Any]:
         },
     ]
     proc = subprocess.run(
-        [sys.executable, str(CHECK), server.target],
+        [sys.executable, str(TRITON_CHECK), server.target],
         input=json.dumps(plan),
         capture_output=True,
         text=True,
@@ -340,7 +339,7 @@ def test_generate_and_generate_stream_equal_grpc_generate(server, http, sampling
 
 def test_generate_continues_a_sequence_that_infer_started(server, http):
     prompt = "the time traveller"
-    _, meta = _plain_model(str(D2L))
+    _, meta = plain_model(str(D2L))
     index = {t: i for i, t in enumerate(json.loads(meta["gru_serve.vocab"]))}
     rest_logits(http, [index[c] for c in prompt], "gen-seq", sequence_start=True)
     body = {"prompt": "", "max_new_tokens": 30, "sequence_id": "gen-seq", "sequence_end": True}

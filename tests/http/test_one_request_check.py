@@ -10,8 +10,7 @@ import pytest
 
 from gru_serve.client import Client
 from gru_serve.server import ThreadedServer
-from tests.http.conftest import TOKEN, start_http_server
-from tests.serve.conftest import LONG
+from tests.support.serving import LONG, TOKEN, start_http_server
 
 MODEL = "timemachine-d2l"
 CHOICES = 16  # the documented fan-out limit (README: n up to 16)

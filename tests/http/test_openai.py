@@ -11,8 +11,7 @@ import pytest
 from gru_serve.client import sampling
 from gru_serve.core.generation import MAX_CHOICES
 from gru_serve.sampling import SamplingParams
-from tests.http.conftest import TOKEN, openai_client, start_http_server
-from tests.serve.conftest import D2L, reference_generate
+from tests.support.serving import D2L, TOKEN, openai_client, reference_generate, start_http_server
 
 PROMPT = "the time traveller"
 SEEDED = {"temperature": 0.8, "seed": 7}

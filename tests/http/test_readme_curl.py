@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gru_serve.client import Client
-from tests.serve.conftest import D2L, _plain_model, reference_generate
+from tests.support.serving import D2L, plain_model, reference_generate
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 PROMPT = "the time traveller"
@@ -70,7 +70,7 @@ def test_session_health_and_metadata_examples(server, answers):
 def test_infer_example_equals_the_plain_model(answers):
     reply = json.loads(answers[6])
     (logits,) = reply["outputs"]
-    plain, meta = _plain_model(str(D2L))
+    plain, meta = plain_model(str(D2L))
     state = np.zeros((1, int(meta["gru_serve.num_layers"]), int(meta["gru_serve.hidden_size"])), np.float32)
     want, _ = plain.run(None, {"input_ids": np.array([[20, 8, 5]], np.int64), "state": state})
     assert logits["shape"] == list(want.shape)

@@ -10,7 +10,7 @@ import pytest
 
 from gru_serve.client import Client, sampling
 from gru_serve.sampling import SamplingParams
-from tests.serve.conftest import D2L, reference_generate
+from tests.support.serving import D2L, reference_generate
 
 SEEDED = {"temperature": 0.8, "seed": 11}
 

@@ -12,7 +12,7 @@ import pytest
 from gru_serve.client import Client
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-from tests.serve.conftest import D2L, LONG, reference_generate, wait_until
+from tests.support.serving import D2L, LONG, reference_generate, wait_until
 
 TOKEN = "alice"
 PROMPT = "the time traveller"

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from gru_serve.ops.settings import Settings
 from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
-from tests.serve.conftest import D2L, reference_generate
+from tests.support.serving import D2L, reference_generate
 
 MODEL = "timemachine-d2l"
 GENERATE = MODEL + "-generate"

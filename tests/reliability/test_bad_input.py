@@ -8,7 +8,7 @@ import re
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gru_serve.client import Client
@@ -16,14 +16,14 @@ from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import default_model_path
-
-from ..serve.conftest import reference_generate
-from .conftest import TALLY, record
+from tests.support.bad_input import RUN, code_of
+from tests.support.reliability import TALLY, record
+from tests.support.serving import reference_generate
 
 MODEL = "timemachine-d2l"
 LIMITS = {"max_prompt_chars": 512, "max_new_tokens": 64, "default_new_tokens": 4}
 OK, INVALID, NOT_FOUND, PRECONDITION = "OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"
-RUN = settings(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
 
 texts = st.one_of(
     st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40),
@@ -95,15 +95,6 @@ def sampling_error(msg: pb.SamplingParams) -> str | None:
 
 def session_error(session_id: str, live: set[str]) -> str | None:
     return None if session_id in live else NOT_FOUND
-
-
-def code_of(call) -> str:
-    try:
-        call()
-        return OK
-    except grpc.RpcError as e:
-        assert e.code() != grpc.StatusCode.INTERNAL and e.code() != grpc.StatusCode.UNKNOWN, e.details()
-        return e.code().name
 
 
 session_ids = lambda live: st.one_of(st.sampled_from(sorted(live)), texts, st.just(""))  # noqa: E731

@@ -7,8 +7,7 @@ import onnx
 import pytest
 
 from gru_serve.shipped import default_model_path
-
-from .conftest import TALLY, record
+from tests.support.reliability import TALLY, record
 
 
 def mutated(tmp_path, name, change):

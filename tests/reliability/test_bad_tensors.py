@@ -15,9 +15,8 @@ from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import default_model_path
-
-from .conftest import TALLY, record
-from .test_bad_input import RUN, code_of
+from tests.support.bad_input import RUN, code_of
+from tests.support.reliability import TALLY, record
 
 MODEL = "timemachine-d2l"
 MAX_TOKENS = 64

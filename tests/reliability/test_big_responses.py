@@ -29,11 +29,11 @@ import psutil
 
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
+from gru_serve.launch import free_port
 from gru_serve.ops.settings import Settings
 from gru_serve.shipped import shipped_models
-
-from ..serve.conftest import _plain_model, wait_until
-from .conftest import TALLY, free_port, record
+from tests.support.reliability import TALLY, record
+from tests.support.serving import plain_model, wait_until
 
 BPE = "timemachine-bpe"
 VOCAB = 1000
@@ -122,7 +122,7 @@ class PeakRss:
 
 
 def plain_logits(ids: list[int]) -> np.ndarray:
-    session, meta = _plain_model(str(shipped_models()[BPE]))
+    session, meta = plain_model(str(shipped_models()[BPE]))
     state = np.zeros((1, int(meta["gru_serve.num_layers"]), int(meta["gru_serve.hidden_size"])), np.float32)
     (logits,) = session.run(["logits"], {"input_ids": np.array([ids], np.int64), "state": state})
     return logits

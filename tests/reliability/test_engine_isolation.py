@@ -23,8 +23,7 @@ from gru_serve.client import Client
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import default_model_path
-
-from .conftest import record
+from tests.support.reliability import record
 
 # The brief's allow-list, written out here rather than read from the code under test.
 ALLOWED = re.compile(r"PATH|HOME|LANG|TMPDIR|LD_LIBRARY_PATH|(LC_|PYTHON|OMP_|MKL_|CUDA_|NVIDIA_).*")

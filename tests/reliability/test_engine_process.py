@@ -23,26 +23,27 @@ import threading
 import time
 
 import grpc
+import msgspec
 import numpy as np
 import psutil
 import pytest
 import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gru_serve.bench.topology import RedisServer
 from gru_serve.client import Client, sampling
 from gru_serve.engine import protocol as proto
+from gru_serve.engine.config import EngineConfig
 from gru_serve.engine.process import SETTINGS_ENV
 from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions, load_metadata
-from gru_serve.engine.scheduler import Job
-from gru_serve.engine.supervisor import ENGINE_SETTINGS
+from gru_serve.engine.work import Job
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
 from gru_serve.ops.settings import Settings
 from gru_serve.sampling import SamplingParams
-
-from ..scale.conftest import RedisServer
-from ..serve.conftest import D2L, LONG, reference_generate, start_server, wait_until
-from .conftest import TALLY, ServerProcess, record
+from tests.support.processes import ServerProcess
+from tests.support.reliability import TALLY, record
+from tests.support.serving import D2L, LONG, reference_generate, start_server, wait_until
 
 MODEL = "timemachine-d2l"
 START = "time traveller"  # 14 tokens: the d2l models read one character a token
@@ -351,7 +352,7 @@ def test_a_failing_prefill_fails_only_its_request(thread_server):
 @pytest.mark.parametrize("stage", ["emit", "Tokens"])
 def test_a_fault_handing_out_tokens_fails_only_its_round(thread_server, monkeypatch, stage):
     import gru_serve.core.jobs as jobs
-    import gru_serve.engine.scheduler as scheduler
+    import gru_serve.engine.rounds as rounds
 
     srv = thread_server
     sched = srv.service.schedulers[MODEL]
@@ -365,13 +366,13 @@ def test_a_fault_handing_out_tokens_fails_only_its_round(thread_server, monkeypa
 
         monkeypatch.setattr(jobs.Backlog, "emitted", broken_emit)
     else:
-        tokens = scheduler.Tokens
+        tokens = rounds.Tokens
 
         def broken_tokens(*args, **kwargs):
             fault.maybe_fail()
             return tokens(*args, **kwargs)
 
-        monkeypatch.setattr(scheduler, "Tokens", broken_tokens)
+        monkeypatch.setattr(rounds, "Tokens", broken_tokens)
     words = ["alpha", "bravo", "charlie"]
     n_paused = 20_000
     with Client(srv.target) as c:
@@ -660,7 +661,7 @@ def test_io_binding_gives_the_plain_paths_tokens_and_is_used():
         try:
             texts[io] = run(srv)
             # The engine's scheduler made IOBinding decode loops (its gauges come with each round).
-            decoders = srv.service.schedulers[MODEL].decoders
+            decoders = srv.service.schedulers[MODEL].stats().decoders
         finally:
             srv.stop()
         assert (decoders > 0) == (io == "on"), decoders
@@ -688,7 +689,7 @@ def test_the_engine_stops_the_requests_of_a_front_end_that_went_away(tmp_path):
     the engine stops that generation (another front end's Stats show no active job), rather
     than running it to its end for nobody."""
     address = f"ipc://{tmp_path}/engine.sock"
-    env = {**os.environ, SETTINGS_ENV: Settings().model_dump_json(include=set(ENGINE_SETTINGS))}
+    env = {**os.environ, SETTINGS_ENV: msgspec.json.encode(EngineConfig()).decode()}
     engine = subprocess.Popen([sys.executable, "-m", "gru_serve.engine.process", address], env=env)
     ctx = zmq.Context()
     rt = ModelRuntime(D2L, RuntimeOptions(fast_path=False))
@@ -698,7 +699,7 @@ def test_the_engine_stops_the_requests_of_a_front_end_that_went_away(tmp_path):
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(address)
-        sock.send(proto.encoder.encode(proto.Hello({key: str(D2L)})))
+        sock.send(proto.encoder.encode(proto.Hello(proto.PROTOCOL_VERSION, {key: str(D2L)})))
         assert isinstance(receive(sock, lambda m: isinstance(m, proto.Ready)), proto.Ready)
         return sock
 

@@ -8,9 +8,9 @@ import grpc
 import pytest
 
 from gru_serve.client import Client, sampling
-
-from ..serve.conftest import LONG, reference_generate, start_server
-from .conftest import TALLY, record
+from gru_serve.engine.device_batch import FusedBatch
+from tests.support.reliability import TALLY, record
+from tests.support.serving import LONG, reference_generate, start_server
 
 
 @pytest.fixture(scope="module")
@@ -91,22 +91,21 @@ class FailingRuntime:
         self._maybe_fail()
         return self.inner.fused(*args)
 
-    def fused_batch(self, *args):
-        batch = self.inner.fused_batch(*args)
-        run = batch.run
-
-        def failing_run(*a):
-            self._maybe_fail()
-            return run(*a)
-
-        batch.run = failing_run
-        return batch
 
 
-def test_a_failing_batch_fails_only_its_requests(server, runtime):
+def test_a_failing_batch_fails_only_its_requests(server, runtime, monkeypatch):
     sched = server.service.schedulers["timemachine-d2l"]
     wrapper = FailingRuntime(sched.runtime)
     sched.runtime = wrapper
+    # A fused round runs in the batch's FusedBatch (made anew when members change), not
+    # through the runtime: its run fails the same way.
+    run = FusedBatch.run
+
+    def failing_run(batch, *args):
+        wrapper._maybe_fail()
+        return run(batch, *args)
+
+    monkeypatch.setattr(FusedBatch, "run", failing_run)
     try:
         with Client(server.target) as c:
             sessions = [c.create_session("time traveller") for _ in range(8)]
@@ -147,7 +146,8 @@ def test_a_failing_batch_fails_only_its_requests(server, runtime):
 def test_a_fault_outside_the_model_call_fails_its_round_and_the_scheduler_serves_on(
     server, runtime, monkeypatch, stage
 ):
-    import gru_serve.engine.scheduler as scheduler
+    import gru_serve.engine.rounds as rounds
+    from gru_serve.tokenizer import StopMatcher
 
     fired = threading.Event()
 
@@ -156,9 +156,9 @@ def test_a_fault_outside_the_model_call_fails_its_round_and_the_scheduler_serves
         raise RuntimeError(f"injected fault in {stage}")
 
     if stage == "sampling":
-        monkeypatch.setattr(scheduler, "sample", broken)
+        monkeypatch.setattr(rounds, "sample", broken)
     else:
-        monkeypatch.setattr(scheduler.StopMatcher, "feed", broken)
+        monkeypatch.setattr(StopMatcher, "feed", broken)
     with Client(server.target) as c:
         s = c.create_session("time traveller")
         before = state_of(server, s.session_id)

@@ -8,8 +8,7 @@ import grpc
 
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
-
-from .conftest import TALLY, record
+from tests.support.reliability import TALLY, record
 
 STREAMS = 256
 SECONDS = float(os.environ.get("GRU_SERVE_LOAD_SECONDS", "60"))

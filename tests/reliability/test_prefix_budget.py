@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gru_serve.bench.topology import DOCKER, RedisServer
 from gru_serve.client import Client
-
-from ..scale.conftest import DOCKER, RedisServer
-from ..serve.conftest import reference_generate
-from .conftest import TALLY, record
+from tests.support.reliability import TALLY, record
+from tests.support.serving import reference_generate
 
 TEXT = (Path(__file__).parents[2] / "exporters" / "data" / "timemachine.txt").read_text()
 PROMPTS, CHARS, STRIDE = 1000, 4_000, 160  # distinct windows of the book, each its own blocks

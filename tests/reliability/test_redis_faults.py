@@ -4,11 +4,10 @@ committed session."""
 import grpc
 import pytest
 
+from gru_serve.bench.topology import RedisServer, wait_for
 from gru_serve.client import Client
-
-from ..scale.conftest import RedisServer, wait_for
-from ..serve.conftest import reference_generate
-from .conftest import TALLY, record
+from tests.support.reliability import TALLY, record
+from tests.support.serving import reference_generate
 
 
 class DurableRedis(RedisServer):

@@ -13,8 +13,7 @@ from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import default_model_path
 from gru_serve.stores.sessions import new_session_id
-
-from .conftest import TALLY, record
+from tests.support.reliability import TALLY, record
 
 
 def test_session_ids_carry_128_random_bits():

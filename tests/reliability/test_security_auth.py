@@ -22,8 +22,7 @@ from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import default_model_path
-
-from .conftest import TALLY, record
+from tests.support.reliability import TALLY, record
 
 MODEL = default_model_path()
 NAME = "timemachine-d2l"

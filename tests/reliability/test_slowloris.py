@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import httpx
 
 from gru_serve.client import Client
+from gru_serve.launch import free_port
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-
-from ..serve.conftest import D2L, reference_generate
-from .conftest import TALLY, free_port, record
+from tests.support.reliability import TALLY, record
+from tests.support.serving import D2L, reference_generate
 
 READ_TIMEOUT_S = 6.0
 GRACE_S = 30.0

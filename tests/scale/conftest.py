@@ -7,38 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from gru_serve.bench import topology as topo
-from gru_serve.bench.topology import (  # noqa: F401 (the tests import them from here)
-    D2L,
-    DOCKER,
-    NOT_SERVING,
-    ROOT,
-    SERVING,
-    Envoy,
-    RedisServer,
-    Replica,
-    Topology,
-    health,
-    render_envoy_config,
-    wait_for,
-)
-from gru_serve.launch import free_port  # noqa: F401 (the tests import it from here)
-
-
-def installed_binary(name: str) -> str:
-    """A missing server binary fails the test (never skips it)."""
-    try:
-        return topo.installed_binary(name)
-    except topo.MissingBinary as e:
-        pytest.fail(str(e), pytrace=False)
+from gru_serve.bench.topology import RedisServer, Topology
+from tests.support.redis import running_redis
 
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

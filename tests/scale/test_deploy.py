@@ -21,15 +21,16 @@ import redis
 import yaml
 from grpc_health.v1 import health_pb2
 
+from gru_serve.bench.topology import D2L, DOCKER, ROOT, render_envoy_config, wait_for
 from gru_serve.cli import add_setting_flags, build_parser
 from gru_serve.client import SESSION_HEADER
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2
 from gru_serve.grpc.generated.inference import grpc_service_pb2
+from gru_serve.launch import free_port
 from gru_serve.ops.gate import REFUSED_HEADER
 from gru_serve.ops.settings import ENV_PREFIX, Settings
 from gru_serve.server import LIVENESS, ThreadedServer
-
-from .conftest import D2L, DOCKER, ROOT, free_port, installed_binary, render_envoy_config, wait_for
+from tests.support.binaries import installed_binary
 
 DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile*") if not p.name.endswith(".dockerignore"))
 RUNTIME_IMAGES = {"cpu": DOCKER / "Dockerfile.cpu", "cuda": DOCKER / "Dockerfile.cuda"}

@@ -14,12 +14,12 @@ import psutil
 import pytest
 
 from gru_serve import launch
+from gru_serve.bench.topology import NOT_SERVING, SERVING, health, wait_for
 from gru_serve.engine.runtime import load_metadata
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
-
-from ..serve.conftest import D2L, reference_generate
-from .conftest import NOT_SERVING, SERVING, free_port, health, wait_for
+from gru_serve.launch import free_port
+from tests.support.serving import D2L, reference_generate
 
 START = "the time machine"
 TOKENS = load_metadata(D2L)[0].vocab

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
+from gru_serve.bench.topology import RedisServer
+from gru_serve.launch import free_port
 from gru_serve.ops.errors import (
     ResourceExhausted,
     SessionBusy,
@@ -26,8 +28,6 @@ from gru_serve.ops.settings import Settings
 from gru_serve.stores.factory import build_store
 from gru_serve.stores.redis_store import RedisStore, display_url
 from gru_serve.stores.sessions import SessionRecord, new_session_id
-
-from .conftest import RedisServer, free_port
 
 
 def record(owner: str = "alice", logits: bool = True, layers: int = 2, hidden: int = 8) -> SessionRecord:

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import redis
 
+from gru_serve.bench.topology import D2L, wait_for
 from gru_serve.client import Client
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
 from gru_serve.stores.factory import build_store
 from gru_serve.stores.redis_store import display_url
 from gru_serve.stores.sessions import SessionRecord, new_session_id
-
-from .conftest import D2L, installed_binary, wait_for
+from tests.support.binaries import installed_binary
 
 PREFIX = "ux:"
 

@@ -331,7 +331,8 @@ def test_a_new_store_on_the_file_has_every_committed_session_and_no_lease(tmp_pa
 
 def test_a_missing_directory_stops_the_start_with_one_line_naming_it(tmp_path):
     url = f"sqlite:///{tmp_path}/missing/s.db"
-    cmd = [sys.executable, "-m", "gru_serve.cli", "serve", "--port", "0", "--http-port", "0", "--model", str(D2L)]
+    cmd = [sys.executable, "-m", "gru_serve.cli", "serve", "--port", "0", "--http-port", "0"]
+    cmd += ["--model", str(D2L)]
     r = subprocess.run([*cmd, "--session-store", url], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     (line,) = [x for x in r.stderr.splitlines() if "gru-serve: error" in x]

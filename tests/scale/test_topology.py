@@ -16,14 +16,14 @@ import grpc
 import httpx
 import pytest
 
+from gru_serve.bench.topology import DOCKER, NOT_SERVING, SERVING, Envoy, Replica, Topology, health, wait_for
 from gru_serve.client import Client, StreamLost, sampling
 from gru_serve.engine.runtime import ModelRuntime
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
+from gru_serve.launch import free_port
 from gru_serve.sampling import SamplingParams
-from tests.serve.conftest import reference_generate
-
-from .conftest import DOCKER, NOT_SERVING, SERVING, Envoy, Replica, Topology, free_port, health, wait_for
+from tests.support.serving import reference_generate
 
 PROMPT = "time traveller"
 PARAMS = {
@@ -35,7 +35,7 @@ LEASE_S = 3.0  # RedisStore's default lease TTL
 
 @pytest.fixture(scope="module")
 def runtime() -> ModelRuntime:
-    from .conftest import D2L
+    from gru_serve.bench.topology import D2L
 
     return ModelRuntime(D2L)
 
@@ -327,4 +327,3 @@ def test_an_http_completion_and_its_event_stream_through_envoy_are_the_model_fil
     finally:
         envoy.stop()
         replica.stop()
-

@@ -12,12 +12,11 @@ import psutil
 import pytest
 
 from gru_serve.client import Client, sampling
-from gru_serve.engine.scheduler import Job
+from gru_serve.engine.work import Job
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.sampling import SamplingParams
-
-from ..reliability.conftest import ServerProcess
-from .conftest import LONG, reference_generate, start_server, wait_until
+from tests.support.processes import ServerProcess
+from tests.support.serving import LONG, reference_generate, start_server, wait_until
 
 MODEL = "timemachine-d2l"
 
@@ -181,7 +180,7 @@ def test_an_unread_converse_turn_is_paused_and_can_be_cancelled(server):
     try:
         with unread(server, start) as (replies, first, (job,)):
             sent.put(pb.ConverseRequest(cancel=True))  # sent while the replies go unread
-            wait_until(lambda: job.cancelled and not server.service.schedulers[MODEL].paused)
+            wait_until(lambda: job.cancelled and not server.service.schedulers[MODEL].stats().paused)
             streamed, finished = len(first.tokens), None
             for r in replies:
                 if r.HasField("finished"):
@@ -206,7 +205,7 @@ def test_a_paused_stream_whose_client_goes_away_is_let_go(server):
 
     with unread(server, start) as (_, _, (job,)):
         pass  # unread() cancels the stream and waits until nothing of it is held
-    assert job.cancelled and server.service.schedulers[MODEL].paused == 0
+    assert job.cancelled and server.service.schedulers[MODEL].stats().paused == 0
 
 
 def test_an_unread_stream_holds_no_growing_memory():

@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -14,26 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gru_serve.client import Client
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
-from gru_serve.launch import ready_target
-
-from .conftest import D2L, reference_generate
-
-EXE = [sys.executable, "-m", "gru_serve.cli"]
-
-
-def start(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [*EXE, "serve", "--port", "0", "--model", str(D2L), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    target = ready_target(line)
-    if target is None:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r} {proc.stderr.read()}")
-    return proc, target
+from tests.support.cli import EXE, cli, start
+from tests.support.serving import reference_generate
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +23,6 @@ def served() -> Iterator[str]:
     yield target
     proc.terminate()
     proc.wait(timeout=30)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*EXE, *args], capture_output=True, text=True, timeout=60)
 
 
 def test_generate_prints_the_stream(served, runtime):

@@ -7,8 +7,7 @@ import pytest
 
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2_grpc as pb_grpc
-
-from .conftest import LONG, start_server
+from tests.support.serving import LONG, start_server
 
 
 async def _stream(stub, prompt: str, n: int, started: asyncio.Event | None = None) -> str:
@@ -49,7 +48,7 @@ def test_256_concurrent_streams_are_held(server):
 
     texts = asyncio.run(scenario())
     assert all(len(t) == 40 for t in texts)
-    assert server.service.schedulers["timemachine-d2l"].peak_batch_size > 32
+    assert server.service.schedulers["timemachine-d2l"].stats().peak_batch_size > 32
 
 
 def test_stream_limit_answers_resource_exhausted_at_once():
@@ -88,7 +87,7 @@ def test_full_queue_answers_resource_exhausted():
             running = asyncio.create_task(_stream(stub, "time", 3000, started))
             await started.wait()
             waiting = asyncio.create_task(_stream(stub, "time", 5))  # fills the queue of 1
-            while srv.service.schedulers["timemachine-d2l"].queue_depth < 1:
+            while srv.service.schedulers["timemachine-d2l"].stats().queue_depth < 1:
                 await asyncio.sleep(0.001)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await _stream(stub, "time", 5)

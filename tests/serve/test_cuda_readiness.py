@@ -14,8 +14,7 @@ import pytest
 
 from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.ops.errors import ModelLoadError
-
-from .conftest import D2L
+from tests.support.serving import D2L
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"

@@ -5,8 +5,7 @@ import pytest
 
 from gru_serve.cli import main as cli_main
 from gru_serve.client import sampling
-
-from .conftest import LONG, reference_generate, wait_until
+from tests.support.serving import LONG, reference_generate, wait_until
 
 
 def _state(server, session_id):

@@ -9,9 +9,8 @@ import pytest
 from exporters.model import greedy_continue, load_checkpoint
 from gru_serve.client import Client, sampling
 from gru_serve.sampling import SamplingParams
-
-from ..exporters.conftest import REPO
-from .conftest import LONG, reference_generate, wait_until
+from tests.support.paths import REPO
+from tests.support.serving import LONG, reference_generate, wait_until
 
 
 def test_greedy_200_equals_onnxruntime_and_pytorch_loops(client, runtime):
@@ -102,7 +101,7 @@ def test_64_concurrent_streams_each_equal_their_solo_run(server, client):
     for t in threads:
         t.join()
     assert results == solo
-    assert server.service.schedulers["timemachine-d2l"].peak_batch_size > 8
+    assert server.service.schedulers["timemachine-d2l"].stats().peak_batch_size > 8
 
 
 def test_busy_session_is_aborted_at_once(server, client):

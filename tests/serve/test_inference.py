@@ -2,7 +2,7 @@
 
 tritonclient.grpc is never imported here: it and our generated stubs both register
 `inference.*` in protobuf's default pool. The unmodified tritonclient runs in a subprocess
-(triton_client_check.py) and prints what it saw; everything else uses our own stubs.
+(tests/support/triton_client_check.py) and prints what it saw; everything else uses our own stubs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,13 +21,17 @@ from gru_serve.core.sequences import Sequence, sequence_session_id
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from gru_serve.ops.errors import SessionNotFound
-
-from .conftest import LONG, reference_generate, start_server, wait_until
-
-CHECK = Path(__file__).with_name("triton_client_check.py")
-MODEL = "timemachine-d2l"
-GENERATE = MODEL + "-generate"
-Tensor = pb.ModelInferRequest.InferInputTensor
+from tests.support.oip import (
+    GENERATE,
+    MODEL,
+    TRITON_CHECK,
+    Tensor,
+    generate_request,
+    ids_request,
+    logits_of,
+    text_of,
+)
+from tests.support.serving import LONG, reference_generate, start_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -51,72 +54,6 @@ def chained(runtime, chunks: list[list[int]]) -> list[np.ndarray]:
         logits, state = runtime.step(np.array([chunk], np.int64), state)
         out.append(logits)
     return out
-
-
-def ids_request(ids, model: str = MODEL, seq: Sequence | None = None, raw: bool = True, **params):
-    arr = np.asarray(ids, np.int64)
-    tensor = Tensor(name="input_ids", datatype="INT64", shape=arr.shape)
-    if not raw:
-        tensor.contents.int64_contents.extend(arr.reshape(-1).tolist())
-    req = pb.ModelInferRequest(model_name=model, inputs=[tensor])
-    if raw:
-        req.raw_input_contents.append(arr.astype("<i8").tobytes())
-    if seq is not None:
-        if isinstance(seq.id, str):
-            req.parameters["sequence_id"].string_param = seq.id
-        else:
-            req.parameters["sequence_id"].uint64_param = seq.id
-        req.parameters["sequence_start"].bool_param = seq.start
-        req.parameters["sequence_end"].bool_param = seq.end
-    for key, value in params.items():
-        set_param(req, key, value)
-    return req
-
-
-def generate_request(prompt: str, request_id: str = "", seq: Sequence | None = None, **params):
-    tensor = Tensor(name="prompt", datatype="BYTES", shape=[1])
-    tensor.contents.bytes_contents.append(prompt.encode())
-    req = pb.ModelInferRequest(model_name=GENERATE, id=request_id, inputs=[tensor])
-    if seq is not None:
-        req.parameters["sequence_id"].string_param = str(seq.id)
-        req.parameters["sequence_start"].bool_param = seq.start
-        req.parameters["sequence_end"].bool_param = seq.end
-    for key, value in params.items():
-        set_param(req, key, value)
-    return req
-
-
-def set_param(req: pb.ModelInferRequest, key: str, value) -> None:
-    p = req.parameters[key]
-    if isinstance(value, bool):
-        p.bool_param = value
-    elif isinstance(value, int):
-        p.int64_param = value
-    elif isinstance(value, float):
-        p.double_param = value
-    else:
-        p.string_param = value
-
-
-def logits_of(resp: pb.ModelInferResponse) -> np.ndarray:
-    (out,) = resp.outputs
-    assert (out.name, out.datatype) == ("logits", "FP32")
-    return np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(tuple(out.shape))
-
-
-def text_of(resp: pb.ModelInferResponse) -> tuple[list[str], list[int]]:
-    names = [o.name for o in resp.outputs]
-    if not names:
-        return [], []
-    raw = resp.raw_output_contents[names.index("text")]
-    texts, at = [], 0
-    while at < len(raw):
-        n = int.from_bytes(raw[at : at + 4], "little")
-        texts.append(raw[at + 4 : at + 4 + n].decode())
-        at += 4 + n
-    ids = np.frombuffer(resp.raw_output_contents[names.index("token_ids")], "<i8").tolist()
-    assert len(ids) == len(texts)
-    return texts, ids
 
 
 def gone(server, session_id: str) -> bool:
@@ -161,7 +98,7 @@ def triton(server, runtime) -> dict:
         {"name": "bad", "scenario": "bad_inputs", "model": MODEL},
     ]
     proc = subprocess.run(
-        [sys.executable, str(CHECK), server.target],
+        [sys.executable, str(TRITON_CHECK), server.target],
         input=json.dumps(plan),
         capture_output=True,
         text=True,

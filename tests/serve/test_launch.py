@@ -12,8 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gru_serve import launch
-
-from .conftest import D2L
+from tests.support.serving import D2L
 
 
 def test_a_server_that_never_says_ready_is_killed_at_the_deadline():

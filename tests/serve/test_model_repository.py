@@ -27,10 +27,8 @@ from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from gru_serve.ops.errors import ModelLoadError
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-
-from .conftest import D2L, LONG, reference_generate, wait_until
-from .test_inference import generate_request, ids_request, logits_of
-from .test_statistics import tritonclient_grpc
+from tests.support.oip import generate_request, ids_request, logits_of, tritonclient_grpc
+from tests.support.serving import D2L, LONG, reference_generate, wait_until
 
 EXTRA = "extra"
 PROMPT = "time traveller"

@@ -2,9 +2,7 @@
 
 import json
 import socket
-import subprocess
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
@@ -14,9 +12,9 @@ from gru_serve.client import Client, make_channel
 from gru_serve.ops.auth import principal_of_token
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
-
-from .conftest import D2L, LONG, start_server, wait_until
-from .test_cli import start
+from tests.support.certs import make_certs
+from tests.support.cli import start
+from tests.support.serving import D2L, LONG, start_server, wait_until
 
 
 def health_status(target: str, service: str = "", channel=None) -> int:
@@ -142,64 +140,6 @@ def test_streams_per_token_limit(authed):
         with Client(authed.target, token="bob-token") as bob:  # another token is not limited by alice
             assert bob.generate_text("time", max_new_tokens=3)[1].generated_tokens == 3
         stream.cancel()
-
-
-def make_certs(d: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, with openssl."""
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test-ca",
-    )
-    for name, ext in (
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ):
-        run(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
-        )
-        (d / f"{name}.ext").write_text(ext + "\n")
-        run(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.pem",
-            "-days",
-            "1",
-            "-extfile",
-            f"{name}.ext",
-        )
-    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def test_tls_and_mtls(tmp_path):

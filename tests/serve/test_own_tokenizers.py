@@ -10,8 +10,8 @@ model without <unk>.
 
 The references are independent of the server: the ONNX file run as written in a bare
 onnxruntime session (prefill, then one token per call; only gru_serve.sampling is shared, as in
-conftest.reference_generate), prompts encoded and ids decoded by the `tokenizers` library
-itself, and each token's expected text computed from the library's decode of growing prefixes.
+tests/support/serving.reference_generate), prompts encoded and ids decoded by the `tokenizers`
+library itself, and each token's expected text computed from the library's decode of growing prefixes.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from gru_serve.client import Client, sampling
 from gru_serve.contract import IDENTITY_NORMALIZATION, ModelMetadata
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.ops.settings import Settings
-from gru_serve.reference import step_generate
 from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
+from tests.support.own_tokenizers import reference_ids, stream
 
 torch = pytest.importorskip("torch")
 tokenizers = pytest.importorskip("tokenizers")
@@ -252,22 +252,6 @@ def http(server) -> Iterator[httpx.Client]:
 # -- independent references --
 
 
-def reference_ids(path: Path, backend, prompt: str, n: int, params: SamplingParams) -> list[int]:
-    """The ONNX file as written, in a bare onnxruntime session: the prompt (encoded by the
-    `tokenizers` library) prefilled in one call, then one token per call, state chained."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    shape = (1, int(meta["gru_serve.num_layers"]), int(meta["gru_serve.hidden_size"]))
-    ids = backend.encode(prompt, add_special_tokens=False).ids
-
-    def step(x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, state = session.run(["logits", "state_out"], {"input_ids": x, "state": state})
-        return logits, state
-
-    out, _, _ = step_generate(step, ids, np.zeros(shape, np.float32), params, n)
-    return out
-
-
 def expected_deltas(decode, prime: Sequence[int], ids: Sequence[int]) -> list[str]:
     """Each token's text as streamed: the library's decoding of everything up to it, less an
     unfinished character at its end (U+FFFD there), beyond what the tokens before it gave."""
@@ -279,16 +263,6 @@ def expected_deltas(decode, prime: Sequence[int], ids: Sequence[int]) -> list[st
     before = decode(list(prime))
     texts = [out(k)[len(before) :] for k in range(len(ids) + 1)]
     return [texts[k + 1][len(texts[k]) :] for k in range(len(ids))]
-
-
-def stream(client: Client, prompt: str, **kw) -> tuple[list[int], list[str], object]:
-    ids, texts, finished = [], [], None
-    for msg in client.generate(prompt, **kw):
-        ids += [t.id for t in msg.tokens]
-        texts += [t.text for t in msg.tokens]
-        if msg.HasField("finished"):
-            finished = msg.finished
-    return ids, texts, finished
 
 
 def decoder(models: Models):

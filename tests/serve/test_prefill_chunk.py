@@ -10,13 +10,14 @@ import onnxruntime as ort
 import pytest
 
 from gru_serve.client import Client
-from gru_serve.engine.prefix_cache import BLOCK
-from gru_serve.engine.scheduler import Job, RunJob, Scheduler, scheduler_for
+from gru_serve.core.models import engine_config
+from gru_serve.engine.scheduler import Scheduler, scheduler_for
+from gru_serve.engine.work import Job, RunJob
 from gru_serve.ops.settings import Settings
 from gru_serve.outputs import DoneEvent, Event, FailedEvent, RunDone, Tokens
+from gru_serve.prefill import BLOCK
 from gru_serve.sampling import SamplingParams
-
-from .conftest import reference_generate, start_server
+from tests.support.serving import reference_generate, start_server
 
 WORDS = ("the", "time", "traveller", "said", "that", "it", "was", "a", "machine", "for", "moving", "in")
 
@@ -195,7 +196,7 @@ def test_the_server_reads_prompts_in_its_budget(runtime, prefix_cache_mb):
     """Through the service: a fresh prompt (64-token chunks, its prefix cached when the cache is
     on, then reused) and a session's next prompt (chunks of the budget) give the reference's
     tokens, with the cache on or off."""
-    assert scheduler_for(runtime, Settings(prefill_chunk=128)).prefill_chunk == 128
+    assert scheduler_for(runtime, engine_config(Settings(prefill_chunk=128))).prefill_chunk == 128
     srv = start_server(prefill_chunk=128, prefix_cache_mb=prefix_cache_mb)
     try:
         prompt, more = long_text(3000, seed=4), long_text(700, seed=5)

@@ -15,12 +15,12 @@ from prometheus_client import generate_latest
 from gru_serve.bench.topology import RedisServer
 from gru_serve.client import Client
 from gru_serve.core.sequences import Sequence
-from gru_serve.engine.prefix_cache import BLOCK, ENTRY_OVERHEAD, Entry, PrefixCache, block_keys
+from gru_serve.engine.prefix_cache import ENTRY_OVERHEAD, Entry, PrefixCache, block_keys
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from gru_serve.prefill import BLOCK
 from gru_serve.state import StateSpec
-
-from .conftest import reference_generate, start_server, wait_until
-from .test_inference import generate_request, text_of
+from tests.support.oip import generate_request, text_of
+from tests.support.serving import reference_generate, start_server, wait_until
 
 TEXT = (Path(__file__).parents[2] / "exporters" / "data" / "timemachine.txt").read_text()
 

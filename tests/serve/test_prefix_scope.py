@@ -14,9 +14,8 @@ from prometheus_client import generate_latest
 
 from gru_serve.bench.topology import RedisServer
 from gru_serve.client import Client
-from gru_serve.engine.prefix_cache import BLOCK
-
-from .conftest import start_server, wait_until
+from gru_serve.prefill import BLOCK
+from tests.support.serving import start_server, wait_until
 
 TEXT = (Path(__file__).parents[2] / "exporters" / "data" / "timemachine.txt").read_text()
 TOKENS = ("alice-token", "bob-token")

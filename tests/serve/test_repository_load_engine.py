@@ -19,6 +19,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from gru_serve.client import Client
+from gru_serve.core.models import engine_config
 from gru_serve.engine.runtime import ModelRuntime, load_runtime
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
 from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -26,8 +27,7 @@ from gru_serve.ops.errors import ModelLoadError
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import shipped_models
-
-from .conftest import D2L, LONG, reference_generate
+from tests.support.serving import D2L, LONG, reference_generate
 
 SKEWED = "skewed"  # opens in the front end; fails the fast path's load-time check in the engine
 BIG = "big"  # the shipped BPE model: its engine load takes about a second here
@@ -79,7 +79,7 @@ def states(stub: pb_grpc.GRPCInferenceServiceStub) -> dict[str, tuple[str, str]]
 def test_a_model_only_the_engine_cannot_load_fails_the_load(server, stub, repo):
     path = repo / SKEWED / "model.onnx"
     # The reference: the front end's copy opens it, a full load (what the engine does) refuses it.
-    load_runtime(path, server.service.settings, SKEWED, front_end=True)
+    load_runtime(path, engine_config(server.service.settings), SKEWED, front_end=True)
     with pytest.raises(ModelLoadError, match="fast path failed its check"):
         ModelRuntime(path)
     with pytest.raises(grpc.RpcError) as err:

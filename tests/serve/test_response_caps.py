@@ -25,8 +25,7 @@ from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as ipb_grpc
 from gru_serve.ops.settings import Settings
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import shipped_models
-
-from .conftest import D2L, LONG, _plain_model, wait_until
+from tests.support.serving import D2L, LONG, plain_model, wait_until
 
 MODEL = "timemachine-d2l"
 VOCAB = 28  # the d2l model's vocabulary (checked against the file below)
@@ -36,14 +35,14 @@ TEXT = "the time traveller for so it will be convenient to speak of him was expo
 
 def plain_logits(ids: list[int], path: Path = D2L) -> np.ndarray:
     """Logits [1, len, vocab] of the exported file from the zero state, in one bare run."""
-    session, meta = _plain_model(str(path))
+    session, meta = plain_model(str(path))
     state = np.zeros((1, int(meta["gru_serve.num_layers"]), int(meta["gru_serve.hidden_size"])), np.float32)
     (logits,) = session.run(["logits"], {"input_ids": np.array([ids], np.int64), "state": state})
     return logits
 
 
 def plain_ids(text: str) -> list[int]:
-    _, meta = _plain_model(str(D2L))
+    _, meta = plain_model(str(D2L))
     index = {t: i for i, t in enumerate(json.loads(meta["gru_serve.vocab"]))}
     return [index[c] for c in text]
 
@@ -113,7 +112,7 @@ def rest_logits(resp: httpx.Response) -> np.ndarray:
 
 
 def test_the_model_has_the_vocabulary_assumed_here():
-    _, meta = _plain_model(str(D2L))
+    _, meta = plain_model(str(D2L))
     assert len(json.loads(meta["gru_serve.vocab"])) == VOCAB
 
 

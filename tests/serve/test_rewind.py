@@ -9,8 +9,7 @@ from gru_serve.cli import main as cli
 from gru_serve.client import Client, sampling
 from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
-
-from .conftest import LONG, reference_generate, start_server
+from tests.support.serving import LONG, reference_generate, start_server
 
 # No leading spaces: the reference normalises the whole text, where runs of spaces become one.
 PROMPTS = ("the time traveller", "said the", "and then")

@@ -9,8 +9,7 @@ from gru_serve.client import Client, sampling
 from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.ops.errors import ModelLoadError
 from gru_serve.served import CUDA
-
-from .conftest import D2L, start_server
+from tests.support.serving import D2L, start_server
 
 
 def cuda_active() -> bool:

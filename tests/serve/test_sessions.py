@@ -13,9 +13,9 @@ from gru_serve.ops.errors import (
     VersionConflict,
 )
 from gru_serve.ops.settings import Settings
+from gru_serve.server import ThreadedServer
 from gru_serve.stores.sessions import MemoryStore, SessionRecord, new_session_id
-
-from .conftest import D2L, ThreadedServer
+from tests.support.serving import D2L
 
 
 class Clock:

@@ -12,8 +12,7 @@ from gru_serve.ops.settings import Settings
 from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import shipped_models
-
-from .test_own_tokenizers import reference_ids, stream
+from tests.support.own_tokenizers import reference_ids, stream
 
 BPE = shipped_models()["timemachine-bpe"]
 PROMPT = "The Time Traveller — café, 東京 and 😀 — said"

@@ -22,8 +22,7 @@ import pytest
 from gru_serve.client import Client
 from gru_serve.grpc.generated.gru_serve.v1 import generation_pb2 as pb
 from gru_serve.server import ThreadedServer
-
-from .conftest import D2L, reference_generate, start_server
+from tests.support.serving import D2L, reference_generate, start_server
 
 KEY = "k1-a-long-random-secret"
 PROMPT = "time traveller"

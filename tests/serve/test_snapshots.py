@@ -17,9 +17,8 @@ from gru_serve.ops.settings import Settings
 from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
 from gru_serve.shipped import shipped_models
-
-from .conftest import D2L, reference_generate, start_server
-from .test_cli import cli, start
+from tests.support.cli import cli, start
+from tests.support.serving import D2L, reference_generate, start_server
 
 FULL = shipped_models()["timemachine-full"]
 KEY = "k1-a-long-random-secret"

@@ -1,18 +1,14 @@
 """Triton's statistics extension in full, read by unmodified tritonclients over both transports,
 and numbers sent as strings (Triton's C++ client has no double parameters).
 
-tritonclient.grpc runs in a subprocess (tritonclient_calls.py: its protobuf messages clash with
-our stubs'); tritonclient.http runs here.
+tritonclient.grpc runs in a subprocess (tests/support/tritonclient_calls.py: its protobuf
+messages clash with our stubs'); tritonclient.http runs here.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,26 +20,11 @@ from gru_serve.grpc.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from gru_serve.ops.settings import Settings
 from gru_serve.sampling import SamplingParams
 from gru_serve.server import ThreadedServer
+from tests.support.oip import GENERATE, MODEL, generate_request, ids_request, text_of, tritonclient_grpc
+from tests.support.serving import D2L, reference_generate
 
-from .conftest import D2L, reference_generate
-from .test_inference import GENERATE, MODEL, generate_request, ids_request, text_of
-
-CALLS = Path(__file__).with_name("tritonclient_calls.py")
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 DURATIONS = ("success", "fail", *PHASES)
-
-
-def tritonclient_grpc(target: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run calls with tritonclient.grpc in its own process (see tritonclient_calls.py)."""
-    proc = subprocess.run(
-        [sys.executable, str(CALLS), target],
-        input=json.dumps(calls),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def canonical(model_stat: dict[str, Any]) -> dict[str, Any]:

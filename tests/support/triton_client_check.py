@@ -1,6 +1,6 @@
 """Drive a gru-serve server with an unmodified tritonclient.grpc and print what it saw as JSON.
 
-    python tests/serve/triton_client_check.py HOST:PORT < scenarios.json
+    python tests/support/triton_client_check.py HOST:PORT < scenarios.json
 
 Runs in its own process: tritonclient.grpc and gru-serve's generated stubs both register the
 protobuf messages `inference.*` in the default descriptor pool, so they cannot be imported in

@@ -1,6 +1,6 @@
 """Make calls with an unmodified tritonclient.grpc and print what came back as JSON.
 
-    python tests/serve/tritonclient_calls.py HOST:PORT < calls.json
+    python tests/support/tritonclient_calls.py HOST:PORT < calls.json
 
 In a process of its own: tritonclient.grpc and gru-serve's generated stubs both register the
 protobuf messages `inference.*` in the default descriptor pool (see triton_client_check.py).

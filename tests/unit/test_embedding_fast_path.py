@@ -33,8 +33,7 @@ from gru_serve.graphs.weights import NotAGRULanguageModel, gru_weights
 from gru_serve.reference import fused_generate, step_generate
 from gru_serve.sampling import SamplingParams
 from gru_serve.shipped import shipped_models
-
-from .conftest import D2L
+from tests.support.serving import D2L
 
 LAYERS = 2
 CHARS = tuple("abcdefghijklmnopqrstuvwxyz0123456789 ")  # 37 tokens

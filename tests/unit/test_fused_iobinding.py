@@ -1,4 +1,4 @@
-"""The fused path with IOBinding (gru_serve.engine.runtime.FusedBatch): the state stays where the
+"""The fused path with IOBinding (gru_serve.engine.device_batch.FusedBatch): the state stays where the
 model runs between rounds, and the tokens, logits and states are bit for bit those of the
 plain fused run and of the step path; through the scheduler, only the rows that finish come
 back to the host."""
@@ -8,11 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-from gru_serve.engine.runtime import FusedBatch, ModelRuntime
-from gru_serve.engine.scheduler import Job, Scheduler
+from gru_serve.engine.device_batch import FusedBatch
+from gru_serve.engine.runtime import ModelRuntime
+from gru_serve.engine.scheduler import Scheduler
+from gru_serve.engine.work import Job
 from gru_serve.outputs import DoneEvent, FailedEvent
 from gru_serve.reference import step_generate
-from gru_serve.sampling import SamplingParams, uniforms
+from gru_serve.sampling import SamplingParams, columns, uniforms
 from gru_serve.shipped import shipped_models
 
 PARAMS = [
@@ -30,12 +32,7 @@ def rt(request):
 
 
 def _settings(params):
-    return (
-        np.array([p.temperature for p in params]),
-        np.array([p.top_k for p in params], np.int64),
-        np.array([p.top_p for p in params]),
-        np.array([p.seed for p in params], np.uint64),
-    )
+    return columns(params), np.array([p.seed for p in params], np.uint64)
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -43,14 +40,14 @@ def test_rounds_with_the_state_on_the_device_equal_plain_fused_runs(rt, rows):
     """Four rounds of K = 9 chained through the device state equal rt.fused (session.run on
     numpy arrays, today's call) fed each round's host state, bit for bit."""
     params = (PARAMS * 2)[:rows]
-    t, k_, p, seeds = _settings(params)
+    cols, seeds = _settings(params)
     rng = np.random.default_rng(1)
     state = (rng.standard_normal((rows, *rt.state_shape)) * 0.5).astype(np.float32)
     tokens = rng.integers(0, rt.metadata.vocab_size, rows)
-    fb = FusedBatch(rt, state, t, k_, p)
+    fb = FusedBatch(rt, state, cols)
     for r in range(4):
         u = np.stack([uniforms(seeds, np.full(rows, 9 * r + j, np.uint64)) for j in range(9)], axis=1)
-        want_sampled, want_logits, want_states = rt.fused(tokens, state, t, k_, p, u)
+        want_sampled, want_logits, want_states = rt.fused(tokens, state, cols, u)
         got = fb.run(tokens, u)
         assert np.array_equal(got, want_sampled)
         pairs = [(j, i) for i in range(rows) for j in (0, 4, 8)]
@@ -61,23 +58,23 @@ def test_rounds_with_the_state_on_the_device_equal_plain_fused_runs(rt, rows):
 
 
 def test_a_batch_rebuilt_on_the_device_equals_one_built_on_the_host(rt):
-    t, k_, p, seeds = _settings(PARAMS)
+    cols, seeds = _settings(PARAMS)
     rng = np.random.default_rng(2)
     state = (rng.standard_normal((5, *rt.state_shape)) * 0.5).astype(np.float32)
-    fb = FusedBatch(rt, state, t, k_, p)
+    fb = FusedBatch(rt, state, cols)
     u = np.stack([uniforms(seeds, np.full(5, j, np.uint64)) for j in range(6)], axis=1)
     fb.run(np.arange(5), u)
     host = fb.host_state()
     newcomer = (rng.standard_normal((1, *rt.state_shape))).astype(np.float32)
     order = np.array([4, 0, 5, 2])  # rows 1 and 3 left; the newcomer is row 5 of Concat
     keep = [PARAMS[4], PARAMS[0], PARAMS[1], PARAMS[2]]
-    t2, k2, p2, seeds2 = _settings(keep)
-    moved = fb.with_members(order, newcomer, t2, k2, p2)
+    cols2, seeds2 = _settings(keep)
+    moved = fb.with_members(order, newcomer, cols2)
     want_state = np.concatenate([host, newcomer])[order]
     assert np.array_equal(moved.host_state(), want_state)
     u2 = np.stack([uniforms(seeds2, np.full(4, 6 + j, np.uint64)) for j in range(5)], axis=1)
     tokens = np.array([3, 1, 4, 1])
-    assert np.array_equal(moved.run(tokens, u2), rt.fused(tokens, want_state, t2, k2, p2, u2)[0])
+    assert np.array_equal(moved.run(tokens, u2), rt.fused(tokens, want_state, cols2, u2)[0])
 
 
 def _serve(rt, spec, fused_tokens=16):

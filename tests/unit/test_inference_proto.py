@@ -9,17 +9,14 @@ messages `inference.*` in protobuf's default pool ("duplicate symbol").
 
 from __future__ import annotations
 
-import ast
-import functools
-import importlib.util
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescriptor
 
 from gru_serve.grpc.generated.inference import grpc_service_pb2, model_config_pb2
+from tests.support.oip import triton_class, triton_pool
 
 SERVICE = "inference.GRPCInferenceService"
 # Methods gru-serve serves: KServe v2's, and Triton's extensions tritonclient uses.
@@ -66,36 +63,6 @@ MODEL_CONFIG_NEEDS = {
     "model_transaction_policy",
     "parameters",
 }
-
-
-def _serialized_file(module: str) -> bytes:
-    """The FileDescriptorProto bytes a tritonclient *_pb2.py registers, read without importing it."""
-    spec = importlib.util.find_spec("tritonclient")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("tritonclient is not installed: run make install (the dev extra has it)", pytrace=False)
-    path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / f"{module}_pb2.py"
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "AddSerializedFile"
-        ):
-            return ast.literal_eval(node.args[0])
-    raise AssertionError(f"no AddSerializedFile call in {path}")
-
-
-@functools.cache
-def triton_pool() -> descriptor_pool.DescriptorPool:
-    """tritonclient's model_config.proto and grpc_service.proto in a pool of their own."""
-    pool = descriptor_pool.DescriptorPool()
-    for module in ("model_config", "service"):
-        pool.Add(descriptor_pb2.FileDescriptorProto.FromString(_serialized_file(module)))
-    return pool
-
-
-def triton_class(full_name: str) -> type:
-    """tritonclient's message class for `full_name` (from the private pool)."""
-    return message_factory.GetMessageClass(triton_pool().FindMessageTypeByName(full_name))
 
 
 def _messages(container) -> Iterator[Descriptor]:

@@ -14,8 +14,7 @@ from gru_serve.engine.placement import profiling_options, read_profile
 from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.ops.errors import ModelLoadError
 from gru_serve.shipped import shipped_models
-
-from .conftest import D2L
+from tests.support.serving import D2L
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 GRAPHS = {"exported", "decode", "fused", "fused_single", "take", "rebuild"}

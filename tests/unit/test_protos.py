@@ -2,7 +2,7 @@ import filecmp
 import importlib.util
 from pathlib import Path
 
-from ..exporters.conftest import REPO
+from tests.support.paths import REPO
 
 
 def test_generated_stubs_are_up_to_date(tmp_path: Path):

@@ -22,7 +22,7 @@ from gru_serve.contract import ModelMetadata
 from gru_serve.core.snapshots import Snapshot, open_, seal
 from gru_serve.engine import protocol as proto
 from gru_serve.engine.prefix_cache import ENTRY_OVERHEAD, Entry
-from gru_serve.engine.scheduler import Job, RunJob
+from gru_serve.engine.work import Job, RunJob
 from gru_serve.ops.errors import status_of
 from gru_serve.outputs import DoneEvent, RunDone
 from gru_serve.sampling import SamplingParams
