@@ -1,6 +1,6 @@
 """Generate the Python gRPC stubs from protos/ into gru_serve/grpc/generated/.
 
-Run after changing a .proto (make protos); tests/serve/test_protos.py fails when the
+Run after changing a .proto (make protos); tests/unit/test_protos.py fails when the
 committed stubs are stale.
 """
 

@@ -9,12 +9,12 @@ export NVIDIA_TF32_OVERRIDE=0
 LIMIT=120
 step() { echo "== $1" | tee -a "$OUT/summary.txt"; shift; timeout "$LIMIT" "$@" >>"$OUT/summary.txt" 2>&1; echo "rc=$?" >>"$OUT/summary.txt"; }
 step "nvidia-smi" nvidia-smi
-step "cuda provider" "$PY" -c "from gru_serve.engine.runtime import cuda_status; print(cuda_status())"
+step "cuda provider" "$PY" -c "from gru_serve.engine.cuda import cuda_status; print(cuda_status())"
 for tf32 in 0 1; do
   step "exported graph CPU vs CUDA (NVIDIA_TF32_OVERRIDE=$([ $tf32 = 0 ] && echo 0 || echo unset))" env $([ $tf32 = 1 ] && echo -u NVIDIA_TF32_OVERRIDE) "$PY" - <<'PY'
 import json, numpy as np, onnxruntime as ort
 from gru_serve.shipped import default_model_path
-from gru_serve.engine.runtime import CUDA_OPTIONS
+from gru_serve.engine.cuda import CUDA_OPTIONS
 from gru_serve.served import CPU, CUDA
 import os; tf32 = os.environ.get("NVIDIA_TF32_OVERRIDE")
 ort.preload_dlls()  # not prepare_cuda: it would turn TF32 off for the "unset" run
@@ -33,7 +33,8 @@ done
 step "gpu_check.py" "$PY" scripts/gpu_check.py --json "$OUT/gpu_check.json"
 step "placement and fused K=64, CUDA beside CPU" "$PY" - "$OUT" <<'PY'
 import json, sys, time, numpy as np
-from gru_serve.engine.runtime import FusedBatch, ModelRuntime, RuntimeOptions
+from gru_serve.engine.device_batch import FusedBatch
+from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.sampling import uniforms
 from gru_serve.shipped import default_model_path
 out = {}

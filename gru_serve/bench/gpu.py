@@ -15,8 +15,9 @@ import numpy as np
 import onnxruntime as ort
 
 from gru_serve.contract import INPUT_IDS, LOGITS, STATE, STATE_OUT
+from gru_serve.engine.cuda import CUDA_OPTIONS, cuda_status, prepare_cuda
 from gru_serve.engine.placement import Placement, profiling_options, read_profile
-from gru_serve.engine.runtime import CUDA_OPTIONS, ModelRuntime, RuntimeOptions, cuda_status, prepare_cuda
+from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
 from gru_serve.ops.errors import ModelLoadError
 from gru_serve.reference import chained_run, fused_generate, step_generate
 from gru_serve.sampling import SamplingParams

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from gru_serve.engine.runtime import ModelRuntime, RuntimeOptions
-from gru_serve.engine.scheduler import FUSED_TOKENS, Job, Scheduler
+from gru_serve.engine.scheduler import FUSED_TOKENS, Scheduler
+from gru_serve.engine.work import Job
 from gru_serve.outputs import DoneEvent, FailedEvent
-from gru_serve.sampling import SamplingParams, sample, uniforms
+from gru_serve.sampling import SamplingParams, column_feeds, sample, uniforms
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,14 @@ def loop_fused(rt: ModelRuntime, batch: int, steps: int, k: int, temperature: fl
     does); returns seconds per token step."""
     state = rt.zero_state(batch)
     logits = np.zeros((batch, rt.metadata.vocab_size), np.float32)
-    t = np.full(batch, temperature)
-    kk, pp = np.zeros(batch, np.int64), np.ones(batch)
+    cols = column_feeds({"temperature": np.full(batch, temperature)}, batch)
     seeds = np.arange(batch, dtype=np.uint64)
     runs = max(1, steps // k)
     pos = 0
     t0 = time.perf_counter()
     for _ in range(runs):
         if temperature:
-            tok = sample(logits, t, kk, pp, uniforms(seeds, np.full(batch, pos, np.uint64)))
+            tok = sample(logits, u=uniforms(seeds, np.full(batch, pos, np.uint64)), **cols)
         else:
             tok = logits.argmax(axis=1)
         u = (
@@ -99,7 +99,7 @@ def loop_fused(rt: ModelRuntime, batch: int, steps: int, k: int, temperature: fl
             if temperature
             else np.zeros(batch * k)
         ).reshape(batch, k)
-        _, step_logits, step_states = rt.fused(tok, state, t, kk, pp, u)
+        _, step_logits, step_states = rt.fused(tok, state, cols, u)
         logits, state = step_logits[-1], step_states[-1]
         pos += k
     return (time.perf_counter() - t0) / (runs * k)
@@ -109,13 +109,13 @@ def loop_step_sampling(rt: ModelRuntime, batch: int, steps: int, temperature: fl
     """The step path with seeded sampling in numpy (gru_serve.sampling), as the scheduler runs it."""
     tok = np.zeros((batch, 1), np.int64)
     state = rt.zero_state(batch)
-    t, kk, pp = np.full(batch, temperature), np.zeros(batch, np.int64), np.ones(batch)
+    cols = column_feeds({"temperature": np.full(batch, temperature)}, batch)
     seeds = np.arange(batch, dtype=np.uint64)
     t0 = time.perf_counter()
     for i in range(steps):
         logits, state = rt.step(tok, state)
         u = uniforms(seeds, np.full(batch, i, np.uint64))
-        tok = sample(logits[:, 0], t, kk, pp, u)[:, None]
+        tok = sample(logits[:, 0], u=u, **cols)[:, None]
     return (time.perf_counter() - t0) / steps
 
 
