@@ -70,7 +70,7 @@ bench: $(STAMP)
 	$(BIN)/gru-serve bench $(BENCH_FLAGS) -o docs/bench --markdown docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build bench-results *.egg-info
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py

@@ -8,7 +8,6 @@ ownership). It knows nothing of gRPC or HTTP.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -91,16 +90,8 @@ class GenerationService:
         return self.slots.active
 
     @property
-    def streams_by_owner(self) -> collections.Counter[str]:
-        return self.slots.by_owner
-
-    @property
     def prefix_cache(self) -> PrefixCache:
         return self.prefixes.cache
-
-    @property
-    def snapshot_keys(self) -> tuple[bytes, ...]:
-        return self.sessions.snapshot_keys
 
     # -- models that come and go --
 

@@ -1,1 +1,2 @@
-"""The engine: continuous batching, onnxruntime, the derived decode graphs, sampling, tokenizers."""
+"""The engine: continuous batching on onnxruntime, the engine process and its protocol, and the
+interface the core uses (engine/api.py)."""

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # would put the derived graphs outside the load-time check's bounds and the output off PyTorch's.
 # use_tf32 reaches cuBLAS only; cuDNN (the exported graph's GRU) keeps its default math mode,
 # TF32 on Ampere and later, unless NVIDIA_TF32_OVERRIDE=0 is in the environment when the
-# libraries load (the engine's environment and the CUDA image set it; so does _want_cuda).
+# libraries load (the engine's environment and the CUDA image set it; so does prepare_cuda).
 CUDA_OPTIONS = {"use_tf32": "0"}
 TF32_ENV = {"NVIDIA_TF32_OVERRIDE": "0"}
 

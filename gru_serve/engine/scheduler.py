@@ -192,7 +192,7 @@ class Scheduler(DecodeRounds):
     def cancel(self, job: Job) -> None:
         """Stop a job (any thread): it leaves at the next round; a paused one is let go at once."""
         job.cancel()
-        if job.paused:
+        if isinstance(job, Job) and job.paused:  # a RunJob is never paused: it has no reader
             self.resume(job)
 
     def submit_run(self, job: RunJob) -> None:

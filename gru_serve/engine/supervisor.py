@@ -23,6 +23,7 @@ import threading
 import msgspec
 
 from gru_serve.engine.config import EngineConfig
+from gru_serve.engine.cuda import TF32_ENV
 from gru_serve.engine.process import SETTINGS_ENV
 
 log = logging.getLogger(__name__)
@@ -32,17 +33,15 @@ RESTART_DELAY_S = 0.2  # between an exit and the next start: a crash loop does n
 # locale read. Everything else (GRU_SERVE_* tokens and keys, cloud credentials) stays here.
 ENGINE_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TMPDIR", "LD_LIBRARY_PATH"})
 ENGINE_ENV_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "CUDA_", "NVIDIA_")
-# Set in the engine's environment whatever this process has: TF32 off, so cuDNN's GRU kernels
-# compute in full float32 (the fast path's load-time check and the served tokens rely on it).
-ENGINE_GPU_ENV = {"NVIDIA_TF32_OVERRIDE": "0"}
 
 
 def engine_env(config: EngineConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The engine process's whole environment: the allow-list of `environ` (default: this
-    process's), ENGINE_GPU_ENV, and the engine's config."""
+    process's), TF32 off whatever this process has (cuDNN's GRU kernels in full float32: the
+    fast path's load-time check and the served tokens rely on it), and the engine's config."""
     source = os.environ if environ is None else environ
     env = {k: v for k, v in source.items() if k in ENGINE_ENV_NAMES or k.startswith(ENGINE_ENV_PREFIXES)}
-    env.update(ENGINE_GPU_ENV)
+    env.update(TF32_ENV)
     env[SETTINGS_ENV] = msgspec.json.encode(config).decode()
     return env
 

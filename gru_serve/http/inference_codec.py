@@ -50,7 +50,7 @@ from google.protobuf.message import Message
 from starlette.responses import Response, StreamingResponse
 
 from gru_serve.grpc.generated.inference import grpc_service_pb2 as pb
-from gru_serve.http.common import BodyTooLarge
+from gru_serve.http.common import BodyTooLarge, load_json
 from gru_serve.oip.tensors import WIRE_DTYPES, Endpoint, deserialize_bytes
 from gru_serve.ops.errors import InvalidArgument
 
@@ -112,11 +112,7 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 
 
 def load_object(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included
-        raise InvalidArgument(f"the request body is not valid JSON: {e}") from e
-    return _object(data, "the request body")
+    return _object(load_json(raw), "the request body")
 
 
 def decompressed(body: bytes, encoding: str, limit: int) -> bytes:

@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     max_sessions: int = Field(10_000, ge=1)
     """sessions kept; beyond it the least recently used idle one is evicted"""
     max_sessions_per_owner: int = Field(1000, ge=1)
-    """with authentication on: sessions one token keeps; beyond it that token's own least
-    recently used idle session is evicted (never another token's)"""
+    """sessions one bearer token keeps; beyond it that token's own least recently used idle
+    session is evicted (never another token's); calls without a token have max_sessions only"""
     max_prompt_chars: int = Field(16_384, ge=1)
     """longest prompt or text accepted, in characters as sent (before the tokenizer)"""
     max_prompt_tokens: int = Field(16_384, ge=1)
