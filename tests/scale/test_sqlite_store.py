@@ -38,6 +38,7 @@ from gru_serve.ops.settings import Settings
 from gru_serve.stores.factory import build_store
 from gru_serve.stores.sessions import SessionRecord, new_session_id
 from gru_serve.stores.sqlite_store import COLUMNS, DAY_S, SQLiteStore
+from tests.support.records import same
 from tests.support.serving import reference_generate
 
 PROMPT = "time traveller"
@@ -65,35 +66,6 @@ def record(
     for i in range(turns):
         rec = rec.advanced(state + i, rng.standard_normal(28).astype(np.float32), 5, now + 1e-6 * i, 8)
     return rec if logits else replace(rec, logits=None)
-
-
-def _meta(r: SessionRecord) -> tuple:
-    cps = [(c.turn, c.tokens_seen, c.committed) for c in r.checkpoints]
-    return (
-        r.session_id,
-        r.model,
-        r.model_hash,
-        r.owner,
-        r.tokens_seen,
-        r.created,
-        r.last_used,
-        r.version,
-        cps,
-    )
-
-
-def _arrays(r: SessionRecord) -> list[np.ndarray | None]:
-    return [r.state, r.logits, *(x for c in r.checkpoints for x in (c.state, c.logits))]
-
-
-def same(a: SessionRecord, b: SessionRecord) -> None:
-    """Equal bit for bit: every float32 (NaN, -0.0 and denormals included) and every time."""
-    assert _meta(a) == _meta(b)
-    for x, y in zip(_arrays(a), _arrays(b), strict=True):
-        if x is None:
-            assert y is None
-        else:
-            assert y.dtype == np.float32 and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
 def run(path: Path, scenario: Callable[[SQLiteStore], Awaitable[None]], **kw) -> None:

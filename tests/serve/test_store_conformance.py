@@ -28,6 +28,7 @@ from gru_serve.ops.errors import (
 from gru_serve.ops.settings import Settings
 from gru_serve.stores.factory import build_store
 from gru_serve.stores.sessions import SessionRecord, SessionStore, new_session_id
+from tests.support.records import same
 from tests.support.redis import running_redis
 
 STORES = ("memory", "sqlite", "redis")
@@ -81,35 +82,6 @@ def record(owner: str = ALICE, logits: bool = True, turns: int = 0) -> SessionRe
     elif logits:
         rec = replace(rec, logits=rng.standard_normal(28).astype(np.float32))
     return rec if logits else replace(rec, logits=None)
-
-
-def _meta(r: SessionRecord) -> tuple:
-    cps = [(c.turn, c.tokens_seen, c.committed) for c in r.checkpoints]
-    return (
-        r.session_id,
-        r.model,
-        r.model_hash,
-        r.owner,
-        r.tokens_seen,
-        r.created,
-        r.last_used,
-        r.version,
-        cps,
-    )
-
-
-def _arrays(r: SessionRecord) -> list[np.ndarray | None]:
-    return [r.state, r.logits, *(x for c in r.checkpoints for x in (c.state, c.logits))]
-
-
-def same(a: SessionRecord, b: SessionRecord) -> None:
-    """Equal bit for bit: every float32 (NaN, -0.0 and denormals included) and every time."""
-    assert _meta(a) == _meta(b)
-    for x, y in zip(_arrays(a), _arrays(b), strict=True):
-        if x is None:
-            assert y is None
-        else:
-            assert y.dtype == np.float32 and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
 def tick() -> None:
